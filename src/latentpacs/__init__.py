@@ -1,0 +1,3 @@
+"""latentpacs: a DICOM node that archives mammograms as learned latents."""
+
+__version__ = "0.1.0"

@@ -1,0 +1,106 @@
+"""The exception hierarchy of latentpacs.
+
+Every error carries the DIMSE status it maps to on the network and a short
+ErrorComment (PS3.7 Annex C, element (0000,0902), at most 64 characters), so a
+handler turns any failure into a conformant response without a lookup table of
+its own. This module imports nothing of the project.
+"""
+
+from __future__ import annotations
+
+from enum import IntEnum
+
+
+class Status(IntEnum):
+    """DIMSE status codes used by latentpacs (PS3.7 Annex C, PS3.4 Annexes B and C)."""
+
+    SUCCESS = 0x0000
+    #: PS3.4 B.2.3: Refused, SOP Class not supported.
+    SOP_CLASS_NOT_SUPPORTED = 0x0122
+    #: PS3.7 C.5.9: Failure, no such SOP Instance.
+    NO_SUCH_OBJECT_INSTANCE = 0x0112
+    #: PS3.4 B.2.3: Refused, out of resources.
+    OUT_OF_RESOURCES = 0xA700
+    #: PS3.4 C.4.2.1.4: Refused, move destination unknown.
+    MOVE_DESTINATION_UNKNOWN = 0xA801
+    #: PS3.4 B.2.3: Error, data set does not match SOP Class.
+    DATASET_DOES_NOT_MATCH_SOP_CLASS = 0xA900
+    #: PS3.4 B.2.3: Error, cannot understand.
+    CANNOT_UNDERSTAND = 0xC000
+    #: PS3.4 C.4.1.1.4: Failure, unable to process (query).
+    UNABLE_TO_PROCESS = 0xC001
+    #: PS3.4 B.2.3 (implementation specific range Cxxx): duplicate SOP Instance refused.
+    DUPLICATE_REJECTED = 0xC011
+    #: PS3.7 C.5.2: Cancel.
+    CANCEL = 0xFE00
+    #: PS3.7 C.5.3: Pending.
+    PENDING = 0xFF00
+    #: PS3.4 C.4.2.1.4: Warning, sub-operations complete, one or more failures.
+    SUB_OPERATIONS_WARNING = 0xB000
+
+
+class LatentPacsError(Exception):
+    """Base class of every latentpacs error.
+
+    Parameters
+    ----------
+    message:
+        A one-line, human-readable explanation naming what is wrong.
+    """
+
+    status: Status = Status.CANNOT_UNDERSTAND
+
+    def __init__(self, message: str) -> None:
+        super().__init__(message)
+        self.message = message
+
+    @property
+    def error_comment(self) -> str:
+        """The ErrorComment (0000,0902) for a DIMSE response: LO, at most 64 characters."""
+        text = " ".join(self.message.split())
+        return text if len(text) <= 64 else text[:61] + "..."
+
+
+class InvalidDicomError(LatentPacsError):
+    """The input is not a readable DICOM object (PS3.10 file or PS3.5 data set)."""
+
+    status = Status.CANNOT_UNDERSTAND
+
+
+class UnsupportedImageError(LatentPacsError):
+    """The image is DICOM but of a kind latentpacs does not archive.
+
+    Colour, multi-frame, signed or otherwise unsupported pixel modules (PS3.3 C.7.6.3).
+    """
+
+    status = Status.DATASET_DOES_NOT_MATCH_SOP_CLASS
+
+
+class PixelDataError(LatentPacsError):
+    """Pixel Data is missing, truncated, corrupt or inconsistent with its Image Pixel module."""
+
+    status = Status.CANNOT_UNDERSTAND
+
+
+class ModelError(LatentPacsError):
+    """A model file, card or registry entry is missing or unusable."""
+
+    status = Status.OUT_OF_RESOURCES
+
+
+class ModelHashMismatchError(ModelError):
+    """A weights file's SHA-256 differs from the hash its card or a latent names."""
+
+
+class LatentFormatError(LatentPacsError):
+    """Latent bytes or an ``.lpz`` container are malformed or of an unknown version."""
+
+    status = Status.CANNOT_UNDERSTAND
+
+
+class ConfigError(LatentPacsError):
+    """A setting has an invalid value or a configuration file cannot be read."""
+
+
+class TierError(ConfigError):
+    """A fidelity tier name is not ``latent``, ``lossless`` or ``near-lossless:K``."""
