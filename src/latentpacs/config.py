@@ -1,0 +1,178 @@
+"""Settings: defaults < TOML file < ``LATENTPACS_*`` environment < command-line flags.
+
+Every setting is one row of :data:`SETTINGS` (dotted name, default, type, help); the CLI
+shows the table with ``latentpacs config show``. A TOML section ``[a]`` with key ``b`` is
+setting ``a.b``; its environment variable is ``LATENTPACS_A_B`` (dots and dashes become
+underscores). C-MOVE destinations are TOML tables ``[destinations.AETITLE]`` with ``host``
+and ``port``. Nothing here reads a file or the environment at import time.
+"""
+
+from __future__ import annotations
+
+import os
+import tomllib
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from latentpacs.codec.tiers import Tier
+from latentpacs.errors import ConfigError
+
+
+@dataclass(frozen=True)
+class Setting:
+    """One setting: its dotted name, default, Python type and help text."""
+
+    name: str
+    default: Any
+    type: type
+    help: str
+
+    @property
+    def env_var(self) -> str:
+        """The environment variable that overrides the TOML file."""
+        return "LATENTPACS_" + self.name.replace(".", "_").replace("-", "_").upper()
+
+
+SETTINGS: tuple[Setting, ...] = (
+    Setting("node.aet", "LATENTPACS", str, "AE title of the node (PS3.8 7.1.1.3)"),
+    Setting("node.host", "0.0.0.0", str, "address the node listens on"),
+    Setting("node.port", 11112, int, "TCP port the node listens on"),
+    Setting("archive.database", "", str, "SQLAlchemy URL; empty: sqlite:///<data_dir>/archive.db"),
+    Setting("archive.data_dir", "./latentpacs-data", str, "directory for the SQLite file and blobs"),
+    Setting("archive.duplicates", "keep", str, "re-sent instance policy: keep | replace | reject"),
+    Setting("codec.model", "ae", str, "model name (in models_dir) used for new images"),
+    Setting("codec.tier", "latent", str, "fidelity tier: latent | lossless | near-lossless:K"),
+    Setting("codec.device", "", str, "torch device; empty: cuda when available, else cpu"),
+    Setting("codec.models_dir", "", str, "directory of model files; empty: the shipped models/"),
+    Setting("codec.max_batch", 8, int, "largest batch the inference engine runs at once"),
+    Setting("security.allowed_calling_aets", [], list, "calling AE titles accepted; empty: any"),
+)
+_BY_NAME = {s.name: s for s in SETTINGS}
+
+
+@dataclass(frozen=True)
+class Destination:
+    """A C-MOVE destination (PS3.4 C.4.2): AE title to host and port."""
+
+    aet: str
+    host: str
+    port: int
+
+
+@dataclass(frozen=True)
+class Config:
+    """The resolved settings; build it with :func:`load_config`."""
+
+    values: Mapping[str, Any]
+    destinations: Mapping[str, Destination] = field(default_factory=dict)
+
+    def __getitem__(self, name: str) -> Any:
+        return self.values[name]
+
+    @property
+    def tier(self) -> Tier:
+        """The configured fidelity tier, parsed."""
+        return Tier.parse(self.values["codec.tier"])
+
+    @property
+    def models_dir(self) -> Path | None:
+        """The configured models directory, or None for the shipped one."""
+        value = self.values["codec.models_dir"]
+        return Path(value) if value else None
+
+    @property
+    def database_url(self) -> str:
+        """The archive URL, defaulting to a SQLite file in the data directory."""
+        url = self.values["archive.database"]
+        if url:
+            return str(url)
+        return f"sqlite:///{Path(self.values['archive.data_dir']).resolve() / 'archive.db'}"
+
+
+def _coerce(setting: Setting, value: Any, source: str) -> Any:
+    if setting.type is list:
+        if isinstance(value, str):
+            return [v for v in (p.strip() for p in value.split(",")) if v]
+        if isinstance(value, list):
+            return [str(v) for v in value]
+    elif setting.type is int:
+        try:
+            return int(value)
+        except (TypeError, ValueError):
+            pass
+    elif setting.type is str and isinstance(value, (str, int, float)):
+        return str(value)
+    raise ConfigError(f"{setting.name} from {source}: {value!r} is not a valid {setting.type.__name__}")
+
+
+def _flatten(table: Mapping[str, Any], path: Path) -> tuple[dict[str, Any], dict[str, Destination]]:
+    values: dict[str, Any] = {}
+    destinations: dict[str, Destination] = {}
+    for section, body in table.items():
+        if not isinstance(body, dict):
+            raise ConfigError(f"{path}: top-level key {section!r} must be a [section]")
+        if section == "destinations":
+            for aet, dest in body.items():
+                if not isinstance(dest, dict) or "host" not in dest or "port" not in dest:
+                    raise ConfigError(f"{path}: [destinations.{aet}] needs host and port")
+                destinations[aet] = Destination(aet, str(dest["host"]), int(dest["port"]))
+            continue
+        for key, value in body.items():
+            name = f"{section}.{key}"
+            if name not in _BY_NAME:
+                raise ConfigError(f"{path}: unknown setting {name}")
+            values[name] = _coerce(_BY_NAME[name], value, str(path))
+    return values, destinations
+
+
+def load_config(
+    path: Path | None = None,
+    *,
+    environ: Mapping[str, str] | None = None,
+    overrides: Mapping[str, Any] | None = None,
+) -> Config:
+    """Resolve the settings: defaults < TOML file < environment < overrides.
+
+    Parameters
+    ----------
+    path:
+        A TOML file, or None.
+    environ:
+        The environment to read ``LATENTPACS_*`` variables from (``os.environ`` if None).
+    overrides:
+        Values from command-line flags, by dotted name; ``None`` values are ignored.
+
+    Raises
+    ------
+    ConfigError
+        For an unreadable file, an unknown setting or a value of the wrong type.
+    """
+    values = {s.name: s.default for s in SETTINGS}
+    destinations: dict[str, Destination] = {}
+    if path is not None:
+        try:
+            table = tomllib.loads(Path(path).read_text())
+        except OSError as exc:
+            raise ConfigError(f"cannot read config file {path}: {exc.strerror}") from exc
+        except tomllib.TOMLDecodeError as exc:
+            raise ConfigError(f"config file {path} is not valid TOML: {exc}") from exc
+        file_values, destinations = _flatten(table, Path(path))
+        values.update(file_values)
+    env = os.environ if environ is None else environ
+    for setting in SETTINGS:
+        if setting.env_var in env:
+            values[setting.name] = _coerce(setting, env[setting.env_var], setting.env_var)
+    for name, value in (overrides or {}).items():
+        if value is None:
+            continue
+        if name not in _BY_NAME:
+            raise ConfigError(f"unknown setting {name}")
+        values[name] = _coerce(_BY_NAME[name], value, "command line")
+    Tier.parse(values["codec.tier"])  # fail early, with the tier's own message
+    if values["archive.duplicates"] not in ("keep", "replace", "reject"):
+        raise ConfigError(
+            f"archive.duplicates must be keep, replace or reject, not {values['archive.duplicates']!r}"
+        )
+    return Config(values, destinations)

@@ -1,0 +1,1 @@
+"""Evaluation: metrics, classic-codec baselines, plots and reports."""
