@@ -119,18 +119,27 @@ def _format_ratio(ratio: float) -> str:
     return text[:16]
 
 
-def _mark_lossy(ds: Dataset, original: Dataset, derivation: Derivation) -> None:
-    """Set the lossy-compression and derivation attributes (PS3.3 C.7.6.1.1.3-5)."""
+def returned_overrides(header: Dataset, derivation: Derivation) -> Dataset:
+    """The attributes a retrieval returns differently from the archived header.
+
+    Empty for ``lossless``; for the lossy tiers the derived identity and the lossy
+    compression and derivation attributes (PS3.3 C.7.6.1.1.3-5). The archive keeps this
+    beside the original header, so C-FIND shows exactly the identity C-GET delivers.
+    """
+    ds = Dataset()
+    if not derivation.tier.lossy:
+        return ds
+    ds.SOPInstanceUID, ds.SeriesInstanceUID = derived_identity(header, derivation)
     method = METHOD_LATENT if derivation.tier.name == "latent" else METHOD_NEAR_LOSSLESS
     ds.LossyImageCompression = "01"
-    ds.LossyImageCompressionRatio = _as_list(original.get("LossyImageCompressionRatio")) + [
+    ds.LossyImageCompressionRatio = _as_list(header.get("LossyImageCompressionRatio")) + [
         _format_ratio(derivation.ratio)
     ]
-    ds.LossyImageCompressionMethod = _as_list(original.get("LossyImageCompressionMethod")) + [
+    ds.LossyImageCompressionMethod = _as_list(header.get("LossyImageCompressionMethod")) + [
         method
     ]
 
-    image_type = _as_list(original.get("ImageType"))
+    image_type = _as_list(header.get("ImageType"))
     ds.ImageType = ["DERIVED", "SECONDARY", *image_type[2:]]
 
     if derivation.tier.name == "latent":
@@ -141,16 +150,17 @@ def _mark_lossy(ds: Dataset, original: Dataset, derivation: Derivation) -> None:
         f"latentpacs {how}; model {derivation.model_name} "
         f"sha256 {derivation.model_sha256[:16]}; tier {derivation.tier}; "
         f"ratio {_format_ratio(derivation.ratio)}:1"
-    )[:1024]
+    )
     ds.DerivationCodeSequence = [_code_item("113040", "DCM", "Lossy Compression")]
 
     source = Dataset()
-    source.ReferencedSOPClassUID = original.SOPClassUID
-    source.ReferencedSOPInstanceUID = original.SOPInstanceUID
+    source.ReferencedSOPClassUID = header.SOPClassUID
+    source.ReferencedSOPInstanceUID = header.SOPInstanceUID
     source.PurposeOfReferenceCodeSequence = [
         _code_item("121320", "DCM", "Uncompressed predecessor")
     ]
     ds.SourceImageSequence = [source]
+    return ds
 
 
 def build_returned(
@@ -178,11 +188,7 @@ def build_returned(
     """
     ds = Dataset()
     ds.update(header)
-    if derivation.tier.lossy:
-        sop_uid, series_uid = derived_identity(header, derivation)
-        ds.SOPInstanceUID = sop_uid
-        ds.SeriesInstanceUID = series_uid
-        _mark_lossy(ds, header, derivation)
+    ds.update(returned_overrides(header, derivation))
 
     meta = FileMetaDataset()
     meta.MediaStorageSOPClassUID = ds.SOPClassUID

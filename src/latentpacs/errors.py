@@ -21,9 +21,11 @@ class Status(IntEnum):
     NO_SUCH_OBJECT_INSTANCE = 0x0112
     #: PS3.4 B.2.3: Refused, out of resources.
     OUT_OF_RESOURCES = 0xA700
+    #: PS3.4 C.4.1.1.4: Failure, identifier does not match SOP Class.
+    IDENTIFIER_DOES_NOT_MATCH_SOP_CLASS = 0xA900
     #: PS3.4 C.4.2.1.4: Refused, move destination unknown.
     MOVE_DESTINATION_UNKNOWN = 0xA801
-    #: PS3.4 B.2.3: Error, data set does not match SOP Class.
+    #: PS3.4 B.2.3: Error, data set does not match SOP Class (same code as the C-FIND failure).
     DATASET_DOES_NOT_MATCH_SOP_CLASS = 0xA900
     #: PS3.4 B.2.3: Error, cannot understand.
     CANNOT_UNDERSTAND = 0xC000
@@ -104,3 +106,27 @@ class ConfigError(LatentPacsError):
 
 class TierError(ConfigError):
     """A fidelity tier name is not ``latent``, ``lossless`` or ``near-lossless:K``."""
+
+
+class ArchiveError(LatentPacsError):
+    """The archive database or blob store failed; nothing was committed."""
+
+    status = Status.OUT_OF_RESOURCES
+
+
+class DuplicateInstanceError(LatentPacsError):
+    """A re-sent SOP Instance was refused under the ``reject`` duplicate policy."""
+
+    status = Status.DUPLICATE_REJECTED
+
+
+class InvalidIdentifierError(LatentPacsError):
+    """A C-FIND/C-GET/C-MOVE identifier is not valid for its information model (PS3.4 C.4)."""
+
+    status = Status.IDENTIFIER_DOES_NOT_MATCH_SOP_CLASS
+
+
+class NotFoundError(LatentPacsError):
+    """No archived instance has the requested identity."""
+
+    status = Status.NO_SUCH_OBJECT_INSTANCE

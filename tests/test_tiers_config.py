@@ -1,0 +1,69 @@
+"""Fidelity tier names and the settings layers (defaults < TOML < environment < flags)."""
+
+from pathlib import Path
+
+import pytest
+
+from latentpacs.codec.tiers import Tier
+from latentpacs.config import load_config
+from latentpacs.errors import ConfigError, TierError
+
+
+@pytest.mark.parametrize(
+    ("text", "name", "near", "lossy"),
+    [
+        ("latent", "latent", 0, True),
+        ("lossless", "lossless", 0, False),
+        ("near-lossless:3", "near-lossless", 3, True),
+        ("Near-Lossless:255", "near-lossless", 255, True),
+    ],
+)
+def test_tier_parse(text: str, name: str, near: int, lossy: bool) -> None:
+    tier = Tier.parse(text)
+    assert (tier.name, tier.near, tier.lossy) == (name, near, lossy)
+    assert Tier.parse(str(tier)) == tier
+
+
+@pytest.mark.parametrize("text", ["lossy", "near-lossless", "near-lossless:0", "near-lossless:x", "near-lossless:256"])
+def test_tier_parse_rejects(text: str) -> None:
+    with pytest.raises(TierError, match="tier|K"):
+        Tier.parse(text)
+
+
+def test_layers_override_in_order(tmp_path: Path) -> None:
+    toml = tmp_path / "node.toml"
+    toml.write_text(
+        '[node]\naet = "FROMFILE"\nport = 4000\n[codec]\ntier = "lossless"\n'
+        '[destinations.VIEWER]\nhost = "127.0.0.1"\nport = 4242\n'
+        '[security]\nallowed_calling_aets = ["A", "B"]\n'
+    )
+    config = load_config(toml, environ={"LATENTPACS_NODE_PORT": "5000"}, overrides={"node.aet": "FLAG", "codec.model": None})
+    assert config["node.aet"] == "FLAG"  # flag beats file
+    assert config["node.port"] == 5000  # environment beats file
+    assert config.tier == Tier("lossless")  # file beats default
+    assert config["codec.model"] == "ae"  # a None flag is ignored
+    assert config["security.allowed_calling_aets"] == ["A", "B"]
+    assert config.destinations["VIEWER"].port == 4242
+    assert config.database_url.startswith("sqlite:///") and config.database_url.endswith("archive.db")
+
+
+@pytest.mark.parametrize(
+    ("body", "message"),
+    [
+        ("[node]\nport = 'many'\n", "node.port"),
+        ("[node]\ncolour = 'red'\n", "unknown setting node.colour"),
+        ("[codec]\ntier = 'jpeg'\n", "unknown tier"),
+        ("[destinations.X]\nhost = 'h'\n", "needs host and port"),
+        ("not toml at all [", "not valid TOML"),
+    ],
+)
+def test_bad_config_is_named(tmp_path: Path, body: str, message: str) -> None:
+    toml = tmp_path / "bad.toml"
+    toml.write_text(body)
+    with pytest.raises(ConfigError, match=message):
+        load_config(toml, environ={})
+
+
+def test_bad_environment_value_is_named() -> None:
+    with pytest.raises(ConfigError, match="LATENTPACS_NODE_PORT"):
+        load_config(None, environ={"LATENTPACS_NODE_PORT": "eleven"})
