@@ -1,0 +1,185 @@
+"""Tests of the synthetic mammogram generator (latentpacs.phantom)."""
+
+from __future__ import annotations
+
+import itertools
+import subprocess
+from collections import defaultdict
+from pathlib import Path
+
+import numpy as np
+import pydicom
+import pytest
+from scipy.ndimage import median_filter, minimum_filter
+
+from latentpacs.errors import ConfigError
+from latentpacs.phantom import (
+    BITS_STORED,
+    PHOTOMETRICS,
+    PRESENTATIONS,
+    VENDOR_SIZES,
+    VIEWS,
+    PhantomSpec,
+    generate,
+    make_dataset,
+    render_image,
+)
+
+SMALL = (128, 104)
+FOR_PRESENTATION = "1.2.840.10008.5.1.4.1.1.1.2"
+FOR_PROCESSING = "1.2.840.10008.5.1.4.1.1.1.2.1"
+
+
+def _spec(**changes: object) -> PhantomSpec:
+    fields: dict[str, object] = dict(rows=256, columns=208, view="CC", laterality="L",
+                                     bits_stored=12, photometric="MONOCHROME2",
+                                     presentation="FOR PRESENTATION")
+    fields.update(changes)
+    return PhantomSpec(**fields)  # type: ignore[arg-type]
+
+
+def _write(spec: PhantomSpec, path: Path, seed: int = 0, instance: int = 1) -> pydicom.Dataset:
+    ds = make_dataset(spec, np.random.default_rng(seed), patient_id="LP0001",
+                      patient_name="PHANTOM^0001", study_uid="2.25.1", series_uid="2.25.2",
+                      instance_number=instance)
+    ds.save_as(path, enforce_file_format=True)
+    return pydicom.dcmread(path)
+
+
+def test_every_storage_combination_passes_dciodvfy(tmp_path: Path) -> None:
+    combos = list(itertools.product(PHOTOMETRICS, BITS_STORED, PRESENTATIONS, VIEWS))
+    assert len(combos) == 24
+    problems = []
+    for n, (photometric, bits, presentation, view) in enumerate(combos):
+        spec = PhantomSpec(*SMALL, view, "LR"[n % 2], bits, photometric, presentation,
+                           masses=1, calcification_clusters=1)
+        path = tmp_path / f"{n}.dcm"
+        _write(spec, path, seed=n, instance=n + 1)
+        report = subprocess.run(["dciodvfy", str(path)], capture_output=True, text=True,
+                                check=False)
+        text = report.stdout + report.stderr
+        assert "MammographyImage" in text, text
+        problems += [f"{spec}: {line}" for line in text.splitlines() if line.startswith("Error")]
+    assert problems == []
+
+
+def test_render_image_is_a_canonical_image_of_a_breast() -> None:
+    for laterality in ("L", "R"):
+        image = render_image(_spec(laterality=laterality), np.random.default_rng(3))
+        assert image.dtype == np.float32 and image.shape == (256, 208)
+        assert image.min() >= 0.0 and image.max() <= 1.0
+        chest, nipple_side = (slice(0, 20), slice(-20, None))
+        if laterality == "R":
+            chest, nipple_side = nipple_side, chest
+        assert image[-20:, nipple_side].mean() < 0.05  # air, bottom corner away from the chest
+        assert image[110:150, chest].mean() > 0.2  # tissue at the chest wall
+        # burned-in "L CC"/"R CC" at the top, away from the chest wall, drawn at full brightness
+        assert image[:30, nipple_side].max() == pytest.approx(1.0)
+        assert image[:30, chest].max() < 1.0
+
+
+def test_mlo_shows_a_pectoral_muscle_in_the_upper_chest_wall_corner() -> None:
+    image = render_image(_spec(view="MLO", laterality="L"), np.random.default_rng(5))
+    corner = image[:15, :10].mean()
+    assert corner > 0.7
+    assert corner > np.median(image[image > 0.1])
+
+
+def test_calcifications_appear_as_small_bright_spots() -> None:
+    def spots(clusters: int) -> int:
+        image = render_image(_spec(masses=0, calcification_clusters=clusters),
+                             np.random.default_rng(11))
+        interior = minimum_filter(image, size=9) > 0.1  # away from the skin line and text
+        peaks = image - median_filter(image, size=5) > 0.12
+        return int(np.count_nonzero(peaks & interior))
+
+    assert spots(0) <= 2
+    assert spots(4) >= spots(0) + 15
+
+
+def test_stored_values_respect_bits_stored_and_monochrome1_inversion(tmp_path: Path) -> None:
+    for bits in BITS_STORED:
+        top = (1 << bits) - 1
+        pixels = {}
+        for photometric in PHOTOMETRICS:
+            ds = _write(_spec(bits_stored=bits, photometric=photometric),
+                        tmp_path / f"{bits}-{photometric}.dcm", seed=bits)
+            assert (ds.BitsAllocated, ds.BitsStored, ds.HighBit) == (16, bits, bits - 1)
+            pixels[photometric] = ds.pixel_array.astype(np.int64)
+            assert pixels[photometric].max() <= top
+        mono1, mono2 = pixels["MONOCHROME1"], pixels["MONOCHROME2"]
+        np.testing.assert_array_equal(mono1, top - mono2)
+        air = (slice(-20, None), slice(-20, None))
+        assert mono1[air].min() > 0.9 * top  # air is bright in MONOCHROME1 stored values
+        assert mono2[air].max() < 0.1 * top
+        assert mono2.max() == top  # burned-in text at full scale
+
+
+def test_generate_is_reproducible_and_seed_dependent(tmp_path: Path) -> None:
+    first = generate(tmp_path / "a", 6, 42, size=(64, 52))
+    again = generate(tmp_path / "b", 6, 42, size=(64, 52))
+    other = generate(tmp_path / "c", 6, 43, size=(64, 52))
+    assert [p.relative_to(tmp_path / "a") for p in first] == \
+        [p.relative_to(tmp_path / "b") for p in again]
+    assert all(a.read_bytes() == b.read_bytes() for a, b in zip(first, again))
+    for a, c in zip(first, other):
+        one, two = pydicom.dcmread(a), pydicom.dcmread(c)
+        assert one.SOPInstanceUID != two.SOPInstanceUID
+        assert one.StudyInstanceUID != two.StudyInstanceUID
+        assert not np.array_equal(one.pixel_array, two.pixel_array)
+
+
+def test_generate_covers_every_view_laterality_depth_photometric_and_intent(
+        tmp_path: Path) -> None:
+    headers = [pydicom.dcmread(p) for p in generate(tmp_path, 24, 1, size=(64, 52))]
+    assert len(headers) == 24
+    views = {h.ViewCodeSequence[0].CodeValue for h in headers}
+    assert views == {"399162004", "399368009"}
+    assert {h.ImageLaterality for h in headers} == {"L", "R"}
+    assert {(h.BitsStored, h.PhotometricInterpretation) for h in headers} == \
+        set(itertools.product(BITS_STORED, PHOTOMETRICS))
+    assert {(h.PresentationIntentType, h.SOPClassUID) for h in headers} == \
+        {("FOR PRESENTATION", FOR_PRESENTATION), ("FOR PROCESSING", FOR_PROCESSING)}
+    assert all((h.Rows, h.Columns) == (64, 52) for h in headers)
+    assert all("WindowCenter" in h for h in headers if h.PresentationIntentType ==
+               "FOR PRESENTATION")
+
+
+def test_generate_groups_images_into_studies_and_patients(tmp_path: Path) -> None:
+    paths = generate(tmp_path, 24, 9, size=(64, 52), images_per_study=4, studies_per_patient=2)
+    studies: dict[str, list[pydicom.Dataset]] = defaultdict(list)
+    for path in paths:
+        ds = pydicom.dcmread(path)
+        assert path.parent.name == ds.StudyInstanceUID
+        assert path.parent.parent.name == ds.PatientID
+        studies[ds.StudyInstanceUID].append(ds)
+    assert len(studies) == 6
+    patients: dict[str, set[str]] = defaultdict(set)
+    for images in studies.values():
+        assert len(images) == 4
+        assert {(d.ImageLaterality, d.ViewCodeSequence[0].CodeMeaning) for d in images} == \
+            set(itertools.product("LR", ("cranio-caudal", "medio-lateral oblique")))
+        assert len({d.SeriesInstanceUID for d in images}) == 1
+        assert len({d.PresentationIntentType for d in images}) == 1
+        assert sorted(d.InstanceNumber for d in images) == [1, 2, 3, 4]
+        assert len({d.SOPInstanceUID for d in images}) == 4
+        patients[images[0].PatientID].add(images[0].StudyDate)
+    assert sorted(patients) == ["LP0001", "LP0002", "LP0003"]
+    assert all(len(dates) == 2 for dates in patients.values())
+
+
+def test_generate_without_size_cycles_vendor_sizes(tmp_path: Path) -> None:
+    paths = generate(tmp_path, 3, 0, images_per_study=1, studies_per_patient=1)
+    sizes = [pydicom.dcmread(p, stop_before_pixels=True) for p in paths]
+    assert [(d.Rows, d.Columns) for d in sizes] == list(VENDOR_SIZES)
+
+
+def test_invalid_requests_raise_config_error(tmp_path: Path) -> None:
+    with pytest.raises(ConfigError, match="view"):
+        _spec(view="ML")
+    with pytest.raises(ConfigError, match="bits_stored"):
+        _spec(bits_stored=10)
+    with pytest.raises(ConfigError, match="32x32"):
+        _spec(rows=16)
+    with pytest.raises(ConfigError):
+        generate(tmp_path, 0, 1)
