@@ -1,0 +1,317 @@
+"""The training loop: DICOM folders in, a calibrated model file and its card out.
+
+One call of :func:`train` scans the folders, splits by patient (80/20, seeded), trains
+with Adam on the model's own loss (the paper's: MSE for the AE, BCE + KL for the VAE),
+keeps a checkpoint at the lowest validation loss, and at the end reloads that
+checkpoint, calibrates the latent quantisation range on the training images, measures
+the validation MSE through the stored latent bytes and exports safetensors + card with
+:func:`latentpacs.codec.modelfile.save_model`.
+
+``out = models/NAME`` gives ``models/NAME.safetensors``, ``models/NAME.json`` and the
+checkpoints ``models/NAME.checkpoints/{last,best}.pt``.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import logging
+import math
+import random
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from torch.utils.data import DataLoader
+from tqdm import tqdm
+
+from latentpacs.codec.latent import calibrate
+from latentpacs.codec.modelfile import ModelCard, save_model
+from latentpacs.codec.models import LatentAutoencoder, ModelOutput, build_model
+from latentpacs.errors import ConfigError
+from latentpacs.train.checkpoint import (
+    Checkpoint,
+    capture_rng,
+    check_fingerprint,
+    load_checkpoint,
+    restore_rng,
+    save_checkpoint,
+)
+from latentpacs.train.data import CachedImageDataset, scan_dicom_folders
+from latentpacs.train.evaluation import autocast_for, evaluate_reconstruction, latents_of
+from latentpacs.train.split import split_by_patient
+
+logger = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class TrainConfig:
+    """Everything one training run depends on; ``command`` is recorded in the card."""
+
+    data_dirs: tuple[Path, ...]
+    arch: str
+    out: Path
+    epochs: int = 10
+    batch_size: int = 8
+    image_size: int = 1024
+    latent_dim: int = 16
+    latent_bits: int = 8
+    learning_rate: float = 1e-3
+    seed: int = 0
+    val_fraction: float = 0.2
+    resume: bool = False
+    device: str | None = None
+    command: str = ""
+    cache_dir: Path | None = None
+
+    def __post_init__(self) -> None:
+        for name in ("epochs", "batch_size", "image_size", "latent_dim", "latent_bits"):
+            if getattr(self, name) < 1:
+                raise ConfigError(f"{name} must be at least 1, got {getattr(self, name)}")
+        if not self.learning_rate > 0.0:
+            raise ConfigError(f"learning rate must be positive, got {self.learning_rate}")
+        if not self.data_dirs:
+            raise ConfigError("no training data folder given")
+
+    @property
+    def checkpoint_dir(self) -> Path:
+        """``<out>.checkpoints/`` next to the exported model."""
+        return self.out.parent / f"{self.out.name}.checkpoints"
+
+
+@dataclass(frozen=True)
+class TrainResult:
+    """What a run produced: the exported card, the best epoch and the per-epoch losses."""
+
+    card: ModelCard
+    best_epoch: int
+    best_val_loss: float
+    epochs_run: int
+    history: tuple[dict[str, Any], ...]
+
+
+def seed_everything(seed: int) -> torch.Generator:
+    """Seed torch, NumPy and Python; return the seeded generator for the DataLoader."""
+    random.seed(seed)
+    np.random.seed(seed % 2**32)
+    torch.manual_seed(seed)
+    generator = torch.Generator()
+    generator.manual_seed(seed)
+    return generator
+
+
+def _as_float32(out: ModelOutput) -> ModelOutput:
+    """The model output with every tensor field in float32, for a loss outside autocast."""
+    changes = {
+        field.name: getattr(out, field.name).float()
+        for field in dataclasses.fields(out)
+        if isinstance(getattr(out, field.name), torch.Tensor)
+    }
+    return dataclasses.replace(out, **changes)
+
+
+def _batch_loss(model: LatentAutoencoder, x: torch.Tensor, device: str) -> torch.Tensor:
+    """The model's own loss (paper Eq. 1 or 2) of one batch; forward pass under AMP on CUDA."""
+    with autocast_for(device):
+        out = model(x)
+    return model.loss(x, _as_float32(out))
+
+
+def _run_epoch(
+    model: LatentAutoencoder,
+    loader: DataLoader[torch.Tensor],
+    optimizer: torch.optim.Optimizer | None,
+    device: str,
+    bar: tqdm[Any] | None,
+) -> float:
+    """One pass; trains when ``optimizer`` is given, else evaluates. Returns the mean loss per image."""
+    total, count = 0.0, 0
+    model.train(optimizer is not None)
+    with torch.set_grad_enabled(optimizer is not None):
+        for x in loader:
+            x = x.to(device, non_blocking=True)
+            loss = _batch_loss(model, x, device)
+            if optimizer is not None:
+                optimizer.zero_grad(set_to_none=True)
+                loss.backward()
+                optimizer.step()
+            total += float(loss.detach()) * x.shape[0]
+            count += x.shape[0]
+            if bar is not None:
+                bar.update(1)
+                bar.set_postfix(loss=f"{total / count:.5g}")
+    return total / max(count, 1)
+
+
+def _fingerprint(config: TrainConfig, train_ds: CachedImageDataset, val_ds: CachedImageDataset) -> dict[str, Any]:
+    """The settings and data a resumed run must share with the run it continues."""
+    digest = hashlib.sha256()
+    for side, dataset in (("train", train_ds), ("val", val_ds)):
+        for record in dataset.records:
+            digest.update(f"{side}:{record.sop_instance_uid}\n".encode())
+    return {
+        "arch": config.arch,
+        "image_size": config.image_size,
+        "latent_dim": config.latent_dim,
+        "latent_bits": config.latent_bits,
+        "batch_size": config.batch_size,
+        "learning_rate": config.learning_rate,
+        "seed": config.seed,
+        "val_fraction": config.val_fraction,
+        "data_sha256": digest.hexdigest(),
+    }
+
+
+def _datasets(config: TrainConfig, progress: bool) -> tuple[CachedImageDataset, CachedImageDataset, int]:
+    """Scan, split by patient and decode; returns (train, validation, files skipped)."""
+    records, skipped = scan_dicom_folders(config.data_dirs)
+    for path, reason in skipped:
+        logger.warning("skipped %s: %s", path, reason)
+    train_records, val_records = split_by_patient(records, val_fraction=config.val_fraction, seed=config.seed)
+    train_ds = CachedImageDataset(train_records, config.image_size, cache_dir=config.cache_dir, progress=progress)
+    val_ds = CachedImageDataset(val_records, config.image_size, cache_dir=config.cache_dir, progress=progress)
+    if len(train_ds) < 2:
+        folders = ", ".join(str(d) for d in config.data_dirs)
+        raise ConfigError(f"need at least 2 usable training images in {folders}, found {len(train_ds)}")
+    return train_ds, val_ds, len(skipped) + len(train_ds.skipped) + len(val_ds.skipped)
+
+
+def train(config: TrainConfig, *, progress: bool = True) -> TrainResult:
+    """Train, checkpoint, calibrate, evaluate and export one model.
+
+    Parameters
+    ----------
+    config:
+        The run's settings. With ``resume=True`` the run continues from
+        ``<out>.checkpoints/last.pt`` (same settings and data, else ConfigError) up to
+        ``config.epochs`` epochs in total.
+    progress:
+        Show tqdm bars (one per epoch, running loss in the postfix).
+
+    Returns
+    -------
+    TrainResult
+        With the card of ``<out>.safetensors`` / ``<out>.json``.
+
+    Raises
+    ------
+    ConfigError
+        Bad settings, no usable images, or nothing (or something else) to resume from.
+    ModelError
+        Unknown architecture.
+    """
+    started = time.monotonic()
+    device = config.device or ("cuda" if torch.cuda.is_available() else "cpu")
+    generator = seed_everything(config.seed)
+    model = build_model(
+        config.arch, image_size=config.image_size, latent_dim=config.latent_dim, latent_bits=config.latent_bits
+    ).to(device)
+    train_ds, val_ds, n_skipped = _datasets(config, progress)
+    optimizer = torch.optim.Adam(model.parameters(), lr=config.learning_rate)
+    remainder_is_one = len(train_ds) % config.batch_size == 1  # BatchNorm cannot train on one image
+    train_loader = DataLoader(
+        train_ds, batch_size=config.batch_size, shuffle=True, generator=generator,
+        drop_last=remainder_is_one, pin_memory=device.startswith("cuda"),
+    )
+    val_loader = DataLoader(val_ds, batch_size=config.batch_size, shuffle=False)
+    fingerprint = _fingerprint(config, train_ds, val_ds)
+    last_path, best_path = config.checkpoint_dir / "last.pt", config.checkpoint_dir / "best.pt"
+
+    state = Checkpoint(0, 0, float("inf"), {}, {}, {}, (), fingerprint, 0.0)
+    if config.resume:
+        state = load_checkpoint(last_path)
+        check_fingerprint(state.fingerprint, fingerprint, last_path)
+        model.load_state_dict(state.model_state)
+        optimizer.load_state_dict(state.optimizer_state)
+        restore_rng(state.rng, generator)
+        logger.info("resuming from %s after epoch %d", last_path, state.epoch)
+
+    history = list(state.history)
+    best_epoch, best_loss = state.best_epoch, state.best_val_loss
+    for epoch in range(state.epoch + 1, config.epochs + 1):
+        with tqdm(total=len(train_loader), desc=f"epoch {epoch}/{config.epochs}", unit="batch",
+                  disable=not progress) as bar:
+            train_loss = _run_epoch(model, train_loader, optimizer, device, bar)
+            val_loss = _run_epoch(model, val_loader, None, device, None) if len(val_ds) else train_loss
+            bar.set_postfix(loss=f"{train_loss:.5g}", val_loss=f"{val_loss:.5g}")
+        if not (math.isfinite(train_loss) and math.isfinite(val_loss)):
+            raise ConfigError(f"training diverged at epoch {epoch} (loss {train_loss}); lower the learning rate")
+        history.append({"epoch": epoch, "train_loss": train_loss, "val_loss": val_loss})
+        logger.info("epoch %d/%d: train loss %.6g, validation loss %.6g", epoch, config.epochs, train_loss, val_loss)
+        improved = val_loss < best_loss
+        if improved:
+            best_epoch, best_loss = epoch, val_loss
+        state = Checkpoint(
+            epoch, best_epoch, best_loss, model.state_dict(), optimizer.state_dict(), capture_rng(generator),
+            tuple(history), fingerprint, state.duration_s + (time.monotonic() - started),
+        )
+        started = time.monotonic()
+        if improved:
+            save_checkpoint(best_path, state)
+        save_checkpoint(last_path, state)
+
+    best = load_checkpoint(best_path)
+    card = _export(config, model, best, tuple(history), (train_ds, val_ds), n_skipped, device, state.duration_s)
+    return TrainResult(card, best_epoch, best_loss, state.epoch, tuple(dict(h) for h in history))
+
+
+def _export(
+    config: TrainConfig,
+    model: LatentAutoencoder,
+    best: Checkpoint,
+    history: tuple[dict[str, Any], ...],
+    datasets: tuple[CachedImageDataset, CachedImageDataset],
+    n_skipped: int,
+    device: str,
+    duration_s: float,
+) -> ModelCard:
+    """Reload the best weights, calibrate on the training latents, evaluate and save the model file."""
+    train_ds, val_ds = datasets
+    model.load_state_dict(best.model_state)
+    model.eval()
+    calibrate(model, latents_of(model, train_ds, device, config.batch_size))
+    has_val = len(val_ds) > 0
+    metrics = evaluate_reconstruction(model, val_ds if has_val else train_ds, device, config.batch_size)
+    metrics = {
+        **metrics,
+        "best_epoch": best.best_epoch,
+        "best_val_loss": best.best_val_loss,
+        "evaluated_on": "validation set" if has_val else "training set (no validation patient)",
+    }
+    training = {
+        "command": config.command,
+        "data_dirs": [str(d) for d in config.data_dirs],
+        "train_images": len(train_ds),
+        "train_patients": len(train_ds.patients),
+        "val_images": len(val_ds),
+        "val_patients": len(val_ds.patients),
+        "files_skipped": n_skipped,
+        "split": f"by Patient ID, {config.val_fraction:g} of patients held out, seed {config.seed}",
+        "validation_loss": "loss on the validation set" if has_val
+        else "no validation patient: validation loss is the training loss",
+        "epochs": len(history),
+        "batch_size": config.batch_size,
+        "learning_rate": config.learning_rate,
+        "optimizer": "Adam",
+        "loss": "model loss (paper: AE MSE Eq. 1, VAE BCE + KL Eq. 2)",
+        "seed": config.seed,
+        "device": device,
+        "mixed_precision": "bfloat16" if device.startswith("cuda") else "none",
+        "torch_version": torch.__version__,
+        "duration_s": round(duration_s, 3),
+        "history": [dict(h) for h in history],
+    }
+    description = (
+        f"{config.arch} autoencoder, {config.image_size}x{config.image_size} input, {config.latent_dim}-dim latent "
+        f"at {config.latent_bits} bits, trained {config.epochs} epochs on {len(train_ds)} images "
+        f"of {len(train_ds.patients)} patients"
+    )
+    model.to("cpu")
+    card = save_model(
+        model, config.out.parent, config.out.name, description=description, training=training, metrics=metrics
+    )
+    logger.info("exported %s (sha256 %s)", config.out, card.sha256)
+    return card

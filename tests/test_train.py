@@ -1,0 +1,253 @@
+"""Training on phantom DICOM folders: scanning, patient split, cache, loop, resume, export."""
+
+from __future__ import annotations
+
+import copy
+import json
+import math
+import shutil
+from dataclasses import replace
+from pathlib import Path
+
+import pydicom
+import pytest
+import torch
+
+from latentpacs import phantom
+from latentpacs.codec.modelfile import load_model, sha256_file
+from latentpacs.errors import ConfigError
+from latentpacs.train import (
+    CachedImageDataset,
+    TrainConfig,
+    TrainResult,
+    scan_dicom_folders,
+    split_by_patient,
+    train,
+)
+
+IMAGE_SIZE = 64
+
+
+@pytest.fixture(scope="module")
+def phantom_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """12 small phantom mammograms of 3 or more patients."""
+    root = tmp_path_factory.mktemp("phantoms")
+    paths = phantom.generate(root, 12, 7, size=(128, 104), studies_per_patient=1)
+    patients = {pydicom.dcmread(p, stop_before_pixels=True).PatientID for p in paths}
+    if len(patients) < 3:
+        pytest.fail(f"phantom generator made {len(patients)} patients; the tests need 3")
+    return root
+
+
+def _config(data: Path, out: Path, **changes: object) -> TrainConfig:
+    base = TrainConfig(
+        data_dirs=(data,), arch="ae", out=out, epochs=3, batch_size=4, image_size=IMAGE_SIZE,
+        learning_rate=3e-3, seed=0, command="latentpacs train (test)",
+    )
+    return replace(base, **changes)  # type: ignore[arg-type]
+
+
+@pytest.fixture(scope="module")
+def models_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return tmp_path_factory.mktemp("models")
+
+
+@pytest.fixture(scope="module")
+def baseline(phantom_dir: Path, models_dir: Path) -> TrainResult:
+    """An uninterrupted 3-epoch AE run, exported as models_dir/tiny-ae."""
+    return train(_config(phantom_dir, models_dir / "tiny-ae"), progress=False)
+
+
+def test_scan_skips_what_is_not_a_trainable_image(phantom_dir: Path, tmp_path: Path) -> None:
+    data = tmp_path / "data"
+    shutil.copytree(phantom_dir, data)
+    first = sorted(data.rglob("*.dcm"))[0]
+    (data / "notes.txt").write_text("not a DICOM file\n")
+    (data / "empty.dcm").write_bytes(b"")
+    ds = pydicom.dcmread(first)
+    no_pixels = copy.deepcopy(ds)
+    del no_pixels.PixelData
+    no_pixels.SOPInstanceUID = pydicom.uid.generate_uid()
+    no_pixels.save_as(data / "no_pixels.dcm")
+    colour = copy.deepcopy(ds)
+    colour.SamplesPerPixel, colour.PhotometricInterpretation = 3, "RGB"
+    colour.SOPInstanceUID = pydicom.uid.generate_uid()
+    colour.save_as(data / "colour.dcm")
+    multi = copy.deepcopy(ds)
+    multi.NumberOfFrames = 2
+    multi.SOPInstanceUID = pydicom.uid.generate_uid()
+    multi.save_as(data / "multi.dcm")
+    (data / "zz").mkdir()
+    shutil.copy(first, data / "zz" / "copy.dcm")  # walked last: the copy is the duplicate
+
+    records, skipped = scan_dicom_folders([data])
+
+    assert len(records) == 12
+    reasons = {path.name: reason for path, reason in skipped}
+    assert set(reasons) == {"notes.txt", "empty.dcm", "no_pixels.dcm", "colour.dcm", "multi.dcm", "copy.dcm"}
+    assert "not a DICOM" in reasons["notes.txt"]
+    assert "Pixel Data" in reasons["no_pixels.dcm"]
+    assert "grayscale" in reasons["colour.dcm"]
+    assert "multi-frame" in reasons["multi.dcm"]
+    assert "duplicate" in reasons["copy.dcm"]
+    assert all("\n" not in reason for reason in reasons.values())
+
+
+def test_split_is_by_patient_and_seeded(phantom_dir: Path) -> None:
+    records, _ = scan_dicom_folders([phantom_dir])
+    patients = {r.patient_id for r in records}
+    splits = set()
+    for seed in range(8):
+        train_set, val_set = split_by_patient(records, val_fraction=0.2, seed=seed)
+        assert split_by_patient(list(reversed(records)), val_fraction=0.2, seed=seed)[1] == list(
+            reversed(val_set)
+        )
+        train_patients = {r.patient_id for r in train_set}
+        val_patients = {r.patient_id for r in val_set}
+        assert not train_patients & val_patients
+        assert train_patients | val_patients == patients
+        assert len(train_set) + len(val_set) == len(records)
+        assert val_patients
+        splits.add(frozenset(val_patients))
+    assert len(splits) > 1
+
+
+def test_single_patient_goes_to_training(phantom_dir: Path) -> None:
+    records, _ = scan_dicom_folders([phantom_dir])
+    one = [r for r in records if r.patient_id == records[0].patient_id]
+    train_set, val_set = split_by_patient(one, seed=3)
+    assert train_set == one
+    assert val_set == []
+    with pytest.raises(ConfigError):
+        split_by_patient(records, val_fraction=1.0)
+
+
+def test_dataset_decodes_once_into_a_reusable_cache(phantom_dir: Path, tmp_path: Path) -> None:
+    data = tmp_path / "data"
+    shutil.copytree(phantom_dir, data)
+    records, _ = scan_dicom_folders([data])
+    cache = tmp_path / "cache"
+    first = CachedImageDataset(records, IMAGE_SIZE, cache_dir=cache)
+    assert len(first) == len(records)
+    item = first[0]
+    assert item.shape == (1, IMAGE_SIZE, IMAGE_SIZE) and item.dtype == torch.float32
+    assert 0.0 <= float(item.min()) and float(item.max()) <= 1.0 and float(item.std()) > 0.01
+    assert {p.stem for p in (cache / str(IMAGE_SIZE)).glob("*.npy")} == {r.sop_instance_uid for r in records}
+    shutil.rmtree(data)  # a second run needs no DICOM decoding at all
+    second = CachedImageDataset(records, IMAGE_SIZE, cache_dir=cache)
+    assert torch.equal(second[5], first[5])
+
+
+def test_undecodable_pixels_are_left_out_with_the_reason(phantom_dir: Path, tmp_path: Path) -> None:
+    source = sorted(phantom_dir.rglob("*.dcm"))
+    good, broken = tmp_path / "good.dcm", tmp_path / "broken.dcm"
+    shutil.copy(source[0], good)
+    broken.write_bytes(source[1].read_bytes()[:-4000])  # Pixel Data cut short
+    records, skipped = scan_dicom_folders([tmp_path])
+    assert len(records) == 2 and skipped == []  # the header alone looks fine
+    dataset = CachedImageDataset(records, IMAGE_SIZE)
+    assert [r.path for r in dataset.records] == [good]
+    assert dataset.skipped[0][0] == broken and "Pixel Data" in dataset.skipped[0][1]
+
+
+def test_training_lowers_the_loss_and_keeps_the_best_epoch(baseline: TrainResult) -> None:
+    history = baseline.history
+    assert [h["epoch"] for h in history] == [1, 2, 3]
+    assert history[-1]["train_loss"] < history[0]["train_loss"]
+    val_losses = [h["val_loss"] for h in history]
+    assert baseline.best_val_loss == min(val_losses)
+    assert baseline.best_epoch == val_losses.index(min(val_losses)) + 1
+    assert baseline.epochs_run == 3
+
+
+def test_best_checkpoint_holds_the_lowest_validation_loss(baseline: TrainResult, models_dir: Path) -> None:
+    loaded = load_model("tiny-ae", models_dir=models_dir)
+    checkpoints = models_dir / "tiny-ae.checkpoints"
+    best = torch.load(checkpoints / "best.pt", weights_only=True)
+    last = torch.load(checkpoints / "last.pt", weights_only=True)
+    assert best["epoch"] == baseline.best_epoch
+    assert best["best_val_loss"] == baseline.best_val_loss
+    assert last["epoch"] == 3
+    # the exported weights are the best epoch's, not the last epoch's (calibration aside)
+    exported = loaded.model.state_dict()
+    for name, tensor in best["model"].items():
+        if not name.startswith("latent_"):
+            assert torch.equal(exported[name], tensor), name
+
+
+def test_export_writes_a_verifiable_model_and_card(baseline: TrainResult, models_dir: Path) -> None:
+    card = baseline.card
+    models = models_dir
+    assert card.name == "tiny-ae"
+    weights = models / f"{card.name}.safetensors"
+    assert card.sha256 == sha256_file(weights)
+    loaded = load_model(card.name, models_dir=models, expected_sha256=card.sha256)
+    assert loaded.card == card
+    on_disk = json.loads((models / f"{card.name}.json").read_text())
+    assert on_disk["sha256"] == card.sha256
+    assert (card.arch, card.image_size, card.latent_dim, card.latent_bits) == ("ae", IMAGE_SIZE, 16, 8)
+    assert card.latent_bytes == 16
+    training = card.training
+    for key in ("command", "data_dirs", "train_images", "train_patients", "val_images", "val_patients",
+                "epochs", "batch_size", "learning_rate", "seed", "device", "torch_version", "duration_s"):
+        assert key in training, key
+    assert training["train_images"] + training["val_images"] == 12
+    assert training["val_patients"] >= 1 and training["device"] == "cpu"
+    metrics = card.metrics
+    assert metrics["best_epoch"] == baseline.best_epoch
+    assert metrics["latent_bytes"] == 16
+    assert 0.0 < metrics["mse"] < 0.25 and 0.0 < metrics["mse_1024"] < 0.25
+    low, high = loaded.model.latent_low, loaded.model.latent_high
+    assert bool(torch.all(high > low)) and not torch.equal(high, torch.full_like(high, 4.0))
+
+
+def test_same_seed_gives_the_same_loss_history(phantom_dir: Path, baseline: TrainResult, tmp_path: Path) -> None:
+    again = train(_config(phantom_dir, tmp_path / "again"), progress=False)
+    assert again.history == baseline.history
+    assert again.card.sha256 == baseline.card.sha256
+
+
+def test_resume_reaches_the_uninterrupted_result(phantom_dir: Path, baseline: TrainResult, tmp_path: Path) -> None:
+    out = tmp_path / "resumed"
+    first = train(_config(phantom_dir, out, epochs=2), progress=False)
+    assert first.epochs_run == 2
+    assert first.history == baseline.history[:2]
+    resumed = train(_config(phantom_dir, out, epochs=3, resume=True), progress=False)
+    assert resumed.epochs_run == 3
+    assert resumed.history == baseline.history
+    assert resumed.card.sha256 == baseline.card.sha256
+    with pytest.raises(ConfigError, match="learning_rate"):
+        train(_config(phantom_dir, out, epochs=4, resume=True, learning_rate=1e-2), progress=False)
+    with pytest.raises(ConfigError, match="nothing to resume"):
+        train(_config(phantom_dir, tmp_path / "never", resume=True), progress=False)
+
+
+def test_vae_trains_and_exports(phantom_dir: Path, tmp_path: Path) -> None:
+    result = train(_config(phantom_dir, tmp_path / "tiny-vae", arch="vae", epochs=2), progress=False)
+    assert all(math.isfinite(h["train_loss"]) and math.isfinite(h["val_loss"]) for h in result.history)
+    loaded = load_model(tmp_path / "tiny-vae.safetensors")
+    assert loaded.card.arch == "vae"
+    x = torch.rand(2, 1, IMAGE_SIZE, IMAGE_SIZE)
+    with torch.no_grad():
+        assert torch.equal(loaded.model.encode(x), loaded.model.encode(x))  # archives the mean
+
+
+def test_one_patient_validates_on_the_training_loss(phantom_dir: Path, tmp_path: Path) -> None:
+    records, _ = scan_dicom_folders([phantom_dir])
+    patient = records[0].patient_id
+    data = tmp_path / "one"
+    for i, record in enumerate(r for r in records if r.patient_id == patient):
+        data.mkdir(exist_ok=True)
+        shutil.copy(record.path, data / f"{i}.dcm")
+    result = train(_config(data, tmp_path / "solo", epochs=2, batch_size=2), progress=False)
+    assert all(h["val_loss"] == h["train_loss"] for h in result.history)
+    assert result.card.training["val_images"] == 0
+    assert "training loss" in result.card.training["validation_loss"]
+    assert result.card.metrics["evaluated_on"].startswith("training set")
+
+
+def test_a_folder_without_images_is_a_config_error(tmp_path: Path) -> None:
+    (tmp_path / "readme.txt").write_text("nothing here")
+    with pytest.raises(ConfigError, match="usable training images"):
+        train(_config(tmp_path, tmp_path / "none"), progress=False)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["readme.txt"]
