@@ -1,0 +1,267 @@
+"""The batching inference engine: one worker thread owns the model on its device.
+
+Callers on any thread call :meth:`Engine.encode` / :meth:`Engine.decode`; each call
+resizes its images on the calling thread, puts one request on a queue and waits on a
+future. The worker takes a request, gathers more for up to ``max_wait_ms`` until it holds
+``max_batch`` images, and runs them as torch batches under ``torch.inference_mode()``
+(and ``torch.autocast`` with float16 on CUDA). So concurrent C-STOREs share GPU batches,
+and an error in a batch reaches every caller of that batch instead of hanging them.
+
+Images are canonical float32 in [0, 1] (rows x cols); the model sees them resized
+bilinearly with antialiasing to its square input, and reconstructions are resized back.
+"""
+
+from __future__ import annotations
+
+import logging
+import queue
+import threading
+import time
+from contextlib import nullcontext
+from collections.abc import Sequence
+from concurrent.futures import Future
+from dataclasses import dataclass, field
+from types import TracebackType
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from latentpacs.codec.latent import LatentFormat
+from latentpacs.codec.modelfile import LoadedModel
+from latentpacs.errors import LatentFormatError, ModelError, PixelDataError, UnsupportedImageError
+
+logger = logging.getLogger(__name__)
+
+_ENCODE, _DECODE = "encode", "decode"
+
+
+def resize_bilinear(image: np.ndarray, shape: tuple[int, int]) -> np.ndarray:
+    """Resize a 2-D float image to ``shape`` (rows, cols): bilinear, antialiased, float32.
+
+    The one resize of latentpacs (torch ``interpolate``, ``align_corners=False``), used
+    before encoding, after decoding, in training and in evaluation alike.
+    """
+    source = torch.from_numpy(np.ascontiguousarray(image, dtype=np.float32))
+    rows, cols = int(shape[0]), int(shape[1])
+    if rows < 1 or cols < 1:
+        raise ValueError(f"cannot resize to {shape}")
+    if tuple(source.shape) == (rows, cols):
+        return source.numpy().copy()
+    out = F.interpolate(
+        source[None, None], size=(rows, cols), mode="bilinear", align_corners=False, antialias=True
+    )
+    return out[0, 0].numpy()
+
+
+@dataclass
+class _Request:
+    kind: str
+    batch: np.ndarray
+    future: Future[np.ndarray] = field(default_factory=Future)
+
+
+class Engine:
+    """Encode and decode batches of images with one loaded model on one device.
+
+    Parameters
+    ----------
+    loaded:
+        A verified model from :func:`~latentpacs.codec.modelfile.load_model`; the engine
+        moves its module to ``device`` and keeps it in ``eval()`` mode.
+    device:
+        ``"cuda"``, ``"cuda:N"`` or ``"cpu"``; ``None`` picks CUDA when available.
+    max_batch:
+        Most images run in one torch batch.
+    max_wait_ms:
+        How long the worker waits for more requests before running a partial batch.
+
+    Raises
+    ------
+    ModelError
+        When the device is unknown, CUDA is requested but not available, or
+        ``max_batch`` < 1.
+    """
+
+    def __init__(
+        self,
+        loaded: LoadedModel,
+        *,
+        device: str | None = None,
+        max_batch: int = 8,
+        max_wait_ms: float = 2.0,
+    ) -> None:
+        if max_batch < 1:
+            raise ModelError(f"max_batch must be at least 1, got {max_batch}")
+        name = device or ("cuda" if torch.cuda.is_available() else "cpu")
+        try:
+            self.device = torch.device(name)
+        except RuntimeError as exc:
+            raise ModelError(f"unknown inference device {name!r}: {exc}") from exc
+        if self.device.type == "cuda" and not torch.cuda.is_available():
+            raise ModelError(f"device {name!r} requested but CUDA is not available")
+        self.loaded = loaded
+        self.model = loaded.model.to(self.device).eval()
+        self.latent_format: LatentFormat = loaded.latent_format
+        self.image_size = loaded.model.image_size
+        self.max_batch = max_batch
+        self.max_wait_s = max_wait_ms / 1000.0
+        self._queue: queue.Queue[_Request | None] = queue.Queue()
+        self._lock = threading.Lock()
+        self._closed = False
+        self._batches_run = 0
+        self._images_run = 0
+        self._worker = threading.Thread(target=self._serve, name="latentpacs-engine", daemon=True)
+        self._worker.start()
+        logger.info(
+            "engine for %s on %s (max_batch %d)", loaded.card.name, self.device, max_batch
+        )
+
+    @property
+    def batches_run(self) -> int:
+        """Number of torch batches the worker has run."""
+        return self._batches_run
+
+    @property
+    def images_run(self) -> int:
+        """Number of images (or latents) the worker has run."""
+        return self._images_run
+
+    def encode(self, images: Sequence[np.ndarray]) -> list[bytes]:
+        """Encode canonical images of any size to latent bytes, one per image.
+
+        Raises
+        ------
+        UnsupportedImageError
+            When an image is not 2-D.
+        PixelDataError
+            When an image holds a non-finite value.
+        """
+        if not images:
+            return []
+        batch = np.stack([self._prepare(image) for image in images])
+        latents = self._submit(_ENCODE, batch)
+        return [self.latent_format.to_bytes(z) for z in latents]
+
+    def decode(
+        self, latents: Sequence[bytes], shapes: Sequence[tuple[int, int]]
+    ) -> list[np.ndarray]:
+        """Decode latent bytes to float32 images of the given (rows, cols), in [0, 1].
+
+        Raises
+        ------
+        LatentFormatError
+            When a latent has the wrong length, or the counts differ.
+        """
+        if len(latents) != len(shapes):
+            raise LatentFormatError(f"{len(latents)} latents but {len(shapes)} shapes")
+        if not latents:
+            return []
+        z = np.stack([self.latent_format.from_bytes(bytes(data)) for data in latents])
+        images = self._submit(_DECODE, z)
+        return [
+            np.clip(resize_bilinear(image, shape), 0.0, 1.0) for image, shape in zip(images, shapes)
+        ]
+
+    def encode_resized(self, batch: np.ndarray) -> np.ndarray:
+        """Float latents (B, D) of images already at the model's size, shape (B, S, S)."""
+        size = self.image_size
+        values = np.asarray(batch, dtype=np.float32)
+        if values.ndim != 3 or values.shape[1:] != (size, size):
+            raise UnsupportedImageError(f"expected a batch (B, {size}, {size}), got {values.shape}")
+        if values.shape[0] == 0:
+            return np.zeros((0, self.latent_format.latent_dim), np.float32)
+        return self._submit(_ENCODE, np.ascontiguousarray(values))
+
+    def close(self) -> None:
+        """Stop the worker after the requests already queued; later calls raise ModelError."""
+        with self._lock:
+            if self._closed:
+                return
+            self._closed = True
+            self._queue.put(None)
+        self._worker.join()
+
+    def __enter__(self) -> Engine:
+        return self
+
+    def __exit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        self.close()
+
+    def _prepare(self, image: np.ndarray) -> np.ndarray:
+        values = np.asarray(image, dtype=np.float32)
+        if values.ndim != 2:
+            raise UnsupportedImageError(f"expected a 2-D canonical image, got shape {values.shape}")
+        if not np.all(np.isfinite(values)):
+            raise PixelDataError("canonical image holds a non-finite value")
+        return resize_bilinear(np.clip(values, 0.0, 1.0), (self.image_size, self.image_size))
+
+    def _submit(self, kind: str, batch: np.ndarray) -> np.ndarray:
+        request = _Request(kind, batch)
+        with self._lock:
+            if self._closed:
+                raise ModelError("the inference engine is closed")
+            self._queue.put(request)
+        return request.future.result()
+
+    def _serve(self) -> None:
+        """Worker loop: gather requests into batches until the closing sentinel."""
+        running = True
+        while running:
+            first = self._queue.get()
+            if first is None:
+                break
+            requests = [first]
+            count = len(first.batch)
+            deadline = time.monotonic() + self.max_wait_s
+            while count < self.max_batch:
+                try:
+                    nxt = self._queue.get(timeout=max(0.0, deadline - time.monotonic()))
+                except queue.Empty:
+                    break
+                if nxt is None:
+                    running = False
+                    break
+                requests.append(nxt)
+                count += len(nxt.batch)
+            for kind in (_ENCODE, _DECODE):
+                group = [r for r in requests if r.kind == kind]
+                if group:
+                    self._run_group(kind, group)
+
+    def _run_group(self, kind: str, group: list[_Request]) -> None:
+        try:
+            inputs = np.concatenate([r.batch for r in group])
+            outputs = [
+                self._run_batch(kind, inputs[start : start + self.max_batch])
+                for start in range(0, len(inputs), self.max_batch)
+            ]
+            result = np.concatenate(outputs)
+        except BaseException as exc:  # delivered to every caller; the worker lives on
+            logger.exception("engine %s batch of %d request(s) failed", kind, len(group))
+            for request in group:
+                request.future.set_exception(exc)
+            return
+        start = 0
+        for request in group:
+            request.future.set_result(result[start : start + len(request.batch)])
+            start += len(request.batch)
+
+    def _run_batch(self, kind: str, inputs: np.ndarray) -> np.ndarray:
+        tensor = torch.from_numpy(inputs).to(self.device)
+        precision = (
+            torch.autocast("cuda", torch.float16) if self.device.type == "cuda" else nullcontext()
+        )
+        with torch.inference_mode(), precision:
+            if kind == _ENCODE:
+                output = self.model.encode(tensor[:, None])
+            else:
+                output = self.model.decode(tensor)[:, 0]
+        self._batches_run += 1
+        self._images_run += len(inputs)
+        return output.float().cpu().numpy()

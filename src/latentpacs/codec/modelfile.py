@@ -1,0 +1,312 @@
+"""Model files: safetensors weights plus a JSON model card; identity = SHA-256 of the weights.
+
+A model named ``NAME`` is two files in the models directory:
+
+``NAME.safetensors``
+    Every tensor of the model's state dict (weights, BatchNorm statistics and the latent
+    quantisation ranges), with ``__metadata__`` naming the architecture, input size,
+    latent dimension and bits. The JSON header is written with sorted keys, so the same
+    weights always give the same bytes and the same SHA-256. No pickles anywhere.
+``NAME.json``
+    The :class:`ModelCard`: architecture, sizes, latent format, parameter count, the
+    weights' SHA-256, training data and command, measured metrics.
+
+Every latent names its model by that SHA-256; :func:`load_model` hashes the exact bytes
+it then deserialises and refuses a file whose hash differs from its card or the caller's
+expectation, so a latent is never decoded by a model other than the one that made it.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import os
+import struct
+import tempfile
+from collections.abc import Mapping
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import torch
+from safetensors import SafetensorError
+from safetensors.torch import load as load_safetensors
+from safetensors.torch import save as save_safetensors
+
+from latentpacs.codec.latent import LatentFormat
+from latentpacs.codec.models import LatentAutoencoder, build_model, count_parameters
+from latentpacs.errors import ModelError, ModelHashMismatchError
+
+logger = logging.getLogger(__name__)
+
+WEIGHTS_SUFFIX = ".safetensors"
+CARD_SUFFIX = ".json"
+_INT_FIELDS = ("image_size", "latent_dim", "latent_bits", "latent_bytes", "parameters")
+_STR_FIELDS = ("name", "arch", "sha256", "description")
+
+
+@dataclass(frozen=True)
+class ModelCard:
+    """The JSON card that documents a weights file."""
+
+    name: str
+    arch: str
+    image_size: int
+    latent_dim: int
+    latent_bits: int
+    latent_bytes: int
+    parameters: int
+    sha256: str
+    description: str
+    training: Mapping[str, object] = field(default_factory=dict, hash=False)
+    metrics: Mapping[str, object] = field(default_factory=dict, hash=False)
+
+    def to_json(self) -> str:
+        """The card as indented JSON with sorted keys."""
+        data = asdict(self)
+        data["training"], data["metrics"] = dict(self.training), dict(self.metrics)
+        return json.dumps(data, indent=2, sort_keys=True) + "\n"
+
+    @classmethod
+    def from_json(cls, text: str) -> ModelCard:
+        """Parse a card; a malformed card raises :class:`ModelError` naming the field."""
+        try:
+            data = json.loads(text)
+        except json.JSONDecodeError as exc:
+            raise ModelError(f"model card is not JSON: {exc}") from exc
+        if not isinstance(data, dict):
+            raise ModelError("model card must be a JSON object")
+        for key in _INT_FIELDS:
+            if not isinstance(data.get(key), int) or isinstance(data.get(key), bool):
+                raise ModelError(f"model card field {key!r} must be an integer")
+        for key in _STR_FIELDS:
+            if not isinstance(data.get(key), str):
+                raise ModelError(f"model card field {key!r} must be a string")
+        for key in ("training", "metrics"):
+            if not isinstance(data.get(key, {}), dict):
+                raise ModelError(f"model card field {key!r} must be an object")
+        return cls(
+            **{key: data[key] for key in _INT_FIELDS + _STR_FIELDS},
+            training=data.get("training", {}),
+            metrics=data.get("metrics", {}),
+        )
+
+
+@dataclass(frozen=True)
+class LoadedModel:
+    """A verified model ready for inference (``eval()`` mode)."""
+
+    model: LatentAutoencoder
+    card: ModelCard
+    latent_format: LatentFormat
+    weights_path: Path
+
+
+def default_models_dir() -> Path:
+    """``$LATENTPACS_MODELS`` when set, else ``models/`` at the repository root."""
+    env = os.environ.get("LATENTPACS_MODELS")
+    return Path(env) if env else Path(__file__).resolve().parents[3] / "models"
+
+
+def sha256_file(path: Path) -> str:
+    """Hex SHA-256 of a file's bytes."""
+    digest = hashlib.sha256()
+    with Path(path).open("rb") as handle:
+        for chunk in iter(lambda: handle.read(1 << 20), b""):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
+def _canonical(blob: bytes) -> bytes:
+    """Rewrite a safetensors blob's JSON header with sorted keys (offsets are unchanged)."""
+    (length,) = struct.unpack("<Q", blob[:8])
+    header = json.loads(blob[8 : 8 + length])
+    text = json.dumps(header, sort_keys=True, separators=(",", ":")).encode()
+    text += b" " * (-len(text) % 8)
+    return struct.pack("<Q", len(text)) + text + blob[8 + length :]
+
+
+def _metadata(blob: bytes) -> dict[str, str]:
+    """The ``__metadata__`` of a safetensors blob (its header is 8-byte length + JSON)."""
+    try:
+        (length,) = struct.unpack("<Q", blob[:8])
+        header = json.loads(blob[8 : 8 + length])
+    except (struct.error, ValueError) as exc:
+        raise ModelError(f"weights file has no readable safetensors header: {exc}") from exc
+    meta = header.get("__metadata__", {}) if isinstance(header, dict) else {}
+    return meta if isinstance(meta, dict) else {}
+
+
+def _atomic_write(path: Path, data: bytes) -> None:
+    handle, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.")
+    try:
+        with os.fdopen(handle, "wb") as out:
+            out.write(data)
+            out.flush()
+            os.fsync(out.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def save_model(
+    model: LatentAutoencoder,
+    directory: Path,
+    name: str,
+    *,
+    description: str,
+    training: Mapping[str, object],
+    metrics: Mapping[str, object],
+) -> ModelCard:
+    """Write ``directory/name.safetensors`` and its card ``directory/name.json``.
+
+    Both files are written atomically. Replacing an existing model of the same name with
+    different weights changes its SHA-256, so latents naming the old hash no longer find
+    it; this is logged as a warning (the archive forbids it for models it references).
+
+    Raises
+    ------
+    ModelError
+        When ``name`` is not a plain file name.
+    """
+    if not name or Path(name).name != name or name.startswith("."):
+        raise ModelError(f"model name {name!r} must be a plain file name")
+    directory = Path(directory)
+    directory.mkdir(parents=True, exist_ok=True)
+    tensors = {k: v.detach().cpu().contiguous().clone() for k, v in model.state_dict().items()}
+    metadata = {
+        "arch": model.arch,
+        "image_size": str(model.image_size),
+        "latent_dim": str(model.latent_dim),
+        "latent_bits": str(model.latent_bits),
+    }
+    blob = _canonical(save_safetensors(tensors, metadata=metadata))
+    sha = hashlib.sha256(blob).hexdigest()
+    weights = directory / f"{name}{WEIGHTS_SUFFIX}"
+    if weights.exists() and sha256_file(weights) != sha:
+        logger.warning("replacing model %s: its SHA-256 changes to %s", weights, sha)
+    card = ModelCard(
+        name=name,
+        arch=model.arch,
+        image_size=model.image_size,
+        latent_dim=model.latent_dim,
+        latent_bits=model.latent_bits,
+        latent_bytes=LatentFormat.from_model(model).nbytes,
+        parameters=count_parameters(model),
+        sha256=sha,
+        description=description,
+        training=dict(training),
+        metrics=dict(metrics),
+    )
+    _atomic_write(weights, blob)
+    _atomic_write(directory / f"{name}{CARD_SUFFIX}", card.to_json().encode())
+    logger.info("saved model %s (%s, sha256 %s)", name, model.arch, sha[:16])
+    return card
+
+
+def _weights_path(name_or_path: str | Path, models_dir: Path | None) -> Path:
+    text = str(name_or_path)
+    if isinstance(name_or_path, Path) or text.endswith(WEIGHTS_SUFFIX) or os.sep in text:
+        return Path(name_or_path)
+    return (models_dir or default_models_dir()) / f"{text}{WEIGHTS_SUFFIX}"
+
+
+def _read_card(weights: Path) -> ModelCard:
+    card_path = weights.with_suffix(CARD_SUFFIX)
+    try:
+        return ModelCard.from_json(card_path.read_text(encoding="utf-8"))
+    except OSError as exc:
+        raise ModelError(f"cannot read model card {card_path}: {exc.strerror}") from exc
+
+
+def load_model(
+    name_or_path: str | Path,
+    *,
+    models_dir: Path | None = None,
+    expected_sha256: str | None = None,
+    device: str = "cpu",
+) -> LoadedModel:
+    """Load and verify a model by name (in ``models_dir``) or by weights path.
+
+    Raises
+    ------
+    ModelHashMismatchError
+        When the weights' SHA-256 differs from the card's or from ``expected_sha256``.
+    ModelError
+        When a file is missing or unreadable, or the card disagrees with the weights.
+    """
+    weights = _weights_path(name_or_path, models_dir)
+    try:
+        blob = weights.read_bytes()
+    except OSError as exc:
+        raise ModelError(f"cannot read model weights {weights}: {exc.strerror}") from exc
+    card = _read_card(weights)
+    sha = hashlib.sha256(blob).hexdigest()
+    if sha != card.sha256.lower():
+        raise ModelHashMismatchError(
+            f"{weights.name}: SHA-256 {sha[:16]}... differs from its card's {card.sha256[:16]}..."
+        )
+    if expected_sha256 is not None and sha != expected_sha256.lower():
+        raise ModelHashMismatchError(
+            f"{weights.name}: SHA-256 {sha[:16]}... is not the expected {expected_sha256[:16]}..."
+        )
+    meta = _metadata(blob)
+    keys = ("arch", "image_size", "latent_dim", "latent_bits")
+    expected = {key: str(getattr(card, key)) for key in keys}
+    if any(meta.get(k) != v for k, v in expected.items()):
+        raise ModelError(f"{weights.name}: weights metadata {meta} disagree with its card")
+    model = build_model(
+        card.arch,
+        image_size=card.image_size,
+        latent_dim=card.latent_dim,
+        latent_bits=card.latent_bits,
+    )
+    try:
+        model.load_state_dict(load_safetensors(blob), strict=True)
+    except (SafetensorError, RuntimeError) as exc:
+        raise ModelError(f"{weights.name}: weights do not fit {card.arch}: {exc}") from exc
+    model.to(torch.device(device)).eval()
+    logger.info("loaded model %s (%s, sha256 %s) on %s", card.name, card.arch, sha[:16], device)
+    return LoadedModel(model, card, LatentFormat.from_model(model), weights)
+
+
+def _cards(directory: Path) -> list[tuple[Path, ModelCard]]:
+    """(weights path, card) of every readable card in ``directory`` that has weights."""
+    found = []
+    for card_path in sorted(directory.glob(f"*{CARD_SUFFIX}")):
+        weights = card_path.with_suffix(WEIGHTS_SUFFIX)
+        if not weights.is_file():
+            continue
+        try:
+            found.append((weights, ModelCard.from_json(card_path.read_text(encoding="utf-8"))))
+        except (ModelError, OSError) as exc:
+            logger.warning("skipping %s: %s", card_path, exc)
+    return found
+
+
+def list_models(models_dir: Path | None = None) -> list[ModelCard]:
+    """Cards of the models in ``models_dir`` that have a weights file, sorted by name.
+
+    Unreadable cards are skipped with a warning; the files are not hashed here.
+    """
+    cards = [card for _, card in _cards(Path(models_dir or default_models_dir()))]
+    return sorted(cards, key=lambda card: card.name)
+
+
+def find_model_by_sha256(sha256: str, models_dir: Path | None = None) -> Path:
+    """The weights file in ``models_dir`` whose content has this SHA-256.
+
+    Candidates come from the cards; the match is confirmed by hashing the file.
+
+    Raises
+    ------
+    ModelError
+        When no model in the directory has that hash.
+    """
+    wanted = sha256.lower()
+    directory = Path(models_dir or default_models_dir())
+    for weights, card in _cards(directory):
+        if card.sha256.lower() == wanted and sha256_file(weights) == wanted:
+            return weights
+    raise ModelError(f"no model with SHA-256 {sha256[:16]}... in {directory}")

@@ -1,0 +1,66 @@
+"""The exact and bounded JPEG-LS streams of the lossless and near-lossless tiers."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from latentpacs.codec.residual import decode_residual, encode_residual
+from latentpacs.errors import PixelDataError
+from latentpacs.phantom import PhantomSpec, render_image
+
+
+def _mammogram_like(bits: int, shape: tuple[int, int] = (96, 80), seed: int = 0) -> np.ndarray:
+    """Stored values of a phantom mammogram, with both ends of the ``bits`` range present."""
+    spec = PhantomSpec(*shape, "MLO", "L", 12, "MONOCHROME2", "FOR PRESENTATION")
+    canonical = render_image(spec, np.random.default_rng(seed))
+    top = (1 << bits) - 1
+    values = np.rint(canonical * top).astype(np.uint16)
+    values[0, 0], values[-1, -1] = 0, top
+    return values
+
+
+@pytest.mark.parametrize("bits", [12, 14, 16])
+def test_lossless_round_trip_is_bit_exact(bits: int) -> None:
+    stored = _mammogram_like(bits)
+    stream = encode_residual(stored, bits, 0)
+    decoded = decode_residual(stream)
+    assert decoded.dtype == np.uint16
+    np.testing.assert_array_equal(decoded, stored)
+    assert len(stream) < stored.nbytes  # it compresses
+
+
+@pytest.mark.parametrize("near", [1, 2, 5])
+def test_near_lossless_error_is_bounded_by_near(near: int) -> None:
+    stored = _mammogram_like(12, seed=near)
+    decoded = decode_residual(encode_residual(stored, 12, near))
+    error = np.abs(decoded.astype(np.int64) - stored.astype(np.int64))
+    assert error.max() <= near
+    assert len(encode_residual(stored, 12, near)) < len(encode_residual(stored, 12, 0))
+
+
+def test_eight_bit_and_tiny_images_round_trip() -> None:
+    rng = np.random.default_rng(3)
+    eight = rng.integers(0, 256, (40, 33), dtype=np.uint16)
+    np.testing.assert_array_equal(decode_residual(encode_residual(eight, 8, 0)), eight)
+    for shape in [(1, 1), (5, 7), (2, 300)]:
+        noise = rng.integers(0, 1 << 16, shape, dtype=np.uint16)
+        np.testing.assert_array_equal(decode_residual(encode_residual(noise, 16, 0)), noise)
+
+
+def test_values_that_do_not_fit_bits_stored_are_refused() -> None:
+    stored = np.full((16, 16), 4096, dtype=np.uint16)
+    with pytest.raises(PixelDataError, match="Bits Stored 12"):
+        encode_residual(stored, 12, 0)
+    with pytest.raises(PixelDataError, match="2-D"):
+        encode_residual(np.zeros((2, 4, 4), np.uint16), 12, 0)
+    with pytest.raises(PixelDataError, match="NEAR"):
+        encode_residual(np.zeros((8, 8), np.uint16), 12, 256)
+
+
+def test_corrupt_stream_raises_pixel_data_error() -> None:
+    stream = encode_residual(_mammogram_like(12), 12, 0)
+    with pytest.raises(PixelDataError):
+        decode_residual(stream[:20])
+    with pytest.raises(PixelDataError):
+        decode_residual(b"not a jpeg-ls stream")
