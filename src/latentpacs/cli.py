@@ -134,7 +134,7 @@ def cmd_inspect(args: argparse.Namespace) -> int:
     status = EXIT_OK
     for path in args.files:
         try:
-            summary = lpz.read_lpz(path).summary()
+            summary = lpz.summary(lpz.read_lpz(path))
         except LatentPacsError as exc:
             print(f"latentpacs: {path}: {exc.message}", file=sys.stderr)
             status = EXIT_PARTIAL

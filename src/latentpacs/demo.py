@@ -15,7 +15,7 @@ from statistics import median
 
 import numpy as np
 
-from latentpacs import lpz, phantom
+from latentpacs import phantom, service
 from latentpacs.codec.engine import Engine, resize_bilinear
 from latentpacs.codec.tiers import Tier
 from latentpacs.evaluate.metrics import PAPER_SIZE, paper_mse
@@ -47,10 +47,10 @@ def run_demo(out: Path, engine: Engine, *, count: int, size: tuple[int, int], se
     rows = []
     for tier in TIERS:
         started = time.perf_counter()
-        encoded = lpz.encode_datasets(datasets, engine, tier)
+        encoded = service.encode_datasets(datasets, engine, tier)
         encode_s = time.perf_counter() - started
         started = time.perf_counter()
-        returned = [lpz.decode_to_dataset(item, engine) for item in encoded]
+        returned = [service.returned_dataset(item, engine) for item in encoded]
         decode_s = time.perf_counter() - started
         target = out / str(tier).replace(":", "-")
         target.mkdir(parents=True, exist_ok=True)
