@@ -179,17 +179,19 @@ def build_returned(
         The original Image Pixel module (PS3.3 C.7.6.3).
     derivation:
         Model, tier and ratio; for ``lossless`` only the pixels are set.
+    """
+    return assemble(header, returned_overrides(header, derivation), stored, module)
 
-    Returns
-    -------
-    Dataset
-        A new data set carrying every attribute of ``header`` plus the pixels and, for the
-        lossy tiers, the derived identity and lossy-compression attributes.
+
+def assemble(header: Dataset, overrides: Dataset, stored: np.ndarray, module: PixelModule) -> Dataset:
+    """The archived header updated with ``overrides``, with pixels and File Meta (PS3.10 7.1).
+
+    The node calls this with the overrides archived at store time, so a C-GET delivers
+    exactly the identity a C-FIND showed.
     """
     ds = Dataset()
     ds.update(header)
-    ds.update(returned_overrides(header, derivation))
-
+    ds.update(overrides)
     meta = FileMetaDataset()
     meta.MediaStorageSOPClassUID = ds.SOPClassUID
     meta.MediaStorageSOPInstanceUID = ds.SOPInstanceUID

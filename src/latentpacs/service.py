@@ -7,18 +7,24 @@ the same pixels and the same derived identity.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+import json
+import logging
+import threading
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 import numpy as np
 from pydicom.dataset import Dataset
 
+from latentpacs.archive import Archive, ArchivedImage, DuplicatePolicy, StoreResult
 from latentpacs.codec.engine import Engine
+from latentpacs.codec.modelfile import find_model_by_sha256, load_model
 from latentpacs.codec.residual import decode_residual, encode_residual
 from latentpacs.codec.tiers import Tier
-from latentpacs.derive import Derivation, build_returned
-from latentpacs.errors import LatentFormatError
+from latentpacs.derive import Derivation, assemble, build_returned, returned_overrides
+from latentpacs.errors import InvalidDicomError, LatentFormatError
 from latentpacs.pixels import (
     PixelModule,
     canonical_to_stored,
@@ -26,6 +32,8 @@ from latentpacs.pixels import (
     stored_to_canonical,
     stored_values,
 )
+
+logger = logging.getLogger(__name__)
 
 
 @dataclass(frozen=True)
@@ -171,3 +179,149 @@ def decode_stored(image: EncodedImage, engine: Engine | None) -> np.ndarray:
 def returned_dataset(image: EncodedImage, engine: Engine | None) -> Dataset:
     """The DICOM object a retrieval returns: derived for lossy tiers, the original for lossless."""
     return build_returned(image.dataset_header(), decode_stored(image, engine), image.module, image.derivation)
+
+
+class EnginePool:
+    """One engine per model, loaded on first use and verified by SHA-256.
+
+    The node encodes with one model but must decode every latent the archive holds,
+    whichever model made it.
+    """
+
+    def __init__(self, primary: Engine, *, models_dir: Path | None, device: str | None) -> None:
+        self.primary = primary
+        self._models_dir = models_dir
+        self._device = device
+        self._engines = {primary.loaded.card.sha256: primary}
+        self._lock = threading.Lock()
+
+    def for_sha256(self, sha256: str) -> Engine:
+        """The engine of the model with this weights hash (loaded and hash-checked once)."""
+        with self._lock:
+            if sha256 not in self._engines:
+                path = find_model_by_sha256(sha256, self._models_dir)
+                loaded = load_model(path, expected_sha256=sha256)
+                self._engines[sha256] = Engine(loaded, device=self._device)
+            return self._engines[sha256]
+
+    def close(self) -> None:
+        """Stop every engine's worker."""
+        with self._lock:
+            for engine in self._engines.values():
+                engine.close()
+            self._engines.clear()
+
+
+class Service:
+    """The node's work, testable without a network.
+
+    ``store`` is pixels -> encode -> archive (one transaction); ``find`` answers from the
+    archive; ``matches`` + ``returned`` are archive -> decode -> derive.
+
+    Parameters
+    ----------
+    archive:
+        The SQL archive (one engine for the process).
+    engines:
+        The inference engines; new images are encoded with ``engines.primary``.
+    tier:
+        The fidelity tier new images are archived at.
+    duplicates:
+        What a re-sent SOP Instance does: keep the first, replace it, or be rejected.
+    """
+
+    def __init__(
+        self,
+        archive: Archive,
+        engines: EnginePool,
+        tier: Tier,
+        *,
+        duplicates: DuplicatePolicy = DuplicatePolicy.KEEP,
+    ) -> None:
+        self.archive = archive
+        self.engines = engines
+        self.tier = tier
+        self.duplicates = duplicates
+        card = engines.primary.loaded.card
+        archive.register_model(
+            sha256=card.sha256, name=card.name, arch=card.arch, card=json.loads(card.to_json())
+        )
+
+    def store(self, ds: Dataset) -> StoreResult:
+        """Archive one received instance (PS3.4 B.2); returns only after the commit.
+
+        Raises
+        ------
+        LatentPacsError
+            The subclass names what is wrong; nothing has been written.
+        """
+        for keyword in ("SOPInstanceUID", "SeriesInstanceUID", "StudyInstanceUID", "SOPClassUID"):
+            if not str(ds.get(keyword, "")).strip():
+                raise InvalidDicomError(f"the data set has no {keyword}")
+        (image,) = encode_datasets([ds], self.engines.primary, self.tier)
+        overrides = returned_overrides(ds, image.derivation)
+        module = image.module
+        archived = ArchivedImage(
+            header=image.header,
+            overrides=overrides.to_json_dict(),
+            tier=str(image.tier),
+            model_sha256=image.model.sha256,
+            latent=image.latent,
+            residual=image.residual,
+            rows=module.rows,
+            columns=module.columns,
+            bits_allocated=module.bits_allocated,
+            bits_stored=module.bits_stored,
+            high_bit=module.high_bit,
+            photometric_interpretation=module.photometric_interpretation,
+            original_transfer_syntax=image.original_transfer_syntax,
+            original_stored_bytes=image.original_stored_bytes,
+        )
+        result = self.archive.store(archived, duplicates=self.duplicates)
+        logger.info("stored %s (%s, %s)", archived.sop_instance_uid, image.tier, result)
+        return result
+
+    def find(self, level: str, identifier: Dataset, *, root: str) -> Iterator[Dataset]:
+        """C-FIND answers (PS3.4 C.4.1) from the archive."""
+        return self.archive.find(level, identifier, root=root)
+
+    def matches(self, level: str, identifier: Dataset, *, root: str) -> list[ArchivedImage]:
+        """The instances a C-GET / C-MOVE identifier selects (PS3.4 C.4.2.2, C.4.3.2)."""
+        return self.archive.match_instances(level, identifier, root=root)
+
+    def returned(self, archived: ArchivedImage) -> Dataset:
+        """Decode one archived instance into the object a retrieval sends.
+
+        Uses the overrides archived at store time, so the identity is the one C-FIND shows.
+        """
+        module = PixelModule(
+            rows=archived.rows,
+            columns=archived.columns,
+            bits_allocated=archived.bits_allocated,
+            bits_stored=archived.bits_stored,
+            high_bit=archived.high_bit,
+            photometric_interpretation=archived.photometric_interpretation,
+        )
+        tier = Tier.parse(archived.tier)
+        engine = None if tier.has_residual else self.engines.for_sha256(archived.model_sha256)
+        card = engine.loaded.card if engine is not None else None
+        image = EncodedImage(
+            tier=tier,
+            model=ModelRef(
+                card.name if card else "",
+                archived.model_sha256,
+                card.arch if card else "",
+                card.latent_dim if card else 0,
+                card.latent_bits if card else 0,
+            ),
+            module=module,
+            original_transfer_syntax=archived.original_transfer_syntax,
+            original_stored_bytes=archived.original_stored_bytes,
+            header=archived.header,
+            latent=archived.latent,
+            residual=archived.residual,
+        )
+        stored = decode_stored(image, engine)
+        return assemble(
+            Dataset.from_json(archived.header), Dataset.from_json(archived.overrides), stored, module
+        )

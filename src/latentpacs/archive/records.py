@@ -1,0 +1,164 @@
+"""What the archive stores and reports: one archived image, and the archive's figures.
+
+An :class:`ArchivedImage` is the unit of one C-STORE (PS3.4 B.2): the sender's data set
+without Pixel Data (PS3.3 C.7.6.3) as DICOM JSON (PS3.18 F.2), the attributes a retrieval
+returns differently (derived identity, PS3.3 C.7.6.1.1.5 Lossy Image Compression), the
+latent and residual bytes of its fidelity tier, and the Image Pixel module figures a
+decoder needs to rebuild the original matrix.
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass, field
+from typing import Any
+
+from latentpacs.errors import InvalidDicomError, TierError
+
+#: The fidelity tiers of DESIGN.md ("Fidelity tiers"), as stored in the archive.
+TIER_PATTERN = re.compile(r"latent|lossless|near-lossless:[1-9][0-9]*")
+
+#: DICOM JSON tags (PS3.18 F.2.1.1) of the three UIDs every archived header must carry.
+SOP_INSTANCE_UID = "00080018"
+SERIES_INSTANCE_UID = "0020000E"
+STUDY_INSTANCE_UID = "0020000D"
+
+
+def first_value(header: dict[str, Any], tag: str) -> str:
+    """The first value of ``tag`` in a DICOM JSON object as text, or ``""`` when absent.
+
+    PN values (PS3.18 F.2.2) give their Alphabetic component group.
+    """
+    element = header.get(tag)
+    if not element:
+        return ""
+    values = element.get("Value") or []
+    if not values or values[0] is None:
+        return ""
+    value = values[0]
+    if isinstance(value, dict):
+        return str(value.get("Alphabetic", ""))
+    return str(value)
+
+
+@dataclass(frozen=True)
+class ArchivedImage:
+    """One archived SOP Instance.
+
+    Parameters
+    ----------
+    header:
+        The original data set without Pixel Data, as DICOM JSON (``Dataset.to_json_dict``,
+        PS3.18 F.2). Its SOP Instance UID (0008,0018) identifies the instance in the archive.
+    overrides:
+        DICOM JSON of the attributes a retrieval returns differently (derived SOP Instance
+        UID, Series Instance UID, Image Type, Lossy Image Compression, PS3.3 C.7.6.1.1.5);
+        empty for the lossless tier. ``header`` updated with ``overrides`` is the *effective
+        header*: what C-FIND answers show and C-GET delivers.
+    tier:
+        ``"latent"``, ``"lossless"`` or ``"near-lossless:K"``.
+    model_sha256:
+        SHA-256 (hex) of the weights file that made the latent; the model must be registered.
+    latent, residual:
+        The codec's bytes; ``residual`` is ``b""`` for the latent tier.
+    rows, columns, bits_allocated, bits_stored, high_bit, photometric_interpretation:
+        The original Image Pixel module (PS3.3 C.7.6.3).
+    original_transfer_syntax:
+        Transfer Syntax UID the sender used (PS3.5 Section 10).
+    original_stored_bytes:
+        Bytes of the Pixel Data as the sender stored it (the numerator of the ratio).
+    """
+
+    header: dict[str, Any]
+    overrides: dict[str, Any]
+    tier: str
+    model_sha256: str
+    latent: bytes
+    residual: bytes
+    rows: int
+    columns: int
+    bits_allocated: int
+    bits_stored: int
+    high_bit: int
+    photometric_interpretation: str
+    original_transfer_syntax: str
+    original_stored_bytes: int
+
+    def __post_init__(self) -> None:
+        if not TIER_PATTERN.fullmatch(self.tier):
+            raise TierError(f"tier {self.tier!r} is not latent, lossless or near-lossless:K")
+        for tag, name in (
+            (SOP_INSTANCE_UID, "SOP Instance UID (0008,0018)"),
+            (SERIES_INSTANCE_UID, "Series Instance UID (0020,000E)"),
+            (STUDY_INSTANCE_UID, "Study Instance UID (0020,000D)"),
+        ):
+            if not first_value(self.header, tag):
+                raise InvalidDicomError(f"the header has no {name}")
+
+    @property
+    def effective_header(self) -> dict[str, Any]:
+        """The header a retrieval returns: ``header`` updated with ``overrides``."""
+        return {**self.header, **self.overrides}
+
+    @property
+    def original_sop_instance_uid(self) -> str:
+        """The SOP Instance UID the sender gave; the archive's identity of the instance."""
+        return first_value(self.header, SOP_INSTANCE_UID)
+
+    @property
+    def sop_instance_uid(self) -> str:
+        """The SOP Instance UID a retrieval returns (derived for lossy tiers)."""
+        return first_value(self.effective_header, SOP_INSTANCE_UID)
+
+    @property
+    def archived_bytes(self) -> int:
+        """Bytes the archive keeps for the pixels: latent plus residual."""
+        return len(self.latent) + len(self.residual)
+
+
+@dataclass(frozen=True)
+class TierStats:
+    """Figures of one fidelity tier.
+
+    ``ratio`` is original Pixel Data bytes over archived bytes (latent + residual);
+    0.0 when nothing is archived.
+    """
+
+    tier: str
+    instances: int
+    original_bytes: int
+    archived_bytes: int
+
+    @property
+    def ratio(self) -> float:
+        """Compression ratio achieved (original / archived)."""
+        return self.original_bytes / self.archived_bytes if self.archived_bytes else 0.0
+
+
+@dataclass(frozen=True)
+class ArchiveStats:
+    """The archive's figures for ``latentpacs archive stats``.
+
+    Entity counts follow the Query/Retrieve information model (PS3.4 C.6.1).
+    """
+
+    patients: int
+    studies: int
+    series: int
+    instances: int
+    tiers: tuple[TierStats, ...] = field(default_factory=tuple)
+
+    @property
+    def original_bytes(self) -> int:
+        """Original Pixel Data bytes over all tiers."""
+        return sum(tier.original_bytes for tier in self.tiers)
+
+    @property
+    def archived_bytes(self) -> int:
+        """Archived bytes (latent + residual) over all tiers."""
+        return sum(tier.archived_bytes for tier in self.tiers)
+
+    @property
+    def ratio(self) -> float:
+        """Overall compression ratio achieved; 0.0 for an empty archive."""
+        return self.original_bytes / self.archived_bytes if self.archived_bytes else 0.0

@@ -1,0 +1,109 @@
+"""Shared fixtures: a real PostgreSQL 15 server for the session, and archive databases.
+
+The server runs from the Debian packages (``postgresql-15``) as user ``postgres`` in a
+temporary directory, listening on 127.0.0.1 at a port the OS picks, with its unix socket
+in the same directory. Missing binaries fail the tests that need it (never skip).
+"""
+
+from __future__ import annotations
+
+import shutil
+import socket
+import subprocess
+import tempfile
+import time
+import uuid
+from collections.abc import Iterator
+from pathlib import Path
+
+import psycopg
+import pytest
+
+PG_BIN = Path("/usr/lib/postgresql/15/bin")
+PG_USER = "postgres"
+START_TIMEOUT_S = 60.0
+
+
+def _as_postgres(*command: str | Path) -> list[str]:
+    return ["runuser", "-u", PG_USER, "--", *map(str, command)]
+
+
+def _free_port() -> int:
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as probe:
+        probe.bind(("127.0.0.1", 0))
+        return int(probe.getsockname()[1])
+
+
+def _admin(port: int) -> psycopg.Connection:
+    return psycopg.connect(host="127.0.0.1", port=port, user=PG_USER, dbname="postgres",
+                           autocommit=True, connect_timeout=5)
+
+
+@pytest.fixture(scope="session")
+def postgres_server() -> Iterator[int]:
+    """Start a throw-away PostgreSQL 15 cluster; yields its port, stops it at session end."""
+    for tool in ("initdb", "postgres", "pg_ctl"):
+        if not (PG_BIN / tool).is_file():
+            pytest.fail(f"{PG_BIN / tool} is required: apt-get install postgresql-15")
+    if shutil.which("runuser") is None:
+        pytest.fail("runuser is required: apt-get install util-linux")
+    root = Path(tempfile.mkdtemp(prefix="latentpacs-pg-"))
+    shutil.chown(root, PG_USER, PG_USER)
+    data = root / "data"
+    subprocess.run(
+        _as_postgres(PG_BIN / "initdb", "-D", data, "-U", PG_USER, "--auth=trust",
+                     "--encoding=UTF8", "--locale=C", "--no-sync"),
+        check=True, capture_output=True, timeout=120,
+    )
+    port = _free_port()
+    log = (root / "server.log").open("wb")
+    server = subprocess.Popen(
+        _as_postgres(PG_BIN / "postgres", "-D", data, "-h", "127.0.0.1", "-p", str(port),
+                     "-k", root, "-c", "fsync=off", "-c", "synchronous_commit=off",
+                     "-c", "full_page_writes=off"),
+        stdout=log, stderr=subprocess.STDOUT,
+    )
+    try:
+        deadline = time.monotonic() + START_TIMEOUT_S
+        while True:
+            try:
+                _admin(port).close()
+                break
+            except psycopg.OperationalError:
+                if server.poll() is not None or time.monotonic() > deadline:
+                    pytest.fail(f"PostgreSQL did not start: {(root / 'server.log').read_text()}")
+                time.sleep(0.2)
+        yield port
+    finally:
+        subprocess.run(_as_postgres(PG_BIN / "pg_ctl", "stop", "-D", data, "-m", "fast", "-w"),
+                       capture_output=True, timeout=60)
+        try:
+            server.wait(timeout=30)
+        except subprocess.TimeoutExpired:
+            server.kill()
+            server.wait(timeout=30)
+        log.close()
+        shutil.rmtree(root, ignore_errors=True)
+
+
+@pytest.fixture(scope="session")
+def postgres_url(postgres_server: int) -> str:
+    """URL of the database ``latentpacs`` on the session's PostgreSQL server."""
+    with _admin(postgres_server) as admin:
+        admin.execute("CREATE DATABASE latentpacs")
+    return f"postgresql+psycopg://{PG_USER}@127.0.0.1:{postgres_server}/latentpacs"
+
+
+@pytest.fixture(params=["sqlite", "postgresql"])
+def archive_url(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[str]:
+    """A fresh, empty archive database per test: a SQLite file, or a new PostgreSQL database."""
+    if request.param == "sqlite":
+        yield f"sqlite:///{tmp_path / 'archive.db'}"
+        return
+    port = request.getfixturevalue("postgres_server")
+    name = f"test_{uuid.uuid4().hex}"
+    with _admin(port) as admin:
+        admin.execute(f'CREATE DATABASE "{name}"')
+    yield f"postgresql+psycopg://{PG_USER}@127.0.0.1:{port}/{name}"
+    with _admin(port) as admin:
+        admin.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
