@@ -50,13 +50,22 @@ def _expand(inputs: Iterable[Path], pattern: str) -> list[Path]:
     return paths
 
 
+#: Command-line flags that override settings: argparse destination -> setting name.
+_FLAG_SETTINGS = {
+    "model": "codec.model",
+    "tier": "codec.tier",
+    "device": "codec.device",
+    "models_dir": "codec.models_dir",
+    "aet": "node.aet",
+    "host": "node.host",
+    "port": "node.port",
+    "database": "archive.database",
+    "data_dir": "archive.data_dir",
+}
+
+
 def _config(args: argparse.Namespace) -> Config:
-    overrides = {
-        "codec.model": getattr(args, "model", None),
-        "codec.tier": getattr(args, "tier", None),
-        "codec.device": getattr(args, "device", None),
-        "codec.models_dir": getattr(args, "models_dir", None),
-    }
+    overrides = {setting: getattr(args, dest, None) for dest, setting in _FLAG_SETTINGS.items()}
     return load_config(args.config, overrides=overrides)
 
 
@@ -217,6 +226,113 @@ def cmd_demo(args: argparse.Namespace) -> int:
     return EXIT_OK
 
 
+def cmd_serve(args: argparse.Namespace) -> int:
+    import signal
+    import threading
+
+    from latentpacs.node.app import start_node
+
+    config = _config(args)
+    node = start_node(config)
+    stop = threading.Event()
+    for signum in (signal.SIGTERM, signal.SIGINT):
+        signal.signal(signum, lambda *_: stop.set())
+    card = node.service.engines.primary.loaded.card
+    print(
+        f"{config['node.aet']} listening on {config['node.host']}:{node.port} "
+        f"(tier {config.tier}, model {card.name} sha256 {card.sha256[:16]}, "
+        f"archive {config.database_url.split('://')[0]})",
+        flush=True,
+    )
+    if args.port_file:
+        args.port_file.write_text(f"{node.port}\n")
+    try:
+        stop.wait()
+    finally:
+        node.stop()
+    return EXIT_OK
+
+
+def cmd_db_upgrade(args: argparse.Namespace) -> int:
+    from latentpacs.archive import upgrade
+
+    config = _config(args)
+    upgrade(config.database_url)
+    print(f"archive schema is up to date ({config.database_url.split('://')[0]})")
+    return EXIT_OK
+
+
+def cmd_archive_stats(args: argparse.Namespace) -> int:
+    from latentpacs.archive import Archive
+
+    config = _config(args)
+    with Archive(config.database_url, blob_dir=Path(config["archive.data_dir"]) / "blobs") as archive:
+        stats = archive.stats()
+    if args.json:
+        print(json.dumps({
+            "patients": stats.patients, "studies": stats.studies, "series": stats.series,
+            "instances": stats.instances, "original_bytes": stats.original_bytes,
+            "archived_bytes": stats.archived_bytes, "ratio": stats.ratio,
+            "tiers": [{"tier": t.tier, "instances": t.instances, "original_bytes": t.original_bytes,
+                       "archived_bytes": t.archived_bytes, "ratio": t.ratio} for t in stats.tiers],
+        }, indent=2))
+        return EXIT_OK
+    print(f"patients {stats.patients}  studies {stats.studies}  series {stats.series}  instances {stats.instances}")
+    print(f"{'tier':<18} {'instances':>9} {'original bytes':>15} {'archived bytes':>15} {'ratio':>10}")
+    for t in stats.tiers:
+        print(f"{t.tier:<18} {t.instances:>9} {t.original_bytes:>15} {t.archived_bytes:>15} {t.ratio:>10.1f}")
+    print(f"{'all':<18} {stats.instances:>9} {stats.original_bytes:>15} {stats.archived_bytes:>15} {stats.ratio:>10.1f}")
+    return EXIT_OK
+
+
+def cmd_archive_verify(args: argparse.Namespace) -> int:
+    from latentpacs.service import open_service
+
+    config = _config(args)
+    service = open_service(config)
+    failed = checked = 0
+    try:
+        total = service.archive.stats().instances
+        with tqdm(total=total, desc="verify", unit="img", disable=None) as bar:
+            for archived in service.archive.iter_images():
+                checked += 1
+                try:
+                    service.returned(archived)
+                except LatentPacsError as exc:
+                    failed += 1
+                    print(f"latentpacs: {archived.sop_instance_uid}: {exc.message}", file=sys.stderr)
+                bar.update(1)
+    finally:
+        service.close()
+    print(f"verified {checked - failed} of {checked} instance(s)")
+    return EXIT_PARTIAL if failed else EXIT_OK
+
+
+def cmd_archive_export(args: argparse.Namespace) -> int:
+    from pydicom.dataset import Dataset
+
+    from latentpacs.service import open_service
+
+    config = _config(args)
+    service = open_service(config)
+    identifier = Dataset()
+    identifier.QueryRetrieveLevel = "STUDY"
+    identifier.StudyInstanceUID = args.study
+    try:
+        matches = service.matches("STUDY", identifier, root="STUDY")
+        if not matches:
+            print(f"latentpacs: error: no archived study {args.study}", file=sys.stderr)
+            return EXIT_ERROR
+        args.out.mkdir(parents=True, exist_ok=True)
+        for archived in tqdm(matches, desc="export", unit="img", disable=None):
+            ds = service.returned(archived)
+            ds.save_as(args.out / f"{ds.SOPInstanceUID}.dcm", enforce_file_format=True)
+    finally:
+        service.close()
+    print(f"exported {len(matches)} instance(s) to {args.out}")
+    return EXIT_OK
+
+
 def cmd_config_show(args: argparse.Namespace) -> int:
     config = _config(args)
     for setting in SETTINGS:
@@ -299,6 +415,43 @@ def build_parser() -> argparse.ArgumentParser:
     codec_flags(p)
     p.set_defaults(func=cmd_demo)
 
+    p = sub.add_parser("serve", help="run the DICOM node")
+    p.add_argument("--aet", help="AE title (default: node.aet, LATENTPACS)")
+    p.add_argument("--host", help="listen address (default: node.host, 0.0.0.0)")
+    p.add_argument("--port", type=int, help="listen port, 0 for any free one (default: 11112)")
+    p.add_argument("--tier", help="latent | lossless | near-lossless:K for new images")
+    p.add_argument("--database", help="SQLAlchemy URL (default: SQLite in the data directory)")
+    p.add_argument("--data-dir", help="data directory (default: ./latentpacs-data)")
+    p.add_argument("--port-file", type=Path, help="write the listening port here once ready")
+    codec_flags(p)
+    p.set_defaults(func=cmd_serve)
+
+    p = sub.add_parser("db", help="the archive database")
+    db = p.add_subparsers(dest="db_command", required=True, metavar="ACTION")
+    p = db.add_parser("upgrade", help="apply the Alembic migrations")
+    p.add_argument("--database", help="SQLAlchemy URL")
+    p.add_argument("--data-dir")
+    p.set_defaults(func=cmd_db_upgrade)
+
+    p = sub.add_parser("archive", help="archive administration")
+    arch = p.add_subparsers(dest="archive_command", required=True, metavar="ACTION")
+    for name, func, text in (
+        ("stats", cmd_archive_stats, "patients, studies, instances, bytes per tier, ratio"),
+        ("verify", cmd_archive_verify, "decode every archived image with its hash-checked model"),
+        ("export", cmd_archive_export, "write a study's returned objects as DICOM files"),
+    ):
+        p = arch.add_parser(name, help=text)
+        p.add_argument("--database", help="SQLAlchemy URL")
+        p.add_argument("--data-dir")
+        if name == "stats":
+            p.add_argument("--json", action="store_true")
+        if name == "export":
+            p.add_argument("--study", required=True, help="Study Instance UID")
+            p.add_argument("--out", type=Path, required=True)
+        if name != "stats":
+            codec_flags(p)
+        p.set_defaults(func=func)
+
     p = sub.add_parser("config", help="settings")
     cfg = p.add_subparsers(dest="config_command", required=True, metavar="ACTION")
     p = cfg.add_parser("show", help="the resolved settings and their environment variables")
@@ -312,10 +465,14 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
     args.argv = argv
+    base = logging.INFO if args.command == "serve" else logging.WARNING
     logging.basicConfig(
-        level=logging.WARNING - 10 * min(args.verbose, 2),
+        level=max(logging.DEBUG, base - 10 * args.verbose),
         format="%(asctime)s %(levelname)s %(name)s: %(message)s",
     )
+    # pynetdicom logs whole identifiers (patient names among them) at INFO: keep it
+    # at WARNING unless asked twice for more.
+    logging.getLogger("pynetdicom").setLevel(logging.DEBUG if args.verbose >= 2 else logging.WARNING)
     try:
         return int(args.func(args))
     except LatentPacsError as exc:

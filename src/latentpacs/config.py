@@ -38,7 +38,13 @@ class Setting:
 SETTINGS: tuple[Setting, ...] = (
     Setting("node.aet", "LATENTPACS", str, "AE title of the node (PS3.8 7.1.1.3)"),
     Setting("node.host", "0.0.0.0", str, "address the node listens on"),
-    Setting("node.port", 11112, int, "TCP port the node listens on"),
+    Setting("node.port", 11112, int, "TCP port the node listens on (0: any free port)"),
+    Setting("node.max_associations", 16, int, "concurrent associations accepted"),
+    Setting("node.max_pdu_size", 262144, int, "largest P-DATA PDU received, bytes (PS3.8 9.3.1)"),
+    Setting("node.network_timeout", 60.0, float, "seconds without network traffic before abort"),
+    Setting("node.acse_timeout", 30.0, float, "seconds to wait for association messages"),
+    Setting("node.dimse_timeout", 60.0, float, "seconds to wait for DIMSE messages"),
+    Setting("node.extra_storage_classes", [], list, "grayscale single-frame SOP Class UIDs accepted besides mammography"),
     Setting("archive.database", "", str, "SQLAlchemy URL; empty: sqlite:///<data_dir>/archive.db"),
     Setting("archive.data_dir", "./latentpacs-data", str, "directory for the SQLite file and blobs"),
     Setting("archive.duplicates", "keep", str, "re-sent instance policy: keep | replace | reject"),
@@ -97,9 +103,9 @@ def _coerce(setting: Setting, value: Any, source: str) -> Any:
             return [v for v in (p.strip() for p in value.split(",")) if v]
         if isinstance(value, list):
             return [str(v) for v in value]
-    elif setting.type is int:
+    elif setting.type in (int, float) and not isinstance(value, bool):
         try:
-            return int(value)
+            return setting.type(value)
         except (TypeError, ValueError):
             pass
     elif setting.type is str and isinstance(value, (str, int, float)):

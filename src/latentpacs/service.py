@@ -23,6 +23,7 @@ from latentpacs.codec.engine import Engine
 from latentpacs.codec.modelfile import find_model_by_sha256, load_model
 from latentpacs.codec.residual import decode_residual, encode_residual
 from latentpacs.codec.tiers import Tier
+from latentpacs.config import Config
 from latentpacs.derive import Derivation, assemble, build_returned, returned_overrides
 from latentpacs.errors import InvalidDicomError, LatentFormatError
 from latentpacs.pixels import (
@@ -281,6 +282,11 @@ class Service:
         logger.info("stored %s (%s, %s)", archived.sop_instance_uid, image.tier, result)
         return result
 
+    def close(self) -> None:
+        """Stop the engines and close the database connections."""
+        self.engines.close()
+        self.archive.dispose()
+
     def find(self, level: str, identifier: Dataset, *, root: str) -> Iterator[Dataset]:
         """C-FIND answers (PS3.4 C.4.1) from the archive."""
         return self.archive.find(level, identifier, root=root)
@@ -325,3 +331,29 @@ class Service:
         return assemble(
             Dataset.from_json(archived.header), Dataset.from_json(archived.overrides), stored, module
         )
+
+
+def open_service(config: Config) -> Service:
+    """Open the archive (applying migrations) and load the configured model.
+
+    The caller closes it with :meth:`Service.close`.
+
+    Raises
+    ------
+    LatentPacsError
+        For an unusable configuration, model or database (named in the message).
+    """
+    data_dir = Path(config["archive.data_dir"])
+    data_dir.mkdir(parents=True, exist_ok=True)
+    archive = Archive(config.database_url, blob_dir=data_dir / "blobs")
+    try:
+        device = config["codec.device"] or None
+        loaded = load_model(config["codec.model"], models_dir=config.models_dir)
+        primary = Engine(loaded, device=device, max_batch=config["codec.max_batch"])
+        engines = EnginePool(primary, models_dir=config.models_dir, device=device)
+        return Service(
+            archive, engines, config.tier, duplicates=DuplicatePolicy(config["archive.duplicates"])
+        )
+    except BaseException:
+        archive.dispose()
+        raise

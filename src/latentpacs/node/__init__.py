@@ -1,0 +1,1 @@
+"""The DICOM node: pynetdicom AE, DIMSE handlers, destinations and access control."""

@@ -1,0 +1,159 @@
+"""The DICOM node: a pynetdicom Application Entity wired to :class:`~latentpacs.service.Service`.
+
+Services (PS3.4): Verification SCP (Annex A), Storage SCP for Digital Mammography X-Ray
+Image Storage For Presentation and For Processing plus configured grayscale classes
+(Annex B), Query/Retrieve SCP (Annex C) in Patient Root and Study Root, FIND, GET (with
+SCP/SCU role selection, PS3.7 D.3.3.4) and MOVE to configured destinations.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+from pydicom.uid import (
+    DeflatedExplicitVRLittleEndian,
+    ExplicitVRBigEndian,
+    ExplicitVRLittleEndian,
+    ImplicitVRLittleEndian,
+    JPEG2000,
+    JPEG2000Lossless,
+    JPEGBaseline8Bit,
+    JPEGExtended12Bit,
+    JPEGLossless,
+    JPEGLosslessSV1,
+    JPEGLSLossless,
+    JPEGLSNearLossless,
+    RLELossless,
+)
+from pynetdicom import AE, evt
+from pynetdicom.sop_class import (
+    PatientRootQueryRetrieveInformationModelFind,
+    PatientRootQueryRetrieveInformationModelGet,
+    PatientRootQueryRetrieveInformationModelMove,
+    StudyRootQueryRetrieveInformationModelFind,
+    StudyRootQueryRetrieveInformationModelGet,
+    StudyRootQueryRetrieveInformationModelMove,
+    Verification,
+)
+
+from latentpacs.config import Config
+from latentpacs.errors import ConfigError
+from latentpacs.node import handlers
+from latentpacs.service import Service, open_service
+
+logger = logging.getLogger(__name__)
+
+#: Digital Mammography X-Ray Image Storage - For Presentation / For Processing (PS3.4 B.5).
+MAMMOGRAPHY_CLASSES = ("1.2.840.10008.5.1.4.1.1.1.2", "1.2.840.10008.5.1.4.1.1.1.2.1")
+
+#: Transfer syntaxes the Storage SCP accepts: every one whose pixel data
+#: :mod:`latentpacs.pixels` decodes (PS3.5 Section 10 and Annex A).
+STORE_TRANSFER_SYNTAXES = (
+    ExplicitVRLittleEndian,
+    ImplicitVRLittleEndian,
+    DeflatedExplicitVRLittleEndian,
+    ExplicitVRBigEndian,
+    JPEGLSLossless,
+    JPEGLSNearLossless,
+    JPEG2000Lossless,
+    JPEG2000,
+    JPEGLosslessSV1,
+    JPEGLossless,
+    JPEGBaseline8Bit,
+    JPEGExtended12Bit,
+    RLELossless,
+)
+
+#: Transfer syntaxes the node sends in (reconstructions are built uncompressed).
+SEND_TRANSFER_SYNTAXES = (ExplicitVRLittleEndian, ImplicitVRLittleEndian)
+
+QUERY_RETRIEVE_CLASSES = (
+    PatientRootQueryRetrieveInformationModelFind,
+    StudyRootQueryRetrieveInformationModelFind,
+    PatientRootQueryRetrieveInformationModelGet,
+    StudyRootQueryRetrieveInformationModelGet,
+    PatientRootQueryRetrieveInformationModelMove,
+    StudyRootQueryRetrieveInformationModelMove,
+)
+
+
+def build_ae(config: Config, storage_classes: Sequence[str]) -> AE:
+    """The Application Entity with the node's presentation contexts and limits."""
+    ae = AE(ae_title=config["node.aet"])
+    ae.add_supported_context(Verification)
+    for sop_class in storage_classes:
+        # scu_role/scp_role: accept a C-GET requestor's proposal to act as Storage SCP.
+        ae.add_supported_context(sop_class, STORE_TRANSFER_SYNTAXES, scu_role=True, scp_role=True)
+        ae.add_requested_context(sop_class, SEND_TRANSFER_SYNTAXES)
+    for sop_class in QUERY_RETRIEVE_CLASSES:
+        ae.add_supported_context(sop_class)
+    allowed = config["security.allowed_calling_aets"]
+    if allowed:
+        ae.require_calling_aet = list(allowed)
+    ae.maximum_associations = config["node.max_associations"]
+    ae.maximum_pdu_size = config["node.max_pdu_size"]
+    ae.network_timeout = config["node.network_timeout"]
+    ae.acse_timeout = config["node.acse_timeout"]
+    ae.dimse_timeout = config["node.dimse_timeout"]
+    return ae
+
+
+@dataclass
+class Node:
+    """A running node: the server and the service it answers from."""
+
+    service: Service
+    server: object
+
+    @property
+    def port(self) -> int:
+        """The TCP port the node listens on (the OS's choice when configured as 0)."""
+        return int(self.server.server_address[1])  # type: ignore[attr-defined]
+
+    def stop(self) -> None:
+        """Stop accepting associations, then release the engines and the database."""
+        self.server.shutdown()  # type: ignore[attr-defined]
+        self.service.close()
+
+
+def start_node(config: Config) -> Node:
+    """Open the service and start listening (PS3.8 association acceptor).
+
+    Raises
+    ------
+    LatentPacsError
+        For an unusable configuration, model or database (named in the message).
+    """
+    service = open_service(config)
+    storage_classes = (*MAMMOGRAPHY_CLASSES, *config["node.extra_storage_classes"])
+    ae = build_ae(config, storage_classes)
+    bound = [
+        (evt.EVT_C_ECHO, handlers.handle_echo),
+        (evt.EVT_C_STORE, handlers.handle_store, [service]),
+        (evt.EVT_C_FIND, handlers.handle_find, [service]),
+        (evt.EVT_C_GET, handlers.handle_get, [service]),
+        (evt.EVT_C_MOVE, handlers.handle_move, [service, config.destinations]),
+    ]
+    try:
+        server = ae.start_server(
+            (config["node.host"], config["node.port"]), block=False, evt_handlers=bound
+        )
+    except OSError as exc:
+        service.close()
+        raise ConfigError(
+            f"cannot listen on {config['node.host']}:{config['node.port']}: {exc.strerror}"
+        ) from exc
+    node = Node(service, server)
+    card = service.engines.primary.loaded.card
+    logger.info(
+        "%s listening on %s:%d, model %s (sha256 %s), tier %s",
+        config["node.aet"],
+        config["node.host"],
+        node.port,
+        card.name,
+        card.sha256[:16],
+        config.tier,
+    )
+    return node

@@ -1,0 +1,162 @@
+"""DIMSE service handlers: thin translations between pynetdicom events and :class:`Service`.
+
+Each handler turns a :class:`~latentpacs.errors.LatentPacsError` into the DIMSE status it
+names and an ErrorComment (PS3.7 C.4), returns right after yielding a failure, and never
+lets an exception reach pynetdicom (which would answer with a bare, comment-less status).
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Iterator, Mapping
+from typing import Any
+
+from pydicom.dataset import Dataset
+from pynetdicom import events as evt
+
+from latentpacs.config import Destination
+from latentpacs.errors import InvalidIdentifierError, LatentPacsError, Status
+from latentpacs.service import Service
+
+logger = logging.getLogger(__name__)
+
+#: Query/Retrieve information models by SOP Class UID (PS3.4 C.6): the root of each.
+ROOTS = {
+    "1.2.840.10008.5.1.4.1.2.1.1": "PATIENT",  # Patient Root Q/R - FIND
+    "1.2.840.10008.5.1.4.1.2.1.2": "PATIENT",  # Patient Root Q/R - MOVE
+    "1.2.840.10008.5.1.4.1.2.1.3": "PATIENT",  # Patient Root Q/R - GET
+    "1.2.840.10008.5.1.4.1.2.2.1": "STUDY",  # Study Root Q/R - FIND
+    "1.2.840.10008.5.1.4.1.2.2.2": "STUDY",  # Study Root Q/R - MOVE
+    "1.2.840.10008.5.1.4.1.2.2.3": "STUDY",  # Study Root Q/R - GET
+}
+
+#: Status for a failure that is not a LatentPacsError: PS3.7 C.5.4 Processing Failure.
+PROCESSING_FAILURE = 0x0110
+
+
+def failure(status: int, comment: str) -> Dataset:
+    """A status data set with Status and ErrorComment (PS3.7 C.4, (0000,0900)/(0000,0902))."""
+    ds = Dataset()
+    ds.Status = int(status)
+    ds.ErrorComment = " ".join(comment.split())[:64]
+    return ds
+
+
+def _from_error(exc: LatentPacsError) -> Dataset:
+    return failure(exc.status, exc.error_comment)
+
+
+def _level_and_root(event: evt.Event) -> tuple[str, str, Dataset]:
+    """The Query/Retrieve Level, information model root and identifier of a request."""
+    root = ROOTS.get(str(event.request.AffectedSOPClassUID))
+    if root is None:
+        raise InvalidIdentifierError(
+            f"SOP Class {event.request.AffectedSOPClassUID} is not a supported Q/R model"
+        )
+    try:
+        identifier = event.identifier
+    except Exception as exc:  # pynetdicom raises on an undecodable identifier
+        raise InvalidIdentifierError(f"identifier cannot be decoded: {exc}") from exc
+    level = str(identifier.get("QueryRetrieveLevel", "")).strip()
+    return level, root, identifier
+
+
+def handle_echo(event: evt.Event) -> int:
+    """C-ECHO (PS3.4 A.4): always Success."""
+    return int(Status.SUCCESS)
+
+
+def handle_store(event: evt.Event, service: Service) -> int | Dataset:
+    """C-STORE SCP (PS3.4 B.2.2): Success only after the archive committed the instance."""
+    try:
+        ds = event.dataset
+        ds.file_meta = event.file_meta
+    except Exception as exc:  # an undecodable data set from the peer
+        logger.warning("C-STORE from %s: data set cannot be decoded: %s", event.assoc.requestor.ae_title, exc)
+        return failure(Status.CANNOT_UNDERSTAND, f"data set cannot be decoded: {exc}")
+    requested_class = str(event.request.AffectedSOPClassUID)
+    if str(ds.get("SOPClassUID", "")) != requested_class:
+        return failure(
+            Status.DATASET_DOES_NOT_MATCH_SOP_CLASS,
+            f"SOP Class UID {ds.get('SOPClassUID', '(none)')} differs from the request's",
+        )
+    try:
+        service.store(ds)
+    except LatentPacsError as exc:
+        logger.warning("C-STORE refused: %s", exc.message)
+        return _from_error(exc)
+    except Exception as exc:
+        logger.exception("C-STORE failed")
+        return failure(PROCESSING_FAILURE, f"internal error: {exc.__class__.__name__}")
+    return int(Status.SUCCESS)
+
+
+def handle_find(event: evt.Event, service: Service) -> Iterator[tuple[Any, Dataset | None]]:
+    """C-FIND SCP (PS3.4 C.4.1.3): one Pending answer per matching entity, then Success."""
+    try:
+        level, root, identifier = _level_and_root(event)
+        for answer in service.find(level, identifier, root=root):
+            if event.is_cancelled:
+                yield Status.CANCEL, None
+                return
+            yield Status.PENDING, answer
+    except LatentPacsError as exc:
+        logger.warning("C-FIND refused: %s", exc.message)
+        yield _from_error(exc), None
+        return
+    except Exception as exc:
+        logger.exception("C-FIND failed")
+        yield failure(Status.UNABLE_TO_PROCESS, f"internal error: {exc.__class__.__name__}"), None
+        return
+    yield Status.SUCCESS, None
+
+
+def _send(event: evt.Event, service: Service, matches: list) -> Iterator[tuple[Any, Dataset | None]]:
+    """Decode and yield each matched instance as a Pending sub-operation (PS3.4 C.4.2.3/C.4.3.3)."""
+    for archived in matches:
+        if event.is_cancelled:
+            yield Status.CANCEL, None
+            return
+        try:
+            ds = service.returned(archived)
+        except LatentPacsError as exc:
+            logger.warning("cannot decode %s: %s", archived.sop_instance_uid, exc.message)
+            yield _from_error(exc), None
+            return
+        yield Status.PENDING, ds
+
+
+def handle_get(event: evt.Event, service: Service) -> Iterator[Any]:
+    """C-GET SCP (PS3.4 C.4.3.3): the sub-operation count, then one C-STORE per instance."""
+    try:
+        level, root, identifier = _level_and_root(event)
+        matches = service.matches(level, identifier, root=root)
+    except LatentPacsError as exc:
+        logger.warning("C-GET refused: %s", exc.message)
+        yield 0
+        yield _from_error(exc), None
+        return
+    yield len(matches)
+    yield from _send(event, service, matches)
+
+
+def handle_move(
+    event: evt.Event, service: Service, destinations: Mapping[str, Destination]
+) -> Iterator[Any]:
+    """C-MOVE SCP (PS3.4 C.4.2.3): only to configured destinations, then one C-STORE per instance."""
+    destination = destinations.get(str(event.move_destination).strip())
+    if destination is None:
+        logger.warning("C-MOVE to unknown destination %r refused", event.move_destination)
+        yield None, None  # pynetdicom answers Move Destination Unknown (0xA801)
+        return
+    yield destination.host, destination.port
+    try:
+        level, root, identifier = _level_and_root(event)
+        matches = service.matches(level, identifier, root=root)
+    except LatentPacsError as exc:
+        logger.warning("C-MOVE refused: %s", exc.message)
+        yield 0
+        yield _from_error(exc), None
+        return
+    yield len(matches)
+    yield from _send(event, service, matches)
