@@ -205,6 +205,7 @@ def cmd_train(args: argparse.Namespace) -> int:
         device=args.device,
         command="latentpacs " + shlex.join(args.argv),
         cache_dir=args.cache_dir,
+        data_note=args.data_note or "",
     )
     result = train(config)
     card = result.card
@@ -404,6 +405,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--resume", action="store_true", help="continue from OUT.checkpoints/last.pt")
     p.add_argument("--device", help="torch device (default: cuda if available, else cpu)")
     p.add_argument("--cache-dir", type=Path, help="keep decoded, resized images here")
+    p.add_argument("--data-note", help="where the data came from (recorded in the card)")
     p.add_argument("--out", type=Path, required=True, help="models/NAME: writes NAME.safetensors + NAME.json")
     p.set_defaults(func=cmd_train)
 

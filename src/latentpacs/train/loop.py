@@ -66,6 +66,7 @@ class TrainConfig:
     device: str | None = None
     command: str = ""
     cache_dir: Path | None = None
+    data_note: str = ""          # where the data came from, e.g. the demo-data command
 
     def __post_init__(self) -> None:
         for name in ("epochs", "batch_size", "image_size", "latent_dim", "latent_bits"):
@@ -284,6 +285,7 @@ def _export(
     training = {
         "command": config.command,
         "data_dirs": [str(d) for d in config.data_dirs],
+        "data_note": config.data_note,
         "train_images": len(train_ds),
         "train_patients": len(train_ds.patients),
         "val_images": len(val_ds),
