@@ -245,8 +245,10 @@ def cmd_serve(args: argparse.Namespace) -> int:
         f"archive {config.database_url.split('://')[0]})",
         flush=True,
     )
-    if args.port_file:
-        args.port_file.write_text(f"{node.port}\n")
+    if args.port_file:  # written whole, then renamed: a reader never sees half a port
+        partial = args.port_file.with_name(args.port_file.name + ".partial")
+        partial.write_text(f"{node.port}\n")
+        partial.replace(args.port_file)
     try:
         stop.wait()
     finally:
