@@ -126,15 +126,25 @@ def _send(event: evt.Event, service: Service, matches: list) -> Iterator[tuple[A
         yield Status.PENDING, ds
 
 
+def _refuse_retrieve(exc: LatentPacsError, service_name: str) -> Iterator[Any]:
+    """Answer a C-GET/C-MOVE whose identifier is refused: failure status + ErrorComment.
+
+    pynetdicom answers a sub-operation count of 0 with Success at once, so the refusal is
+    announced as one sub-operation that then fails (PS3.4 C.4.2.3.1 lets a failure
+    response carry the failed count); the peer sees the status and the comment.
+    """
+    logger.warning("%s refused: %s", service_name, exc.message)
+    yield 1
+    yield _from_error(exc), None
+
+
 def handle_get(event: evt.Event, service: Service) -> Iterator[Any]:
     """C-GET SCP (PS3.4 C.4.3.3): the sub-operation count, then one C-STORE per instance."""
     try:
         level, root, identifier = _level_and_root(event)
         matches = service.matches(level, identifier, root=root)
     except LatentPacsError as exc:
-        logger.warning("C-GET refused: %s", exc.message)
-        yield 0
-        yield _from_error(exc), None
+        yield from _refuse_retrieve(exc, "C-GET")
         return
     yield len(matches)
     yield from _send(event, service, matches)
@@ -154,9 +164,7 @@ def handle_move(
         level, root, identifier = _level_and_root(event)
         matches = service.matches(level, identifier, root=root)
     except LatentPacsError as exc:
-        logger.warning("C-MOVE refused: %s", exc.message)
-        yield 0
-        yield _from_error(exc), None
+        yield from _refuse_retrieve(exc, "C-MOVE")
         return
     yield len(matches)
     yield from _send(event, service, matches)

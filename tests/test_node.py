@@ -1,0 +1,244 @@
+"""The node driven by real peers: DCMTK's SCUs and storescp, on SQLite and PostgreSQL.
+
+Every test starts ``latentpacs serve`` on an OS-assigned loopback port (polled with
+C-ECHO) with the shipped ``ae`` model, and stops it by PID.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterator
+from pathlib import Path
+
+import numpy as np
+import pydicom
+import pytest
+
+from dicomtools import dciodvfy_errors
+from latentpacs import phantom
+from latentpacs.derive import METHOD_LATENT
+from latentpacs.errors import Status
+from netpeers import (
+    NodeProcess,
+    echoscu,
+    final_response,
+    dimse_responses,
+    findscu,
+    getscu,
+    movescu,
+    start_node,
+    start_storescp,
+    storescu,
+)
+
+SIZE = (256, 208)
+#: 8 images: 2 patients x 2 studies x 2 images (one series each).
+COUNT = 8
+
+
+@pytest.fixture(scope="module")
+def phantoms(tmp_path_factory: pytest.TempPathFactory) -> list[Path]:
+    return phantom.generate(
+        tmp_path_factory.mktemp("phantoms"), COUNT, seed=11, size=SIZE, images_per_study=2
+    )
+
+
+def write_config(directory: Path, database: str, **sections: dict[str, object]) -> Path:
+    """A node TOML file: data under ``directory``, the given database, extra sections."""
+    body = {
+        "node": {"aet": "LATENTPACS", "host": "127.0.0.1"},
+        "archive": {"database": database, "data_dir": str(directory / "data")},
+        "codec": {"model": "ae", "tier": "latent"},
+    }
+    for section, values in sections.items():
+        body.setdefault(section, {}).update(values)
+    lines = []
+    for section, values in body.items():
+        lines.append(f"[{section}]")
+        for key, value in values.items():
+            if isinstance(value, str):
+                lines.append(f'{key} = "{value}"')
+            elif isinstance(value, list):
+                lines.append(f"{key} = [" + ", ".join(f'"{v}"' for v in value) + "]")
+            else:
+                lines.append(f"{key} = {value}")
+    config = directory / "node.toml"
+    config.write_text("\n".join(lines) + "\n")
+    return config
+
+
+@pytest.fixture
+def node_factory(tmp_path: Path) -> Iterator[Callable[..., NodeProcess]]:
+    started: list[NodeProcess] = []
+
+    def make(database: str, **sections: dict[str, object]) -> NodeProcess:
+        config = write_config(tmp_path, database, **sections)
+        node = start_node(config)
+        started.append(node)
+        return node
+
+    yield make
+    for node in started:
+        node.stop()
+
+
+def ok_statuses(proc) -> list[int]:
+    return [r.status for r in dimse_responses(proc)]
+
+
+def test_store_find_get_and_restart(archive_url, node_factory, phantoms, tmp_path) -> None:
+    node = node_factory(archive_url)
+    stored = storescu(node.port, node.aet, phantoms)
+    assert ok_statuses(stored) == [Status.SUCCESS] * COUNT
+
+    studies = findscu(node.port, node.aet, "STUDY", {"StudyInstanceUID": "", "PatientName": "", "NumberOfStudyRelatedInstances": ""})
+    assert studies.final.status == Status.SUCCESS
+    assert len(studies.datasets) == 4
+    assert {int(ds.NumberOfStudyRelatedInstances) for ds in studies.datasets} == {2}
+    assert len(findscu(node.port, node.aet, "PATIENT", {"PatientID": ""}, root="PATIENT").datasets) == 2
+    assert len(findscu(node.port, node.aet, "SERIES", {"SeriesInstanceUID": ""}).datasets) == 4
+    images = findscu(node.port, node.aet, "IMAGE", {"SOPInstanceUID": "", "SeriesInstanceUID": "", "StudyInstanceUID": ""})
+    assert len(images.datasets) == COUNT
+    originals = {pydicom.dcmread(p).SOPInstanceUID for p in phantoms}
+    shown = {ds.SOPInstanceUID for ds in images.datasets}
+    assert not shown & originals, "C-FIND must show the derived identity of the latent tier"
+
+    study_uid = pydicom.dcmread(phantoms[0]).StudyInstanceUID
+    got = getscu(node.port, node.aet, "STUDY", {"StudyInstanceUID": study_uid}, tmp_path / "get")
+    assert got.final.status == Status.SUCCESS
+    assert (got.final.completed, got.final.failed) == (2, 0)
+    assert len(got.files) == 2
+    find_identity = {(ds.SOPInstanceUID, ds.SeriesInstanceUID) for ds in images.datasets if ds.StudyInstanceUID == study_uid}
+    for path in got.files:
+        ds = pydicom.dcmread(path)
+        assert (ds.SOPInstanceUID, ds.SeriesInstanceUID) in find_identity
+        assert ds.LossyImageCompression == "01"
+        assert ds.LossyImageCompressionMethod == METHOD_LATENT
+        assert list(ds.ImageType[:2]) == ["DERIVED", "SECONDARY"]
+        assert ds.DerivationCodeSequence[0].CodeValue == "113040"
+        assert ds.SourceImageSequence[0].ReferencedSOPInstanceUID in originals
+        assert ds.SourceImageSequence[0].PurposeOfReferenceCodeSequence[0].CodeValue == "121320"
+        assert (ds.Rows, ds.Columns) == SIZE
+        assert dciodvfy_errors(path) == []
+
+    # Data survive a restart of the node.
+    node.stop()
+    again = node_factory(archive_url)
+    assert len(findscu(again.port, again.aet, "IMAGE", {"SOPInstanceUID": ""}).datasets) == COUNT
+    regot = getscu(again.port, again.aet, "STUDY", {"StudyInstanceUID": study_uid}, tmp_path / "regot")
+    assert sorted(p.name for p in regot.files) == sorted(p.name for p in got.files)
+
+
+def test_matching_types(node_factory, phantoms, tmp_path) -> None:
+    node = node_factory(f"sqlite:///{tmp_path / 'a.db'}")
+    storescu(node.port, node.aet, phantoms)
+    first = pydicom.dcmread(phantoms[0])
+    other_study = next(
+        pydicom.dcmread(p).StudyInstanceUID for p in phantoms
+        if pydicom.dcmread(p).PatientID != first.PatientID
+    )
+
+    def count(level: str, keys: dict[str, str], root: str = "STUDY") -> int:
+        result = findscu(node.port, node.aet, level, keys, root=root)
+        assert result.final.status == Status.SUCCESS
+        return len(result.datasets)
+
+    assert count("STUDY", {"PatientID": first.PatientID}) == 2  # single value
+    assert count("STUDY", {"PatientName": "phantom^*"}) == 4  # wildcard, PN case-insensitive
+    assert count("STUDY", {"PatientID": "LP000?"}) == 4  # single-character wildcard
+    assert count("STUDY", {"PatientID": "NOBODY"}) == 0
+    assert count("STUDY", {"StudyInstanceUID": f"{first.StudyInstanceUID}\\{other_study}"}) == 2  # UID list
+    assert count("STUDY", {"StudyDate": ""}) == 4  # universal
+    dates = sorted({pydicom.dcmread(p).StudyDate for p in phantoms})
+    assert count("STUDY", {"StudyDate": f"{dates[0]}-{dates[0]}"}) == sum(
+        1 for d in {(pydicom.dcmread(p).StudyInstanceUID, pydicom.dcmread(p).StudyDate) for p in phantoms} if d[1] == dates[0]
+    )
+    assert count("STUDY", {"StudyDate": "-19000101"}) == 0  # open range
+    assert count("STUDY", {"StudyDate": "19000101-"}) == 4
+    assert count("IMAGE", {"PatientID": first.PatientID, "SOPInstanceUID": ""}, root="PATIENT") == 4
+    answer = findscu(node.port, node.aet, "STUDY", {"StudyInstanceUID": first.StudyInstanceUID, "PatientBirthDate": "", "StudyDescription": "", "AccessionNumber": ""})
+    (ds,) = answer.datasets
+    assert ds.PatientBirthDate == first.PatientBirthDate  # optional keys filled from the headers
+    assert ds.get("StudyDescription", "") == first.get("StudyDescription", "")
+
+
+def test_bad_identifiers_are_refused_and_the_node_keeps_serving(node_factory, phantoms, tmp_path) -> None:
+    node = node_factory(f"sqlite:///{tmp_path / 'a.db'}")
+    storescu(node.port, node.aet, phantoms[:2])
+    bad_level = findscu(node.port, node.aet, "PATIENT", {"PatientID": ""}, root="STUDY")
+    assert bad_level.final.status == Status.IDENTIFIER_DOES_NOT_MATCH_SOP_CLASS
+    assert bad_level.final.error_comment
+    no_level = findscu(node.port, node.aet, "FRAME", {"PatientID": ""})
+    assert no_level.final.status == Status.IDENTIFIER_DOES_NOT_MATCH_SOP_CLASS
+    bad_get = getscu(node.port, node.aet, "STUDY", {"PatientID": "LP0001"}, tmp_path / "g")  # no Study UID
+    assert bad_get.final.status != Status.SUCCESS and bad_get.final.error_comment
+    assert not bad_get.files
+    assert echoscu(node.port, node.aet).returncode == 0
+    assert len(findscu(node.port, node.aet, "IMAGE", {"SOPInstanceUID": ""}).datasets) == 2
+
+
+def test_bad_store_is_refused_with_a_comment(node_factory, phantoms, tmp_path) -> None:
+    node = node_factory(f"sqlite:///{tmp_path / 'a.db'}")
+    truncated = tmp_path / "truncated.dcm"
+    ds = pydicom.dcmread(phantoms[0])
+    ds.SOPInstanceUID = "2.25.1"
+    ds.PixelData = ds.PixelData[: len(ds.PixelData) // 2]
+    ds.save_as(truncated)
+    result = storescu(node.port, node.aet, [truncated, phantoms[1]], extra=["-nh"])
+    first, second = dimse_responses(result)
+    assert first.status == Status.CANNOT_UNDERSTAND and "Pixel Data" in (first.error_comment or "")
+    assert second.status == Status.SUCCESS
+    answers = findscu(node.port, node.aet, "IMAGE", {"SOPInstanceUID": ""}).datasets
+    assert len(answers) == 1  # nothing of the refused image was stored
+
+
+@pytest.mark.parametrize("policy", ["keep", "reject", "replace"])
+def test_duplicate_policy(node_factory, phantoms, tmp_path, policy) -> None:
+    node = node_factory(f"sqlite:///{tmp_path / 'a.db'}", archive={"duplicates": policy})
+    assert final_response(storescu(node.port, node.aet, phantoms[:1])).status == Status.SUCCESS
+    again = final_response(storescu(node.port, node.aet, phantoms[:1]))
+    if policy == "reject":
+        assert again.status == Status.DUPLICATE_REJECTED and again.error_comment
+    else:
+        assert again.status == Status.SUCCESS
+    assert len(findscu(node.port, node.aet, "IMAGE", {"SOPInstanceUID": ""}).datasets) == 1
+
+
+def test_lossless_tier_is_bit_exact_with_original_identity(archive_url, node_factory, phantoms, tmp_path) -> None:
+    node = node_factory(archive_url, codec={"tier": "lossless"})
+    storescu(node.port, node.aet, phantoms)
+    by_uid = {pydicom.dcmread(p).SOPInstanceUID: pydicom.dcmread(p) for p in phantoms}
+    found = findscu(node.port, node.aet, "IMAGE", {"SOPInstanceUID": ""}).datasets
+    assert {ds.SOPInstanceUID for ds in found} == set(by_uid)
+    got = getscu(node.port, node.aet, "PATIENT", {"PatientID": "LP0001"}, tmp_path / "get", root="PATIENT")
+    assert got.final.failed == 0 and got.files
+    for path in got.files:
+        ds = pydicom.dcmread(path)
+        original = by_uid[ds.SOPInstanceUID]
+        assert ds.SeriesInstanceUID == original.SeriesInstanceUID
+        assert ds.get("LossyImageCompression") == original.get("LossyImageCompression")
+        np.testing.assert_array_equal(ds.pixel_array, original.pixel_array)
+
+
+def test_move_to_configured_destination_only(node_factory, phantoms, tmp_path) -> None:
+    with start_storescp(tmp_path / "received", aet="VIEWER") as viewer:
+        node = node_factory(
+            f"sqlite:///{tmp_path / 'a.db'}",
+            **{"destinations.VIEWER": {"host": "127.0.0.1", "port": viewer.port}},
+        )
+        storescu(node.port, node.aet, phantoms)
+        study_uid = pydicom.dcmread(phantoms[0]).StudyInstanceUID
+        moved = movescu(node.port, node.aet, "STUDY", {"StudyInstanceUID": study_uid}, "VIEWER")
+        final = final_response(moved)
+        assert final.status == Status.SUCCESS and (final.completed, final.failed) == (2, 0)
+        files = viewer.files()
+        assert len(files) == 2
+        assert all(pydicom.dcmread(f).LossyImageCompression == "01" for f in files)
+        unknown = final_response(movescu(node.port, node.aet, "STUDY", {"StudyInstanceUID": study_uid}, "STRANGER"))
+        assert unknown.status == Status.MOVE_DESTINATION_UNKNOWN
+        assert len(viewer.files()) == 2
+
+
+def test_calling_ae_title_access_control(node_factory, tmp_path) -> None:
+    node = node_factory(f"sqlite:///{tmp_path / 'a.db'}", security={"allowed_calling_aets": ["ECHOSCU", "FRIEND"]})
+    assert echoscu(node.port, node.aet, calling="FRIEND").returncode == 0
+    assert echoscu(node.port, node.aet, calling="STRANGER").returncode != 0
