@@ -1,0 +1,128 @@
+"""The JPEG baseline as DICOM objects, so a viewer shows it beside the reconstructions.
+
+Each object is the original data set with JPEG Baseline pixel data (PS3.5 A.4.1,
+transfer syntax 1.2.840.10008.1.2.4.50, one fragment per frame) holding exactly the
+stream the evaluator measured, and the lossy-compression conventions of
+:mod:`latentpacs.derive`: new deterministic SOP Instance and Series Instance UIDs
+(:func:`~latentpacs.derive.derived_uid`), Image Type DERIVED\\SECONDARY, Lossy Image
+Compression 01 with ratio and method ISO_10918_1 (PS3.3 C.7.6.1.1.5), a Derivation
+Description and Code Sequence (DCM 113040) and a Source Image Sequence naming the
+original (DCM 121320; PS3.3 C.7.6.1.1.3-4).
+
+The JPEG codes the canonical image at 8 bits (MONOCHROME2, bright = dense), so the Image
+Pixel module becomes 8 bits MONOCHROME2, Presentation LUT Shape IDENTITY, Pixel Intensity
+Relationship Sign -1 (PS3.3 C.8.11.3.1.2) and any window is mapped to the 8-bit scale.
+"""
+
+from __future__ import annotations
+
+import copy
+import logging
+
+from pydicom.dataset import Dataset, FileMetaDataset
+from pydicom.encaps import encapsulate
+from pydicom.multival import MultiValue
+from pydicom.uid import JPEGBaseline8Bit
+
+from latentpacs.derive import IMPLEMENTATION_CLASS_UID, IMPLEMENTATION_VERSION_NAME, derived_uid
+from latentpacs.pixels import MONOCHROME1, PixelModule
+
+logger = logging.getLogger(__name__)
+
+#: Lossy Image Compression Method (0028,2114) defined term for JPEG (PS3.3 C.7.6.1.1.5.1).
+METHOD_JPEG = "ISO_10918_1"
+_PIXEL_DATA = 0x7FE00010
+_VOI_LUT_ONLY = ("VOILUTSequence", "VOILUTFunction", "WindowCenterWidthExplanation")
+
+
+def _code(value: str, meaning: str) -> Dataset:
+    item = Dataset()
+    item.CodeValue, item.CodingSchemeDesignator, item.CodeMeaning = value, "DCM", meaning
+    return item
+
+
+def _strings(value: object) -> list[str]:
+    if value is None or value == "":
+        return []
+    return [str(v) for v in value] if isinstance(value, (list, MultiValue)) else [str(value)]
+
+
+def _values(value: object) -> list[float]:
+    if value is None or value == "":
+        return []
+    items = list(value) if isinstance(value, (list, MultiValue)) else [value]
+    return [float(v) for v in items]  # type: ignore[arg-type]
+
+
+def _map_window(original: Dataset, module: PixelModule) -> tuple[list[float], list[float]]:
+    """Window Center/Width (PS3.3 C.11.2.1.2) moved from stored values to the 8-bit scale."""
+    scale = 255.0 / module.max_value
+    centers = _values(original.get("WindowCenter"))
+    widths = _values(original.get("WindowWidth"))
+    if module.photometric_interpretation == MONOCHROME1:  # canonical inverts MONOCHROME1
+        centers = [module.max_value - c for c in centers]
+    return [round(c * scale, 2) for c in centers], [max(1.0, round(w * scale, 2)) for w in widths]
+
+
+def jpeg_dataset(original: Dataset, stream: bytes, quality: int, original_bytes: int) -> Dataset:
+    """Build the DICOM object carrying the JPEG baseline ``stream`` of ``original``.
+
+    Parameters
+    ----------
+    original:
+        The source image's data set; it is not modified.
+    stream:
+        The JPEG (ISO/IEC 10918-1 baseline, 8-bit grayscale) of its canonical image.
+    quality:
+        The JPEG quality used, named in the derivation and the series.
+    original_bytes:
+        Size of the original Pixel Data, the numerator of the compression ratio.
+    """
+    module = PixelModule.from_dataset(original)
+    tag = f"jpeg-q{quality}"
+    ds = Dataset()
+    for element in original:  # copies: setting a value must never change ``original``
+        if element.tag != _PIXEL_DATA:
+            ds.add(copy.deepcopy(element))
+    ds.SOPInstanceUID = derived_uid(str(original.SOPInstanceUID), "sop", tag, str(original.SOPClassUID))
+    ds.SeriesInstanceUID = derived_uid(str(original.SeriesInstanceUID), "series", tag, str(original.SOPClassUID))
+    ds.SeriesDescription = f"JPEG q{quality} baseline (latentpacs evaluate)"
+    ratio = original_bytes / max(len(stream), 1)
+    ds.LossyImageCompression = "01"
+    # earlier lossy steps of the original are kept, this one appended (PS3.3 C.7.6.1.1.5.2)
+    ds.LossyImageCompressionRatio = _strings(original.get("LossyImageCompressionRatio")) + [f"{ratio:.6g}"[:16]]
+    ds.LossyImageCompressionMethod = _strings(original.get("LossyImageCompressionMethod")) + [METHOD_JPEG]
+    ds.ImageType = ["DERIVED", "SECONDARY", *[str(v) for v in original.get("ImageType", [])][2:]]
+    ds.DerivationDescription = (
+        f"latentpacs evaluate: JPEG baseline quality {quality} of the image scaled to 8 bits; "
+        f"ratio {ratio:.1f}:1"
+    )
+    ds.DerivationCodeSequence = [_code("113040", "Lossy Compression")]
+    source = Dataset()
+    source.ReferencedSOPClassUID = original.SOPClassUID
+    source.ReferencedSOPInstanceUID = original.SOPInstanceUID
+    source.PurposeOfReferenceCodeSequence = [_code("121320", "Uncompressed predecessor")]
+    ds.SourceImageSequence = [source]
+
+    PixelModule(module.rows, module.columns, 8, 8, 7, "MONOCHROME2").apply_to(ds)
+    for keyword in _VOI_LUT_ONLY:
+        if keyword in ds:
+            delattr(ds, keyword)
+    if "WindowCenter" in original and "WindowWidth" in original:
+        ds.WindowCenter, ds.WindowWidth = _map_window(original, module)
+    if "PresentationLUTShape" in ds:
+        ds.PresentationLUTShape = "IDENTITY"
+    if "PixelIntensityRelationshipSign" in ds:
+        ds.PixelIntensityRelationshipSign = -1
+    ds.PixelData = encapsulate([stream])
+    ds["PixelData"].VR = "OB"
+
+    meta = FileMetaDataset()
+    meta.MediaStorageSOPClassUID = ds.SOPClassUID
+    meta.MediaStorageSOPInstanceUID = ds.SOPInstanceUID
+    meta.TransferSyntaxUID = JPEGBaseline8Bit
+    meta.ImplementationClassUID = IMPLEMENTATION_CLASS_UID
+    meta.ImplementationVersionName = IMPLEMENTATION_VERSION_NAME
+    ds.file_meta = meta
+    ds.set_original_encoding(False, True)
+    return ds

@@ -1,0 +1,299 @@
+"""``latentpacs evaluate``: every model, JPEG and the classic lossless coders on the same images.
+
+For each image the original is read once through :mod:`latentpacs.pixels`, then
+
+* each model archives it at the ``latent`` tier through the product's own chain
+  (:func:`latentpacs.service.encode_datasets` -> :func:`~latentpacs.service.decode_stored`);
+* JPEG at the paper's setting (8 bits, quality ``jpeg_quality``) is coded and decoded, and
+  written as a DICOM series (:mod:`~latentpacs.evaluate.jpeg_series`);
+* the first model archives it at each further fidelity tier (latent + residual);
+* JPEG-LS, JPEG 2000 and JPEG-XL code it losslessly at the native bit depth;
+* JPEG (over qualities) and JPEG 2000 (over target PSNRs) trace rate-distortion curves.
+
+Every codec's reconstruction is measured against the original the same way
+(:mod:`~latentpacs.evaluate.metrics`). The run writes ``metrics.csv``,
+``rate_distortion.csv``, ``summary.json`` and ``previews.npz`` (small originals,
+reconstructions and difference maps for the figures), then the figures and ``report.html``.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import numpy as np
+from tqdm import tqdm
+
+from latentpacs import service
+from latentpacs.codec.engine import Engine, resize_bilinear
+from latentpacs.codec.modelfile import load_model
+from latentpacs.codec.tiers import Tier
+from latentpacs.errors import ConfigError, LatentPacsError
+from latentpacs.evaluate import baselines, metrics, plots, records, report
+from latentpacs.evaluate.jpeg_series import jpeg_dataset
+from latentpacs.pixels import PixelModule, original_stored_bytes, read_file, stored_to_canonical, stored_values
+
+logger = logging.getLogger(__name__)
+
+#: Longest side of the small images kept for the reconstruction and difference figures.
+PREVIEW_ROWS = 384
+
+
+@dataclass(frozen=True)
+class EvaluationConfig:
+    """What to evaluate and where to write it.
+
+    Parameters
+    ----------
+    images:
+        DICOM files (PS3.10), measured in this order.
+    out:
+        Output folder, created if missing.
+    models:
+        Model names or weights paths; the first also archives the ``tiers``.
+    jpeg_quality:
+        The JPEG baseline's quality (the paper's 85).
+    tiers:
+        Fidelity tiers beyond ``latent`` to cost (``near-lossless:K``, ``lossless``).
+    jpeg_qualities, jpeg2000_psnr_db:
+        Settings of the rate-distortion curves (JPEG quality; JPEG 2000 target PSNR).
+    previews:
+        How many images appear in the reconstruction and difference figures.
+    """
+
+    images: tuple[Path, ...]
+    out: Path
+    models: tuple[str, ...] = ("ae", "vae")
+    jpeg_quality: int = baselines.PAPER_JPEG_QUALITY
+    tiers: tuple[str, ...] = ("near-lossless:2", "lossless")
+    jpeg_qualities: tuple[int, ...] = (5, 15, 30, 50, 70, 85, 95)
+    jpeg2000_psnr_db: tuple[float, ...] = (32.0, 38.0, 44.0, 50.0, 56.0)
+    previews: int = 4
+    models_dir: Path | None = None
+    device: str | None = None
+    write_jpeg_series: bool = True
+
+
+@dataclass(frozen=True)
+class EvaluationResult:
+    """What a run wrote; ``skipped`` names each input that could not be measured and why."""
+
+    out: Path
+    rows: tuple[records.MetricRow, ...]
+    summary: dict[str, object]
+    figures: tuple[Path, ...]
+    report: Path
+    jpeg_series: tuple[Path, ...]
+    skipped: tuple[tuple[Path, str], ...]
+
+
+@dataclass(frozen=True)
+class _Original:
+    """One image as every codec is measured against it."""
+
+    name: str
+    canonical: np.ndarray
+    paper: np.ndarray
+    mask: np.ndarray
+    module: PixelModule
+
+
+def _measure(original: _Original, codec: str, kind: str, recon: np.ndarray, bits: int) -> records.MetricRow:
+    """Measure a reconstruction (canonical, native size) that cost ``bits``."""
+    rows, cols = original.canonical.shape
+    paper_recon = resize_bilinear(recon.astype(np.float32), metrics.PAPER_SIZE)
+    error = metrics.mse(original.paper, paper_recon)
+    diff = np.abs(original.canonical.astype(np.float64) - recon.astype(np.float64))
+    return records.MetricRow(
+        image=original.name, codec=codec, kind=kind, rows=rows, columns=cols,
+        bits_stored=original.module.bits_stored, mse=error, psnr=metrics.psnr_from_mse(error),
+        ssim=metrics.ssim(original.paper, paper_recon), bits=bits, bpp=bits / (rows * cols),
+        efficiency=metrics.efficiency(error, bits),
+        psnr_native=metrics.psnr(original.canonical, recon),
+        psnr_breast=metrics.psnr_region(original.canonical, recon, original.mask),
+        max_abs_error=int(np.rint(diff.max() * original.module.max_value)),
+    )
+
+
+def _exact(original: _Original, codec: str, nbytes: int) -> records.MetricRow:
+    """A lossless coder's row: the reconstruction is the original (checked by the coder)."""
+    rows, cols = original.canonical.shape
+    bits = 8 * nbytes
+    return records.MetricRow(
+        image=original.name, codec=codec, kind="lossless", rows=rows, columns=cols,
+        bits_stored=original.module.bits_stored, mse=0.0, psnr=float("inf"), ssim=1.0, bits=bits,
+        bpp=bits / (rows * cols), efficiency=metrics.efficiency(0.0, bits),
+        psnr_native=float("inf"), psnr_breast=float("inf"), max_abs_error=0,
+    )
+
+
+def _preview_shape(shape: tuple[int, int]) -> tuple[int, int]:
+    scale = min(1.0, PREVIEW_ROWS / max(shape))
+    return max(1, round(shape[0] * scale)), max(1, round(shape[1] * scale))
+
+
+def _rate_points(original: _Original, stored: np.ndarray, config: EvaluationConfig) -> list[records.RatePoint]:
+    points = []
+    pixels = stored.size
+    for quality in config.jpeg_qualities:
+        stream = baselines.jpeg_encode(original.canonical, quality)
+        recon = resize_bilinear(baselines.jpeg_decode(stream), metrics.PAPER_SIZE)
+        bits = 8 * len(stream)
+        points.append(records.RatePoint(original.name, "jpeg", float(quality), bits, bits / pixels,
+                                        metrics.mse(original.paper, recon)))
+    for target in config.jpeg2000_psnr_db:
+        stream = baselines.jpeg2000_encode(stored, original.module.bits_stored, target)
+        decoded = stored_to_canonical(baselines.jpeg2000_decode(stream), original.module)
+        recon = resize_bilinear(decoded, metrics.PAPER_SIZE)
+        bits = 8 * len(stream)
+        points.append(records.RatePoint(original.name, "jpeg2000", float(target), bits, bits / pixels,
+                                        metrics.mse(original.paper, recon)))
+    return points
+
+
+@dataclass(frozen=True)
+class _ImageOutcome:
+    """Everything measured on one image."""
+
+    original: _Original
+    rows: list[records.MetricRow]
+    points: list[records.RatePoint]
+    recons: dict[str, np.ndarray]
+    series: list[Path]
+
+
+def _evaluate_image(
+    path: Path, engines: dict[str, Engine], tiers: list[Tier], config: EvaluationConfig, series_dir: Path
+) -> _ImageOutcome:
+    """Every codec on one image; raises LatentPacsError when the image cannot be measured."""
+    ds = read_file(path)
+    stored, module = stored_values(ds)
+    canonical = stored_to_canonical(stored, module)
+    original = _Original(str(path), canonical, resize_bilinear(canonical, metrics.PAPER_SIZE),
+                         metrics.breast_mask(canonical), module)
+    rows: list[records.MetricRow] = []
+    recons: dict[str, np.ndarray] = {}
+    series: list[Path] = []
+    for label, engine in engines.items():
+        (encoded,) = service.encode_datasets([ds], engine, Tier("latent"))
+        recons[label] = stored_to_canonical(service.decode_stored(encoded, engine), module)
+        rows.append(_measure(original, label, "learned", recons[label], 8 * len(encoded.latent)))
+    jpeg_codec = f"jpeg-q{config.jpeg_quality}"
+    stream = baselines.jpeg_encode(canonical, config.jpeg_quality)
+    recons[jpeg_codec] = baselines.jpeg_decode(stream)
+    rows.append(_measure(original, jpeg_codec, "jpeg", recons[jpeg_codec], 8 * len(stream)))
+    if config.write_jpeg_series:
+        jds = jpeg_dataset(ds, stream, config.jpeg_quality, original_stored_bytes(ds))
+        target = series_dir / f"{jds.SOPInstanceUID}.dcm"
+        jds.save_as(target, enforce_file_format=True)
+        series.append(target)
+    primary = next(iter(engines))
+    for tier in tiers:
+        (encoded,) = service.encode_datasets([ds], engines[primary], tier)
+        recon = stored_to_canonical(service.decode_stored(encoded, None), module)
+        rows.append(_measure(original, f"{primary}+{tier}", "tier", recon, 8 * encoded.archived_bytes))
+    for codec in baselines.LOSSLESS_CODECS:
+        rows.append(_exact(original, codec, baselines.lossless_size(codec, stored, module.bits_stored)))
+    return _ImageOutcome(original, rows, _rate_points(original, stored, config), recons, series)
+
+
+def _previews(index: int, original: _Original, recons: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+    """Small float16 copies of the original, each reconstruction and each |difference|.
+
+    Differences are taken at native resolution before shrinking, so the maps show the
+    mean absolute error of each preview pixel's area.
+    """
+    shape = _preview_shape(original.canonical.shape)
+    out = {f"{index}/original": resize_bilinear(original.canonical, shape).astype(np.float16)}
+    for label, recon in recons.items():
+        out[f"{index}/{label}"] = resize_bilinear(recon, shape).astype(np.float16)
+        diff = np.abs(original.canonical - recon.astype(np.float32))
+        out[f"{index}/{label}/diff"] = resize_bilinear(diff, shape).astype(np.float16)
+    return out
+
+
+def _open_engines(config: EvaluationConfig) -> dict[str, Engine]:
+    if not config.models:
+        raise ConfigError("evaluate needs at least one --model")
+    engines: dict[str, Engine] = {}
+    try:
+        for name in config.models:
+            loaded = load_model(name, models_dir=config.models_dir)
+            label = loaded.card.name if name == loaded.card.name else Path(name).stem
+            if label in engines:
+                raise ConfigError(f"model {name!r} is given twice")
+            engines[label] = Engine(loaded, device=config.device)
+    except BaseException:
+        for engine in engines.values():
+            engine.close()
+        raise
+    return engines
+
+
+def evaluate(config: EvaluationConfig, progress: bool = True) -> EvaluationResult:
+    """Measure every codec on ``config.images`` and write the CSV, JSON, figures and report.
+
+    Raises
+    ------
+    ConfigError
+        When there are no images or no models, or a tier or JPEG quality is invalid.
+    LatentPacsError
+        When a model cannot be loaded. An unreadable image is skipped and named in the
+        result instead.
+    """
+    if not config.images:
+        raise ConfigError("evaluate found no images to measure")
+    if not 1 <= config.jpeg_quality <= 100:
+        raise ConfigError(f"JPEG quality must be 1 to 100, got {config.jpeg_quality}")
+    if config.previews < 1:
+        raise ConfigError(f"previews must be at least 1, got {config.previews}")
+    tiers = [Tier.parse(t) for t in config.tiers]
+    jpeg_codec = f"jpeg-q{config.jpeg_quality}"
+    out = Path(config.out)
+    series_dir = out / jpeg_codec
+    series_dir.mkdir(parents=True, exist_ok=True)
+    rows: list[records.MetricRow] = []
+    points: list[records.RatePoint] = []
+    previews: dict[str, np.ndarray] = {}
+    series: list[Path] = []
+    skipped: list[tuple[Path, str]] = []
+    engines = _open_engines(config)
+    try:
+        for path in tqdm(config.images, desc="evaluate", unit="img", disable=not progress or None):
+            try:
+                image = _evaluate_image(Path(path), engines, tiers, config, series_dir)
+            except LatentPacsError as exc:
+                logger.warning("skipping %s: %s", path, exc.message)
+                skipped.append((Path(path), exc.message))
+                continue
+            rows += image.rows
+            points += image.points
+            series += image.series
+            index = len({r.image for r in rows}) - 1
+            if index < config.previews:
+                previews.update(_previews(index, image.original, image.recons))
+    finally:
+        for engine in engines.values():
+            engine.close()
+    if not rows:
+        raise ConfigError(f"none of the {len(config.images)} input(s) could be measured")
+    records.write_metrics(out / records.METRICS_CSV, rows)
+    records.write_rate_points(out / records.RATE_DISTORTION_CSV, points)
+    np.savez_compressed(out / records.PREVIEWS_NPZ, **previews)
+    summary = records.summarise(rows, points)
+    summary["images"] = len({r.image for r in rows})
+    summary["skipped"] = [{"path": str(p), "reason": why} for p, why in skipped]
+    summary["models"] = {
+        label: {"sha256": e.loaded.card.sha256, "arch": e.loaded.card.arch,
+                "latent_bytes": e.loaded.card.latent_bytes, "description": e.loaded.card.description}
+        for label, e in engines.items()
+    }
+    summary["config"] = json.loads(json.dumps(asdict(config), default=str))
+    summary["codec_order"] = {"learned": list(engines), "jpeg": jpeg_codec}
+    records.write_summary(out / records.SUMMARY_JSON, summary)
+    figures = plots.write_figures(out)
+    page = report.write_report(out)
+    logger.info("evaluated %d image(s) into %s", summary["images"], out)
+    return EvaluationResult(out, tuple(rows), summary, tuple(figures), page, tuple(series), tuple(skipped))
