@@ -10,7 +10,9 @@ from __future__ import annotations
 import json
 import logging
 import threading
+from collections import deque
 from collections.abc import Iterator, Sequence
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -35,6 +37,9 @@ from latentpacs.pixels import (
 )
 
 logger = logging.getLogger(__name__)
+
+#: Instances a retrieval decodes ahead of the one being sent (each one is held in memory).
+PREFETCH_DEPTH = 1
 
 
 @dataclass(frozen=True)
@@ -331,6 +336,30 @@ class Service:
         return assemble(
             Dataset.from_json(archived.header), Dataset.from_json(archived.overrides), stored, module
         )
+
+    def returned_ahead(
+        self, matches: Sequence[ArchivedImage], depth: int = PREFETCH_DEPTH
+    ) -> Iterator[tuple[ArchivedImage, Future[Dataset]]]:
+        """Each match with the future of :meth:`returned`, decoded up to ``depth`` ahead.
+
+        A C-GET / C-MOVE (PS3.4 C.4.2.3, C.4.3.3) sends one C-STORE sub-operation at a
+        time; a worker thread decodes the next instances meanwhile, so decoding and
+        sending overlap while at most ``depth + 1`` decoded objects are held. A decode
+        error is raised by the future's ``result()``. Closing the generator (the caller
+        stops early: cancel, failure) drops the decodes not yet started.
+        """
+        executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="latentpacs-prefetch")
+        remaining = iter(matches)
+        pending: deque[tuple[ArchivedImage, Future[Dataset]]] = deque()
+        try:
+            for archived in remaining:
+                pending.append((archived, executor.submit(self.returned, archived)))
+                if len(pending) > depth:
+                    yield pending.popleft()
+            while pending:
+                yield pending.popleft()
+        finally:
+            executor.shutdown(wait=False, cancel_futures=True)
 
 
 def open_service(config: Config) -> Service:

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Iterator, Mapping
+from contextlib import closing
 from typing import Any
 
 from pydicom.dataset import Dataset
@@ -112,18 +113,22 @@ def handle_find(event: evt.Event, service: Service) -> Iterator[tuple[Any, Datas
 
 
 def _send(event: evt.Event, service: Service, matches: list) -> Iterator[tuple[Any, Dataset | None]]:
-    """Decode and yield each matched instance as a Pending sub-operation (PS3.4 C.4.2.3/C.4.3.3)."""
-    for archived in matches:
-        if event.is_cancelled:
-            yield Status.CANCEL, None
-            return
-        try:
-            ds = service.returned(archived)
-        except LatentPacsError as exc:
-            logger.warning("cannot decode %s: %s", archived.sop_instance_uid, exc.message)
-            yield _from_error(exc), None
-            return
-        yield Status.PENDING, ds
+    """Yield each matched instance as a Pending sub-operation (PS3.4 C.4.2.3/C.4.3.3).
+
+    The next instances are decoded on a worker thread while this one is being sent.
+    """
+    with closing(service.returned_ahead(matches)) as decoded:
+        for archived, future in decoded:
+            if event.is_cancelled:
+                yield Status.CANCEL, None
+                return
+            try:
+                ds = future.result()
+            except LatentPacsError as exc:
+                logger.warning("cannot decode %s: %s", archived.sop_instance_uid, exc.message)
+                yield _from_error(exc), None
+                return
+            yield Status.PENDING, ds
 
 
 def _refuse_retrieve(exc: LatentPacsError, service_name: str) -> Iterator[Any]:
