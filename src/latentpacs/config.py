@@ -54,7 +54,13 @@ SETTINGS: tuple[Setting, ...] = (
     Setting("codec.models_dir", "", str, "directory of model files; empty: the shipped models/"),
     Setting("codec.max_batch", 8, int, "largest batch the inference engine runs at once"),
     Setting("security.allowed_calling_aets", [], list, "calling AE titles accepted; empty: any"),
+    Setting("security.tls_cert", "", str, "PEM server certificate; set with tls_key: DICOM TLS (PS3.15 B.1)"),
+    Setting("security.tls_key", "", str, "PEM private key of tls_cert (unencrypted)"),
+    Setting("security.tls_ca", "", str, "PEM CA certificates that client certificates must chain to"),
+    Setting("security.tls_require_client_cert", False, bool, "refuse TLS clients without a certificate from tls_ca"),
 )
+_TRUE = ("1", "true", "yes", "on")
+_FALSE = ("0", "false", "no", "off")
 _BY_NAME = {s.name: s for s in SETTINGS}
 
 
@@ -98,7 +104,12 @@ class Config:
 
 
 def _coerce(setting: Setting, value: Any, source: str) -> Any:
-    if setting.type is list:
+    if setting.type is bool:
+        if isinstance(value, bool):
+            return value
+        if isinstance(value, str) and value.strip().lower() in (*_TRUE, *_FALSE):
+            return value.strip().lower() in _TRUE
+    elif setting.type is list:
         if isinstance(value, str):
             return [v for v in (p.strip() for p in value.split(",")) if v]
         if isinstance(value, list):
@@ -181,4 +192,10 @@ def load_config(
         raise ConfigError(
             f"archive.duplicates must be keep, replace or reject, not {values['archive.duplicates']!r}"
         )
+    if bool(values["security.tls_cert"]) != bool(values["security.tls_key"]):
+        raise ConfigError("security.tls_cert and security.tls_key must be set together")
+    if values["security.tls_require_client_cert"] and not values["security.tls_ca"]:
+        raise ConfigError("security.tls_require_client_cert needs security.tls_ca")
+    if values["security.tls_ca"] and not values["security.tls_cert"]:
+        raise ConfigError("security.tls_ca needs security.tls_cert and security.tls_key")
     return Config(values, destinations)

@@ -28,6 +28,7 @@ from pydicom.uid import (
     RLELossless,
 )
 from pynetdicom import AE, evt
+from pynetdicom import _config as pynetdicom_config
 from pynetdicom.sop_class import (
     PatientRootQueryRetrieveInformationModelFind,
     PatientRootQueryRetrieveInformationModelGet,
@@ -41,6 +42,7 @@ from pynetdicom.sop_class import (
 from latentpacs.config import Config
 from latentpacs.errors import ConfigError
 from latentpacs.node import handlers
+from latentpacs.node.tls import server_context
 from latentpacs.service import Service, open_service
 
 logger = logging.getLogger(__name__)
@@ -126,6 +128,9 @@ def start_node(config: Config) -> Node:
     LatentPacsError
         For an unusable configuration, model or database (named in the message).
     """
+    # A C-STORE data set is received into a temporary file, not memory (pynetdicom's
+    # chunked receive), so concurrent large images keep the node's memory bounded.
+    pynetdicom_config.STORE_RECV_CHUNKED_DATASET = True
     service = open_service(config)
     storage_classes = (*MAMMOGRAPHY_CLASSES, *config["node.extra_storage_classes"])
     ae = build_ae(config, storage_classes)
@@ -137,9 +142,14 @@ def start_node(config: Config) -> Node:
         (evt.EVT_C_MOVE, handlers.handle_move, [service, config.destinations]),
     ]
     try:
+        ssl_context = server_context(config)
         server = ae.start_server(
-            (config["node.host"], config["node.port"]), block=False, evt_handlers=bound
+            (config["node.host"], config["node.port"]), block=False, evt_handlers=bound,
+            ssl_context=ssl_context,
         )
+    except ConfigError:
+        service.close()
+        raise
     except OSError as exc:
         service.close()
         raise ConfigError(
