@@ -189,8 +189,25 @@ def cmd_models_list(args: argparse.Namespace) -> int:
 def cmd_train(args: argparse.Namespace) -> int:
     from latentpacs.train.loop import TrainConfig, train
 
+    records = split = None
+    data_note = args.data_note or ""
+    if args.cbis_ddsm is not None:
+        from latentpacs.train.cbis import select_cbis
+
+        selection = select_cbis(args.cbis_ddsm, view=args.view or None, abnormality=args.abnormality or None,
+                                progress=True)
+        for missing in selection.missing:
+            print(f"latentpacs: CBIS-DDSM image not found: {missing}", file=sys.stderr)
+        records, split = selection.records(), selection.official_split()
+        print(f"CBIS-DDSM: {len(selection.images)} image(s), {len(selection.missing)} not found, "
+              f"{selection.skipped_rows} row(s) skipped; "
+              + ("official train/test split" if split else "random split by patient"))
+        data_note = data_note or (f"CBIS-DDSM {args.view or 'all views'} {args.abnormality or 'all abnormalities'}"
+                                  f", {len(selection.images)} full mammograms")
     config = TrainConfig(
-        data_dirs=tuple(args.data),
+        data_dirs=tuple(args.data or [args.cbis_ddsm]),
+        records=records,
+        split=split,
         arch=args.arch,
         out=args.out,
         epochs=args.epochs,
@@ -205,7 +222,7 @@ def cmd_train(args: argparse.Namespace) -> int:
         device=args.device,
         command="latentpacs " + shlex.join(args.argv),
         cache_dir=args.cache_dir,
-        data_note=args.data_note or "",
+        data_note=data_note,
     )
     result = train(config)
     card = result.card
@@ -345,6 +362,39 @@ def cmd_config_show(args: argparse.Namespace) -> int:
     return EXIT_OK
 
 
+def cmd_evaluate(args: argparse.Namespace) -> int:
+    from latentpacs.evaluate.run import EvaluationConfig, evaluate
+
+    config = _config(args)
+    if args.cbis_ddsm is not None:
+        from latentpacs.train.cbis import select_cbis
+
+        selection = select_cbis(args.cbis_ddsm, view=args.view or None, abnormality=args.abnormality or None)
+        for missing in selection.missing:
+            print(f"latentpacs: CBIS-DDSM image not found: {missing}", file=sys.stderr)
+        images = [image.path for image in selection.images]
+    else:
+        from latentpacs.train.data import scan_dicom_folders
+
+        records, skipped = scan_dicom_folders(args.data)
+        for path, reason in skipped:
+            logger.info("not evaluated: %s: %s", path, reason)
+        images = [record.path for record in records]
+    result = evaluate(EvaluationConfig(
+        images=tuple(images), out=args.out, models=tuple(args.models), jpeg_quality=args.jpeg_quality,
+        tiers=tuple(args.tiers), previews=args.previews, models_dir=config.models_dir,
+        device=config["codec.device"] or None,
+    ))
+    for path, reason in result.skipped:
+        print(f"latentpacs: {path}: {reason}", file=sys.stderr)
+    print(f"{'codec':<22} {'MSE@1024':>10} {'SSIM':>7} {'bits':>9} {'bpp':>9} {'efficiency':>10}")
+    for codec, stats in result.summary["codecs"].items():  # type: ignore[union-attr]
+        print(f"{codec:<22} {stats['mse']['median']:>10.3e} {stats['ssim']['median']:>7.4f} "
+              f"{stats['bits']['median']:>9.0f} {stats['bpp']['median']:>9.4g} {stats['efficiency']['median']:>10.4f}")
+    print(f"evaluated {result.summary['images']} image(s); report: {result.report}")
+    return EXIT_PARTIAL if result.skipped else EXIT_OK
+
+
 def build_parser() -> argparse.ArgumentParser:
     """The argument parser of ``latentpacs`` and its sub-commands."""
     parser = argparse.ArgumentParser(
@@ -393,8 +443,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--models-dir", help="directory of model files")
     p.set_defaults(func=cmd_models_list)
 
-    p = sub.add_parser("train", help="train a model on DICOM folders")
-    p.add_argument("--data", type=Path, nargs="+", required=True, metavar="DIR")
+    p = sub.add_parser("train", help="train a model on DICOM folders or CBIS-DDSM")
+    source = p.add_mutually_exclusive_group(required=True)
+    source.add_argument("--data", type=Path, nargs="+", metavar="DIR", help="DICOM folders or files")
+    source.add_argument("--cbis-ddsm", type=Path, metavar="ROOT", help="a CBIS-DDSM download (TCIA layout + CSVs)")
+    p.add_argument("--view", default="MLO", help="CBIS-DDSM view, '' for all (default: MLO)")
+    p.add_argument("--abnormality", default="mass", help="CBIS-DDSM abnormality, '' for all (default: mass)")
     p.add_argument("--arch", required=True, help="ae | vae | paper-ae | paper-vae")
     p.add_argument("--epochs", type=int, default=10)
     p.add_argument("--batch-size", type=int, default=8)
@@ -418,6 +472,22 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--size", type=_size, default=(2294, 1914))
     codec_flags(p)
     p.set_defaults(func=cmd_demo)
+
+    p = sub.add_parser("evaluate", help="measure the models against JPEG and lossless codecs")
+    source = p.add_mutually_exclusive_group(required=True)
+    source.add_argument("--data", type=Path, nargs="+", metavar="DIR", help="DICOM folders or files")
+    source.add_argument("--cbis-ddsm", type=Path, metavar="ROOT", help="a CBIS-DDSM download (TCIA layout + CSVs)")
+    p.add_argument("--view", default="MLO", help="CBIS-DDSM view, '' for all (default: MLO)")
+    p.add_argument("--abnormality", default="mass", help="CBIS-DDSM abnormality, '' for all (default: mass)")
+    p.add_argument("--model", dest="models", nargs="+", default=["ae", "vae"], metavar="NAME",
+                   help="models (default: ae vae)")
+    p.add_argument("--jpeg-quality", type=int, default=85, help="JPEG baseline quality (default: 85)")
+    p.add_argument("--tiers", nargs="*", default=["near-lossless:2", "lossless"], metavar="TIER",
+                   help="fidelity tiers to cost with the first model (default: near-lossless:2 lossless)")
+    p.add_argument("--previews", type=int, default=4, help="images in the reconstruction figures")
+    p.add_argument("--out", type=Path, required=True)
+    codec_flags(p, model=False)
+    p.set_defaults(func=cmd_evaluate)
 
     p = sub.add_parser("serve", help="run the DICOM node")
     p.add_argument("--aet", help="AE title (default: node.aet, LATENTPACS)")

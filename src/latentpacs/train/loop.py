@@ -40,7 +40,7 @@ from latentpacs.train.checkpoint import (
     restore_rng,
     save_checkpoint,
 )
-from latentpacs.train.data import CachedImageDataset, scan_dicom_folders
+from latentpacs.train.data import CachedImageDataset, ImageRecord, scan_dicom_folders
 from latentpacs.train.evaluation import autocast_for, evaluate_reconstruction, latents_of
 from latentpacs.train.split import split_by_patient
 
@@ -67,6 +67,8 @@ class TrainConfig:
     command: str = ""
     cache_dir: Path | None = None
     data_note: str = ""          # where the data came from, e.g. the demo-data command
+    records: tuple[ImageRecord, ...] | None = None  # explicit images, used instead of scanning data_dirs
+    split: tuple[tuple[ImageRecord, ...], tuple[ImageRecord, ...]] | None = None  # given (train, val), e.g. official
 
     def __post_init__(self) -> None:
         for name in ("epochs", "batch_size", "image_size", "latent_dim", "latent_bits"):
@@ -74,7 +76,7 @@ class TrainConfig:
                 raise ConfigError(f"{name} must be at least 1, got {getattr(self, name)}")
         if not self.learning_rate > 0.0:
             raise ConfigError(f"learning rate must be positive, got {self.learning_rate}")
-        if not self.data_dirs:
+        if not self.data_dirs and self.records is None and self.split is None:
             raise ConfigError("no training data folder given")
 
     @property
@@ -167,15 +169,25 @@ def _fingerprint(config: TrainConfig, train_ds: CachedImageDataset, val_ds: Cach
 
 
 def _datasets(config: TrainConfig, progress: bool) -> tuple[CachedImageDataset, CachedImageDataset, int]:
-    """Scan, split by patient and decode; returns (train, validation, files skipped)."""
-    records, skipped = scan_dicom_folders(config.data_dirs)
-    for path, reason in skipped:
-        logger.warning("skipped %s: %s", path, reason)
-    train_records, val_records = split_by_patient(records, val_fraction=config.val_fraction, seed=config.seed)
+    """Scan, split by patient and decode; returns (train, validation, files skipped).
+
+    ``config.split`` replaces scanning and the patient split; ``config.records`` replaces scanning.
+    """
+    skipped: list[tuple[Path, str]] = []
+    if config.split is not None:
+        train_records, val_records = list(config.split[0]), list(config.split[1])
+    else:
+        if config.records is not None:
+            records = list(config.records)
+        else:
+            records, skipped = scan_dicom_folders(config.data_dirs)
+        for path, reason in skipped:
+            logger.warning("skipped %s: %s", path, reason)
+        train_records, val_records = split_by_patient(records, val_fraction=config.val_fraction, seed=config.seed)
     train_ds = CachedImageDataset(train_records, config.image_size, cache_dir=config.cache_dir, progress=progress)
     val_ds = CachedImageDataset(val_records, config.image_size, cache_dir=config.cache_dir, progress=progress)
     if len(train_ds) < 2:
-        folders = ", ".join(str(d) for d in config.data_dirs)
+        folders = ", ".join(str(d) for d in config.data_dirs) or "the given records"
         raise ConfigError(f"need at least 2 usable training images in {folders}, found {len(train_ds)}")
     return train_ds, val_ds, len(skipped) + len(train_ds.skipped) + len(val_ds.skipped)
 
@@ -291,7 +303,8 @@ def _export(
         "val_images": len(val_ds),
         "val_patients": len(val_ds.patients),
         "files_skipped": n_skipped,
-        "split": f"by Patient ID, {config.val_fraction:g} of patients held out, seed {config.seed}",
+        "split": "given with the data (e.g. the official CBIS-DDSM train/test sets)" if config.split is not None
+        else f"by Patient ID, {config.val_fraction:g} of patients held out, seed {config.seed}",
         "validation_loss": "loss on the validation set" if has_val
         else "no validation patient: validation loss is the training loss",
         "epochs": len(history),
