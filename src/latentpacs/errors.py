@@ -17,6 +17,8 @@ class Status(IntEnum):
     SUCCESS = 0x0000
     #: PS3.4 B.2.3: Refused, SOP Class not supported.
     SOP_CLASS_NOT_SUPPORTED = 0x0122
+    #: PS3.7 C.5.4: Failure, processing failure (an unexpected internal error).
+    PROCESSING_FAILURE = 0x0110
     #: PS3.7 C.5.9: Failure, no such SOP Instance.
     NO_SUCH_OBJECT_INSTANCE = 0x0112
     #: PS3.4 B.2.3: Refused, out of resources.

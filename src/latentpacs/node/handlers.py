@@ -31,9 +31,6 @@ ROOTS = {
     "1.2.840.10008.5.1.4.1.2.2.3": "STUDY",  # Study Root Q/R - GET
 }
 
-#: Status for a failure that is not a LatentPacsError: PS3.7 C.5.4 Processing Failure.
-PROCESSING_FAILURE = 0x0110
-
 
 def failure(status: int, comment: str) -> Dataset:
     """A status data set with Status and ErrorComment (PS3.7 C.4, (0000,0900)/(0000,0902))."""
@@ -88,7 +85,7 @@ def handle_store(event: evt.Event, service: Service) -> int | Dataset:
         return _from_error(exc)
     except Exception as exc:
         logger.exception("C-STORE failed")
-        return failure(PROCESSING_FAILURE, f"internal error: {exc.__class__.__name__}")
+        return failure(Status.PROCESSING_FAILURE, f"internal error: {exc.__class__.__name__}")
     return int(Status.SUCCESS)
 
 
@@ -131,28 +128,29 @@ def _send(event: evt.Event, service: Service, matches: list) -> Iterator[tuple[A
             yield Status.PENDING, ds
 
 
-def _refuse_retrieve(exc: LatentPacsError, service_name: str) -> Iterator[Any]:
-    """Answer a C-GET/C-MOVE whose identifier is refused: failure status + ErrorComment.
+def _retrieve(event: evt.Event, service: Service, service_name: str) -> Iterator[Any]:
+    """The sub-operation count, then one C-STORE per matched instance (C-GET and C-MOVE).
 
-    pynetdicom answers a sub-operation count of 0 with Success at once, so the refusal is
-    announced as one sub-operation that then fails (PS3.4 C.4.2.3.1 lets a failure
-    response carry the failed count); the peer sees the status and the comment.
+    A refused identifier is answered with its failure status and ErrorComment. pynetdicom
+    answers a sub-operation count of 0 with Success at once, so the refusal is announced
+    as one sub-operation that then fails (PS3.4 C.4.2.3.1 lets a failure response carry
+    the failed count).
     """
-    logger.warning("%s refused: %s", service_name, exc.message)
-    yield 1
-    yield _from_error(exc), None
-
-
-def handle_get(event: evt.Event, service: Service) -> Iterator[Any]:
-    """C-GET SCP (PS3.4 C.4.3.3): the sub-operation count, then one C-STORE per instance."""
     try:
         level, root, identifier = _level_and_root(event)
         matches = service.matches(level, identifier, root=root)
     except LatentPacsError as exc:
-        yield from _refuse_retrieve(exc, "C-GET")
+        logger.warning("%s refused: %s", service_name, exc.message)
+        yield 1
+        yield _from_error(exc), None
         return
     yield len(matches)
     yield from _send(event, service, matches)
+
+
+def handle_get(event: evt.Event, service: Service) -> Iterator[Any]:
+    """C-GET SCP (PS3.4 C.4.3.3): the sub-operation count, then one C-STORE per instance."""
+    yield from _retrieve(event, service, "C-GET")
 
 
 def handle_move(
@@ -165,11 +163,4 @@ def handle_move(
         yield None, None  # pynetdicom answers Move Destination Unknown (0xA801)
         return
     yield destination.host, destination.port
-    try:
-        level, root, identifier = _level_and_root(event)
-        matches = service.matches(level, identifier, root=root)
-    except LatentPacsError as exc:
-        yield from _refuse_retrieve(exc, "C-MOVE")
-        return
-    yield len(matches)
-    yield from _send(event, service, matches)
+    yield from _retrieve(event, service, "C-MOVE")
