@@ -5,7 +5,9 @@ A missing tool fails the test with a message naming the Debian package; it never
 
 from __future__ import annotations
 
+import os
 import shutil
+import sys
 import subprocess
 from pathlib import Path
 
@@ -27,8 +29,17 @@ PACKAGES = {
 
 
 def require(tool: str) -> str:
-    """Path of ``tool``; fails the test (never skips) when it is not installed."""
-    path = shutil.which(tool)
+    """Path of ``tool``; fails the test (never skips) when it is not installed.
+
+    The virtualenv's own bin folder is left out of the search: pynetdicom installs
+    Python look-alikes named ``storescu``, ``findscu``... there, and the tests mean DCMTK's.
+    """
+    venv_bin = Path(sys.executable).parent.resolve()
+    search = os.pathsep.join(
+        entry for entry in os.environ.get("PATH", os.defpath).split(os.pathsep)
+        if entry and Path(entry).resolve() != venv_bin
+    )
+    path = shutil.which(tool, path=search)
     if path is None:
         pytest.fail(f"{tool} is required: apt-get install {PACKAGES.get(tool, tool)}")
     return path
