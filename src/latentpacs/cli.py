@@ -547,6 +547,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     # pynetdicom logs whole identifiers (patient names among them) at INFO: keep it
     # at WARNING unless asked twice for more.
     logging.getLogger("pynetdicom").setLevel(logging.DEBUG if args.verbose >= 2 else logging.WARNING)
+    logging.getLogger("alembic").setLevel(logging.INFO if args.verbose >= 1 else logging.WARNING)
     try:
         return int(args.func(args))
     except LatentPacsError as exc:
