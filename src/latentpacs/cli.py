@@ -226,6 +226,8 @@ def cmd_train(args: argparse.Namespace) -> int:
     )
     result = train(config)
     card = result.card
+    if result.rank != 0:  # under torchrun only rank 0 reports
+        return EXIT_OK
     print(
         f"trained {card.name} ({card.arch}): best epoch {result.best_epoch}, "
         f"validation loss {result.best_val_loss:.6g}; sha256 {card.sha256}"

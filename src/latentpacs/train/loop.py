@@ -9,6 +9,11 @@ the validation MSE through the stored latent bytes and exports safetensors + car
 
 ``out = models/NAME`` gives ``models/NAME.safetensors``, ``models/NAME.json`` and the
 checkpoints ``models/NAME.checkpoints/{last,best}.pt``.
+
+Launched by ``torchrun`` the same call trains data-parallel (:mod:`.distributed`): the
+model in DistributedDataParallel, each rank on its shard of a seeded DistributedSampler,
+training and validation losses summed over ranks; rank 0 alone shows progress, writes
+checkpoints (the plain module's weights, so a single process can resume them) and exports.
 """
 
 from __future__ import annotations
@@ -25,13 +30,15 @@ from typing import Any
 
 import numpy as np
 import torch
-from torch.utils.data import DataLoader
+from torch.nn.parallel import DistributedDataParallel
+from torch.utils.data import DataLoader, DistributedSampler, Subset
 from tqdm import tqdm
 
 from latentpacs.codec.latent import calibrate
-from latentpacs.codec.modelfile import ModelCard, save_model
+from latentpacs.codec.modelfile import CARD_SUFFIX, ModelCard, save_model
 from latentpacs.codec.models import LatentAutoencoder, ModelOutput, build_model
 from latentpacs.errors import ConfigError
+from latentpacs.train import distributed
 from latentpacs.train.checkpoint import (
     Checkpoint,
     capture_rng,
@@ -41,6 +48,7 @@ from latentpacs.train.checkpoint import (
     save_checkpoint,
 )
 from latentpacs.train.data import CachedImageDataset, ImageRecord, scan_dicom_folders
+from latentpacs.train.distributed import DistContext
 from latentpacs.train.evaluation import autocast_for, evaluate_reconstruction, latents_of
 from latentpacs.train.split import split_by_patient
 
@@ -87,13 +95,18 @@ class TrainConfig:
 
 @dataclass(frozen=True)
 class TrainResult:
-    """What a run produced: the exported card, the best epoch and the per-epoch losses."""
+    """What a run produced: the exported card, the best epoch and the per-epoch losses.
+
+    ``rank`` and ``world_size`` say which torchrun process returned it (0 and 1 for a single process).
+    """
 
     card: ModelCard
     best_epoch: int
     best_val_loss: float
     epochs_run: int
     history: tuple[dict[str, Any], ...]
+    rank: int = 0
+    world_size: int = 1
 
 
 def seed_everything(seed: int) -> torch.Generator:
@@ -116,27 +129,31 @@ def _as_float32(out: ModelOutput) -> ModelOutput:
     return dataclasses.replace(out, **changes)
 
 
-def _batch_loss(model: LatentAutoencoder, x: torch.Tensor, device: str) -> torch.Tensor:
-    """The model's own loss (paper Eq. 1 or 2) of one batch; forward pass under AMP on CUDA."""
+def _batch_loss(model: LatentAutoencoder, forward: torch.nn.Module, x: torch.Tensor, device: str) -> torch.Tensor:
+    """The model's own loss (paper Eq. 1 or 2) of one batch; forward pass under AMP on CUDA.
+
+    ``forward`` runs the pass: the model itself, or its DistributedDataParallel wrapper.
+    """
     with autocast_for(device):
-        out = model(x)
+        out = forward(x)
     return model.loss(x, _as_float32(out))
 
 
 def _run_epoch(
     model: LatentAutoencoder,
+    forward: torch.nn.Module,
     loader: DataLoader[torch.Tensor],
     optimizer: torch.optim.Optimizer | None,
     device: str,
     bar: tqdm[Any] | None,
-) -> float:
-    """One pass; trains when ``optimizer`` is given, else evaluates. Returns the mean loss per image."""
+) -> tuple[float, int]:
+    """One pass; trains when ``optimizer`` is given, else evaluates. Returns (loss sum, image count)."""
     total, count = 0.0, 0
     model.train(optimizer is not None)
     with torch.set_grad_enabled(optimizer is not None):
         for x in loader:
             x = x.to(device, non_blocking=True)
-            loss = _batch_loss(model, x, device)
+            loss = _batch_loss(model, forward, x, device)
             if optimizer is not None:
                 optimizer.zero_grad(set_to_none=True)
                 loss.backward()
@@ -146,7 +163,7 @@ def _run_epoch(
             if bar is not None:
                 bar.update(1)
                 bar.set_postfix(loss=f"{total / count:.5g}")
-    return total / max(count, 1)
+    return total, count
 
 
 def _fingerprint(config: TrainConfig, train_ds: CachedImageDataset, val_ds: CachedImageDataset) -> dict[str, Any]:
@@ -192,8 +209,41 @@ def _datasets(config: TrainConfig, progress: bool) -> tuple[CachedImageDataset, 
     return train_ds, val_ds, len(skipped) + len(train_ds.skipped) + len(val_ds.skipped)
 
 
+def _loaders(
+    config: TrainConfig, ctx: DistContext, datasets: tuple[CachedImageDataset, CachedImageDataset],
+    generator: torch.Generator,
+) -> tuple[DataLoader[torch.Tensor], DataLoader[torch.Tensor], DistributedSampler[int] | None]:
+    """Training and validation loaders; under torchrun each rank gets its shard.
+
+    Training: a DistributedSampler seeded with ``config.seed`` (padded so every rank runs
+    the same number of steps). Validation: every ``world_size``-th image from ``rank`` on,
+    without padding, so the summed losses count each image once.
+    """
+    train_ds, val_ds = datasets
+    pin = ctx.device.startswith("cuda")
+    if not ctx.distributed:
+        remainder_is_one = len(train_ds) % config.batch_size == 1  # BatchNorm cannot train on one image
+        train_loader = DataLoader(
+            train_ds, batch_size=config.batch_size, shuffle=True, generator=generator,
+            drop_last=remainder_is_one, pin_memory=pin,
+        )
+        return train_loader, DataLoader(val_ds, batch_size=config.batch_size, shuffle=False), None
+    sampler: DistributedSampler[int] = DistributedSampler(
+        train_ds, num_replicas=ctx.world_size, rank=ctx.rank, shuffle=True, seed=config.seed
+    )
+    train_loader = DataLoader(
+        train_ds, batch_size=config.batch_size, sampler=sampler,
+        drop_last=sampler.num_samples % config.batch_size == 1, pin_memory=pin,
+    )
+    val_shard = Subset(val_ds, range(ctx.rank, len(val_ds), ctx.world_size))
+    return train_loader, DataLoader(val_shard, batch_size=config.batch_size, shuffle=False), sampler
+
+
 def train(config: TrainConfig, *, progress: bool = True) -> TrainResult:
     """Train, checkpoint, calibrate, evaluate and export one model.
+
+    Under ``torchrun`` (``WORLD_SIZE > 1``) every rank calls this; they train together
+    and each returns the same card, exported once by rank 0.
 
     Parameters
     ----------
@@ -202,7 +252,7 @@ def train(config: TrainConfig, *, progress: bool = True) -> TrainResult:
         ``<out>.checkpoints/last.pt`` (same settings and data, else ConfigError) up to
         ``config.epochs`` epochs in total.
     progress:
-        Show tqdm bars (one per epoch, running loss in the postfix).
+        Show tqdm bars (one per epoch, running loss in the postfix); rank 0 only.
 
     Returns
     -------
@@ -216,20 +266,32 @@ def train(config: TrainConfig, *, progress: bool = True) -> TrainResult:
     ModelError
         Unknown architecture.
     """
+    ctx = distributed.start(config.device)
+    try:
+        return _train(config, ctx, progress and ctx.is_main)
+    finally:
+        distributed.finish(ctx)
+
+
+def _train(config: TrainConfig, ctx: DistContext, progress: bool) -> TrainResult:
+    """The body of :func:`train` on one rank (or the only process)."""
     started = time.monotonic()
-    device = config.device or ("cuda" if torch.cuda.is_available() else "cpu")
+    device = ctx.device
     generator = seed_everything(config.seed)
     model = build_model(
         config.arch, image_size=config.image_size, latent_dim=config.latent_dim, latent_bits=config.latent_bits
     ).to(device)
+    shared_cache = ctx.distributed and config.cache_dir is not None
+    if shared_cache and not ctx.is_main:
+        distributed.barrier(ctx)  # rank 0 fills the decoded-image cache, the others read it
     train_ds, val_ds, n_skipped = _datasets(config, progress)
+    if shared_cache and ctx.is_main:
+        distributed.barrier(ctx)
+    forward: torch.nn.Module = model
+    if ctx.distributed:
+        forward = DistributedDataParallel(model, device_ids=[ctx.local_rank] if ctx.backend == "nccl" else None)
     optimizer = torch.optim.Adam(model.parameters(), lr=config.learning_rate)
-    remainder_is_one = len(train_ds) % config.batch_size == 1  # BatchNorm cannot train on one image
-    train_loader = DataLoader(
-        train_ds, batch_size=config.batch_size, shuffle=True, generator=generator,
-        drop_last=remainder_is_one, pin_memory=device.startswith("cuda"),
-    )
-    val_loader = DataLoader(val_ds, batch_size=config.batch_size, shuffle=False)
+    train_loader, val_loader, sampler = _loaders(config, ctx, (train_ds, val_ds), generator)
     fingerprint = _fingerprint(config, train_ds, val_ds)
     last_path, best_path = config.checkpoint_dir / "last.pt", config.checkpoint_dir / "best.pt"
 
@@ -245,10 +307,18 @@ def train(config: TrainConfig, *, progress: bool = True) -> TrainResult:
     history = list(state.history)
     best_epoch, best_loss = state.best_epoch, state.best_val_loss
     for epoch in range(state.epoch + 1, config.epochs + 1):
+        if sampler is not None:
+            sampler.set_epoch(epoch)
         with tqdm(total=len(train_loader), desc=f"epoch {epoch}/{config.epochs}", unit="batch",
                   disable=not progress) as bar:
-            train_loss = _run_epoch(model, train_loader, optimizer, device, bar)
-            val_loss = _run_epoch(model, val_loader, None, device, None) if len(val_ds) else train_loss
+            train_sum, train_count = _run_epoch(model, forward, train_loader, optimizer, device, bar)
+            distributed.broadcast_buffers(ctx, model)  # validate with rank 0's BatchNorm statistics
+            val_sum, val_count = _run_epoch(model, model, val_loader, None, device, None) if len(val_ds) else (0.0, 0)
+            train_sum, train_count, val_sum, val_count = distributed.all_reduce_sums(
+                ctx, (train_sum, train_count, val_sum, val_count)
+            )
+            train_loss = train_sum / max(train_count, 1)
+            val_loss = val_sum / max(val_count, 1) if len(val_ds) else train_loss
             bar.set_postfix(loss=f"{train_loss:.5g}", val_loss=f"{val_loss:.5g}")
         if not (math.isfinite(train_loss) and math.isfinite(val_loss)):
             raise ConfigError(f"training diverged at epoch {epoch} (loss {train_loss}); lower the learning rate")
@@ -262,13 +332,21 @@ def train(config: TrainConfig, *, progress: bool = True) -> TrainResult:
             tuple(history), fingerprint, state.duration_s + (time.monotonic() - started),
         )
         started = time.monotonic()
-        if improved:
-            save_checkpoint(best_path, state)
-        save_checkpoint(last_path, state)
+        if ctx.is_main:
+            if improved:
+                save_checkpoint(best_path, state)
+            save_checkpoint(last_path, state)
 
-    best = load_checkpoint(best_path)
-    card = _export(config, model, best, tuple(history), (train_ds, val_ds), n_skipped, device, state.duration_s)
-    return TrainResult(card, best_epoch, best_loss, state.epoch, tuple(dict(h) for h in history))
+    if ctx.is_main:
+        best = load_checkpoint(best_path)
+        card = _export(config, model, best, tuple(history), (train_ds, val_ds), n_skipped, ctx, state.duration_s)
+    distributed.barrier(ctx)  # the other ranks read the card rank 0 has just written
+    if not ctx.is_main:
+        card_path = config.out.parent / f"{config.out.name}{CARD_SUFFIX}"
+        card = ModelCard.from_json(card_path.read_text(encoding="utf-8"))
+    return TrainResult(
+        card, best_epoch, best_loss, state.epoch, tuple(dict(h) for h in history), ctx.rank, ctx.world_size
+    )
 
 
 def _export(
@@ -278,11 +356,12 @@ def _export(
     history: tuple[dict[str, Any], ...],
     datasets: tuple[CachedImageDataset, CachedImageDataset],
     n_skipped: int,
-    device: str,
+    ctx: DistContext,
     duration_s: float,
 ) -> ModelCard:
     """Reload the best weights, calibrate on the training latents, evaluate and save the model file."""
     train_ds, val_ds = datasets
+    device = ctx.device
     model.load_state_dict(best.model_state)
     model.eval()
     calibrate(model, latents_of(model, train_ds, device, config.batch_size))
@@ -309,6 +388,9 @@ def _export(
         else "no validation patient: validation loss is the training loss",
         "epochs": len(history),
         "batch_size": config.batch_size,
+        "world_size": ctx.world_size,
+        "distributed": f"DistributedDataParallel ({ctx.backend}), batch size per rank, per-rank BatchNorm"
+        if ctx.distributed else "none",
         "learning_rate": config.learning_rate,
         "optimizer": "Adam",
         "loss": "model loss (paper: AE MSE Eq. 1, VAE BCE + KL Eq. 2)",
