@@ -10,6 +10,7 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import os
 import shlex
 import sys
 from collections.abc import Callable, Iterable, Sequence
@@ -194,14 +195,16 @@ def cmd_train(args: argparse.Namespace) -> int:
     if args.cbis_ddsm is not None:
         from latentpacs.train.cbis import select_cbis
 
+        main_rank = os.environ.get("RANK", "0") == "0"  # under torchrun only rank 0 reports
         selection = select_cbis(args.cbis_ddsm, view=args.view or None, abnormality=args.abnormality or None,
-                                progress=True)
-        for missing in selection.missing:
-            print(f"latentpacs: CBIS-DDSM image not found: {missing}", file=sys.stderr)
+                                progress=main_rank)
         records, split = selection.records(), selection.official_split()
-        print(f"CBIS-DDSM: {len(selection.images)} image(s), {len(selection.missing)} not found, "
-              f"{selection.skipped_rows} row(s) skipped; "
-              + ("official train/test split" if split else "random split by patient"))
+        if main_rank:
+            for missing in selection.missing:
+                print(f"latentpacs: CBIS-DDSM image not found: {missing}", file=sys.stderr)
+            print(f"CBIS-DDSM: {len(selection.images)} image(s), {len(selection.missing)} not found, "
+                  f"{selection.skipped_rows} row(s) skipped; "
+                  + ("official train/test split" if split else "random split by patient"))
         data_note = data_note or (f"CBIS-DDSM {args.view or 'all views'} {args.abnormality or 'all abnormalities'}"
                                   f", {len(selection.images)} full mammograms")
     config = TrainConfig(
