@@ -119,40 +119,27 @@ def _format_ratio(ratio: float) -> str:
     return text[:16]
 
 
-def returned_overrides(header: Dataset, derivation: Derivation) -> Dataset:
-    """The attributes a retrieval returns differently from the archived header.
+def lossy_attributes(
+    header: Dataset, *, sop_uid: str, series_uid: str, method: str, ratio: float, description: str
+) -> Dataset:
+    """The identity and lossy-compression attributes of a derived object (PS3.3 C.7.6.1.1.3-5).
 
-    Empty for ``lossless``; for the lossy tiers the derived identity and the lossy
-    compression and derivation attributes (PS3.3 C.7.6.1.1.3-5). The archive keeps this
-    beside the original header, so C-FIND shows exactly the identity C-GET delivers.
+    New SOP Instance and Series Instance UIDs, Lossy Image Compression 01 with this step's
+    ratio and method appended to any earlier ones (C.7.6.1.1.5.2), Image Type
+    DERIVED\\SECONDARY, the Derivation Description and Code Sequence (DCM 113040), and a
+    Source Image Sequence naming ``header``'s instance (DCM 121320).
     """
     ds = Dataset()
-    if not derivation.tier.lossy:
-        return ds
-    ds.SOPInstanceUID, ds.SeriesInstanceUID = derived_identity(header, derivation)
-    method = METHOD_LATENT if derivation.tier.name == "latent" else METHOD_NEAR_LOSSLESS
+    ds.SOPInstanceUID = sop_uid
+    ds.SeriesInstanceUID = series_uid
     ds.LossyImageCompression = "01"
     ds.LossyImageCompressionRatio = _as_list(header.get("LossyImageCompressionRatio")) + [
-        _format_ratio(derivation.ratio)
+        _format_ratio(ratio)
     ]
-    ds.LossyImageCompressionMethod = _as_list(header.get("LossyImageCompressionMethod")) + [
-        method
-    ]
-
-    image_type = _as_list(header.get("ImageType"))
-    ds.ImageType = ["DERIVED", "SECONDARY", *image_type[2:]]
-
-    if derivation.tier.name == "latent":
-        how = "reconstructed from a learned latent"
-    else:
-        how = f"JPEG-LS near-lossless, max error {derivation.tier.near}"
-    ds.DerivationDescription = (
-        f"latentpacs {how}; model {derivation.model_name} "
-        f"sha256 {derivation.model_sha256[:16]}; tier {derivation.tier}; "
-        f"ratio {_format_ratio(derivation.ratio)}:1"
-    )
+    ds.LossyImageCompressionMethod = _as_list(header.get("LossyImageCompressionMethod")) + [method]
+    ds.ImageType = ["DERIVED", "SECONDARY", *_as_list(header.get("ImageType"))[2:]]
+    ds.DerivationDescription = description[:1024]
     ds.DerivationCodeSequence = [_code_item("113040", "DCM", "Lossy Compression")]
-
     source = Dataset()
     source.ReferencedSOPClassUID = header.SOPClassUID
     source.ReferencedSOPInstanceUID = header.SOPInstanceUID
@@ -161,6 +148,47 @@ def returned_overrides(header: Dataset, derivation: Derivation) -> Dataset:
     ]
     ds.SourceImageSequence = [source]
     return ds
+
+
+def returned_overrides(header: Dataset, derivation: Derivation) -> Dataset:
+    """The attributes a retrieval returns differently from the archived header.
+
+    Empty for ``lossless``; for the lossy tiers the derived identity and the lossy
+    compression and derivation attributes (:func:`lossy_attributes`). The archive keeps
+    this beside the original header, so C-FIND shows exactly the identity C-GET delivers.
+    """
+    if not derivation.tier.lossy:
+        return Dataset()
+    sop_uid, series_uid = derived_identity(header, derivation)
+    if derivation.tier.name == "latent":
+        method, how = METHOD_LATENT, "reconstructed from a learned latent"
+    else:
+        method = METHOD_NEAR_LOSSLESS
+        how = f"JPEG-LS near-lossless, max error {derivation.tier.near}"
+    description = (
+        f"latentpacs {how}; model {derivation.model_name} "
+        f"sha256 {derivation.model_sha256[:16]}; tier {derivation.tier}; "
+        f"ratio {_format_ratio(derivation.ratio)}:1"
+    )
+    return lossy_attributes(
+        header,
+        sop_uid=sop_uid,
+        series_uid=series_uid,
+        method=method,
+        ratio=derivation.ratio,
+        description=description,
+    )
+
+
+def file_meta(ds: Dataset, transfer_syntax: str) -> FileMetaDataset:
+    """The File Meta Information of ``ds`` written by latentpacs (PS3.10 7.1)."""
+    meta = FileMetaDataset()
+    meta.MediaStorageSOPClassUID = ds.SOPClassUID
+    meta.MediaStorageSOPInstanceUID = ds.SOPInstanceUID
+    meta.TransferSyntaxUID = transfer_syntax
+    meta.ImplementationClassUID = IMPLEMENTATION_CLASS_UID
+    meta.ImplementationVersionName = IMPLEMENTATION_VERSION_NAME
+    return meta
 
 
 def build_returned(
@@ -192,12 +220,6 @@ def assemble(header: Dataset, overrides: Dataset, stored: np.ndarray, module: Pi
     ds = Dataset()
     ds.update(header)
     ds.update(overrides)
-    meta = FileMetaDataset()
-    meta.MediaStorageSOPClassUID = ds.SOPClassUID
-    meta.MediaStorageSOPInstanceUID = ds.SOPInstanceUID
-    meta.TransferSyntaxUID = ExplicitVRLittleEndian
-    meta.ImplementationClassUID = IMPLEMENTATION_CLASS_UID
-    meta.ImplementationVersionName = IMPLEMENTATION_VERSION_NAME
-    ds.file_meta = meta
+    ds.file_meta = file_meta(ds, ExplicitVRLittleEndian)
     set_pixels(ds, stored, module)
     return ds

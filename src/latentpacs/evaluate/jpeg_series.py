@@ -19,12 +19,12 @@ from __future__ import annotations
 import copy
 import logging
 
-from pydicom.dataset import Dataset, FileMetaDataset
+from pydicom.dataset import Dataset
 from pydicom.encaps import encapsulate
 from pydicom.multival import MultiValue
 from pydicom.uid import JPEGBaseline8Bit
 
-from latentpacs.derive import IMPLEMENTATION_CLASS_UID, IMPLEMENTATION_VERSION_NAME, derived_uid
+from latentpacs.derive import derived_uid, file_meta, lossy_attributes
 from latentpacs.pixels import MONOCHROME1, PixelModule
 
 logger = logging.getLogger(__name__)
@@ -33,18 +33,6 @@ logger = logging.getLogger(__name__)
 METHOD_JPEG = "ISO_10918_1"
 _PIXEL_DATA = 0x7FE00010
 _VOI_LUT_ONLY = ("VOILUTSequence", "VOILUTFunction", "WindowCenterWidthExplanation")
-
-
-def _code(value: str, meaning: str) -> Dataset:
-    item = Dataset()
-    item.CodeValue, item.CodingSchemeDesignator, item.CodeMeaning = value, "DCM", meaning
-    return item
-
-
-def _strings(value: object) -> list[str]:
-    if value is None or value == "":
-        return []
-    return [str(v) for v in value] if isinstance(value, (list, MultiValue)) else [str(value)]
 
 
 def _values(value: object) -> list[float]:
@@ -84,25 +72,19 @@ def jpeg_dataset(original: Dataset, stream: bytes, quality: int, original_bytes:
     for element in original:  # copies: setting a value must never change ``original``
         if element.tag != _PIXEL_DATA:
             ds.add(copy.deepcopy(element))
-    ds.SOPInstanceUID = derived_uid(str(original.SOPInstanceUID), "sop", tag, str(original.SOPClassUID))
-    ds.SeriesInstanceUID = derived_uid(str(original.SeriesInstanceUID), "series", tag, str(original.SOPClassUID))
-    ds.SeriesDescription = f"JPEG q{quality} baseline (latentpacs evaluate)"
     ratio = original_bytes / max(len(stream), 1)
-    ds.LossyImageCompression = "01"
-    # earlier lossy steps of the original are kept, this one appended (PS3.3 C.7.6.1.1.5.2)
-    ds.LossyImageCompressionRatio = _strings(original.get("LossyImageCompressionRatio")) + [f"{ratio:.6g}"[:16]]
-    ds.LossyImageCompressionMethod = _strings(original.get("LossyImageCompressionMethod")) + [METHOD_JPEG]
-    ds.ImageType = ["DERIVED", "SECONDARY", *[str(v) for v in original.get("ImageType", [])][2:]]
-    ds.DerivationDescription = (
-        f"latentpacs evaluate: JPEG baseline quality {quality} of the image scaled to 8 bits; "
-        f"ratio {ratio:.1f}:1"
-    )
-    ds.DerivationCodeSequence = [_code("113040", "Lossy Compression")]
-    source = Dataset()
-    source.ReferencedSOPClassUID = original.SOPClassUID
-    source.ReferencedSOPInstanceUID = original.SOPInstanceUID
-    source.PurposeOfReferenceCodeSequence = [_code("121320", "Uncompressed predecessor")]
-    ds.SourceImageSequence = [source]
+    ds.update(lossy_attributes(
+        original,
+        sop_uid=derived_uid(str(original.SOPInstanceUID), "sop", tag, str(original.SOPClassUID)),
+        series_uid=derived_uid(str(original.SeriesInstanceUID), "series", tag, str(original.SOPClassUID)),
+        method=METHOD_JPEG,
+        ratio=ratio,
+        description=(
+            f"latentpacs evaluate: JPEG baseline quality {quality} of the image scaled to 8 bits; "
+            f"ratio {ratio:.1f}:1"
+        ),
+    ))
+    ds.SeriesDescription = f"JPEG q{quality} baseline (latentpacs evaluate)"
 
     PixelModule(module.rows, module.columns, 8, 8, 7, "MONOCHROME2").apply_to(ds)
     for keyword in _VOI_LUT_ONLY:
@@ -117,12 +99,6 @@ def jpeg_dataset(original: Dataset, stream: bytes, quality: int, original_bytes:
     ds.PixelData = encapsulate([stream])
     ds["PixelData"].VR = "OB"
 
-    meta = FileMetaDataset()
-    meta.MediaStorageSOPClassUID = ds.SOPClassUID
-    meta.MediaStorageSOPInstanceUID = ds.SOPInstanceUID
-    meta.TransferSyntaxUID = JPEGBaseline8Bit
-    meta.ImplementationClassUID = IMPLEMENTATION_CLASS_UID
-    meta.ImplementationVersionName = IMPLEMENTATION_VERSION_NAME
-    ds.file_meta = meta
+    ds.file_meta = file_meta(ds, JPEGBaseline8Bit)
     ds.set_original_encoding(False, True)
     return ds
