@@ -416,6 +416,17 @@ def build_parser() -> argparse.ArgumentParser:
         p.add_argument("--device", help="torch device (default: cuda if available, else cpu)")
         p.add_argument("--models-dir", help="directory of model files (default: shipped models/)")
 
+    def data_flags(p: argparse.ArgumentParser) -> None:
+        source = p.add_mutually_exclusive_group(required=True)
+        source.add_argument("--data", type=Path, nargs="+", metavar="DIR", help="DICOM folders or files")
+        source.add_argument(
+            "--cbis-ddsm", type=Path, metavar="ROOT", help="a CBIS-DDSM download (TCIA layout + CSVs)"
+        )
+        p.add_argument("--view", default="MLO", help="CBIS-DDSM view, '' for all (default: MLO)")
+        p.add_argument(
+            "--abnormality", default="mass", help="CBIS-DDSM abnormality, '' for all (default: mass)"
+        )
+
     p = sub.add_parser("demo-data", help="write synthetic mammograms as DICOM")
     p.add_argument("--out", type=Path, required=True)
     p.add_argument("--count", type=int, default=8)
@@ -449,11 +460,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=cmd_models_list)
 
     p = sub.add_parser("train", help="train a model on DICOM folders or CBIS-DDSM")
-    source = p.add_mutually_exclusive_group(required=True)
-    source.add_argument("--data", type=Path, nargs="+", metavar="DIR", help="DICOM folders or files")
-    source.add_argument("--cbis-ddsm", type=Path, metavar="ROOT", help="a CBIS-DDSM download (TCIA layout + CSVs)")
-    p.add_argument("--view", default="MLO", help="CBIS-DDSM view, '' for all (default: MLO)")
-    p.add_argument("--abnormality", default="mass", help="CBIS-DDSM abnormality, '' for all (default: mass)")
+    data_flags(p)
     p.add_argument("--arch", required=True, help="ae | vae | paper-ae | paper-vae")
     p.add_argument("--epochs", type=int, default=10)
     p.add_argument("--batch-size", type=int, default=8)
@@ -479,11 +486,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=cmd_demo)
 
     p = sub.add_parser("evaluate", help="measure the models against JPEG and lossless codecs")
-    source = p.add_mutually_exclusive_group(required=True)
-    source.add_argument("--data", type=Path, nargs="+", metavar="DIR", help="DICOM folders or files")
-    source.add_argument("--cbis-ddsm", type=Path, metavar="ROOT", help="a CBIS-DDSM download (TCIA layout + CSVs)")
-    p.add_argument("--view", default="MLO", help="CBIS-DDSM view, '' for all (default: MLO)")
-    p.add_argument("--abnormality", default="mass", help="CBIS-DDSM abnormality, '' for all (default: mass)")
+    data_flags(p)
     p.add_argument("--model", dest="models", nargs="+", default=["ae", "vae"], metavar="NAME",
                    help="models (default: ae vae)")
     p.add_argument("--jpeg-quality", type=int, default=85, help="JPEG baseline quality (default: 85)")
