@@ -242,3 +242,30 @@ def test_calling_ae_title_access_control(node_factory, tmp_path) -> None:
     node = node_factory(f"sqlite:///{tmp_path / 'a.db'}", security={"allowed_calling_aets": ["ECHOSCU", "FRIEND"]})
     assert echoscu(node.port, node.aet, calling="FRIEND").returncode == 0
     assert echoscu(node.port, node.aet, calling="STRANGER").returncode != 0
+
+
+def test_move_cancel_stops_the_sub_operations(node_factory, phantoms, tmp_path) -> None:
+    """A C-CANCEL (PS3.7 9.3.2.3) during a C-MOVE ends it with FE00 and the counts so far.
+
+    movescu cancels after the first Pending response; each remaining sub-operation (decode
+    a 1024x832 reconstruction, send it) takes far longer than the cancel takes to arrive.
+    """
+    images = phantom.generate(tmp_path / "big", 10, seed=13, size=(1024, 832), images_per_study=10)
+    with start_storescp(tmp_path / "received", aet="VIEWER") as viewer:
+        node = node_factory(
+            f"sqlite:///{tmp_path / 'a.db'}",
+            **{"destinations.VIEWER": {"host": "127.0.0.1", "port": viewer.port}},
+        )
+        assert final_response(storescu(node.port, node.aet, images)).status == Status.SUCCESS
+        from dicomtools import require
+        from netpeers import HOST, _run
+
+        study_uid = pydicom.dcmread(images[0]).StudyInstanceUID
+        proc = _run([require("movescu"), "-d", "-S", "--cancel", "1", "-k", "QueryRetrieveLevel=STUDY",
+                     "-k", f"StudyInstanceUID={study_uid}", "-aem", "VIEWER", "-aec", node.aet,
+                     HOST, str(node.port)], 120)
+        final = final_response(proc)
+        assert final.status == Status.CANCEL
+        assert final.completed is not None and final.completed < 10
+        assert len(viewer.files()) == final.completed
+    assert echoscu(node.port, node.aet).returncode == 0
