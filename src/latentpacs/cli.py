@@ -393,7 +393,7 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
     for path, reason in result.skipped:
         print(f"latentpacs: {path}: {reason}", file=sys.stderr)
     print(f"{'codec':<22} {'MSE@1024':>10} {'SSIM':>7} {'bits':>9} {'bpp':>9} {'efficiency':>10}")
-    for codec, stats in result.summary["codecs"].items():  # type: ignore[union-attr]
+    for codec, stats in result.summary["codecs"].items():
         print(f"{codec:<22} {stats['mse']['median']:>10.3e} {stats['ssim']['median']:>7.4f} "
               f"{stats['bits']['median']:>9.0f} {stats['bpp']['median']:>9.4g} {stats['efficiency']['median']:>10.4f}")
     print(f"evaluated {result.summary['images']} image(s); report: {result.report}")

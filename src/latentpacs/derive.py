@@ -21,7 +21,7 @@ from dataclasses import dataclass
 import numpy as np
 from pydicom.dataset import Dataset, FileMetaDataset
 from pydicom.multival import MultiValue
-from pydicom.uid import ExplicitVRLittleEndian
+from pydicom.uid import UID, ExplicitVRLittleEndian
 
 from latentpacs import __version__
 from latentpacs.codec.tiers import Tier
@@ -185,8 +185,8 @@ def file_meta(ds: Dataset, transfer_syntax: str) -> FileMetaDataset:
     meta = FileMetaDataset()
     meta.MediaStorageSOPClassUID = ds.SOPClassUID
     meta.MediaStorageSOPInstanceUID = ds.SOPInstanceUID
-    meta.TransferSyntaxUID = transfer_syntax
-    meta.ImplementationClassUID = IMPLEMENTATION_CLASS_UID
+    meta.TransferSyntaxUID = UID(transfer_syntax)
+    meta.ImplementationClassUID = UID(IMPLEMENTATION_CLASS_UID)
     meta.ImplementationVersionName = IMPLEMENTATION_VERSION_NAME
     return meta
 

@@ -29,6 +29,7 @@ import pydicom
 from PIL import Image, ImageDraw, ImageFont
 from pydicom.dataset import FileMetaDataset
 from pydicom.uid import (
+    UID,
     DigitalMammographyXRayImageStorageForPresentation,
     DigitalMammographyXRayImageStorageForProcessing,
     ExplicitVRLittleEndian,
@@ -290,7 +291,7 @@ def _burn_in_text(image: np.ndarray, label: str, chest_wall_left: bool) -> None:
     font = ImageFont.load_default(size=max(10, round(rows * 0.035)))
     left, top, right, bottom = font.getbbox(label)
     pad = 2 + (bottom - top) // 3
-    canvas = Image.new("1", (right - left + 2 * pad, bottom - top + 2 * pad), 0)  # crisp strokes
+    canvas = Image.new("1", (int(right - left + 2 * pad), int(bottom - top + 2 * pad)), 0)  # crisp strokes
     ImageDraw.Draw(canvas).text((pad - left, pad - top), label, fill=1, font=font)
     canvas = canvas.crop(canvas.getbbox())
     glyphs = np.asarray(canvas, dtype=np.float32)
@@ -450,7 +451,7 @@ def make_dataset(spec: PhantomSpec, rng: np.random.Generator, *, patient_id: str
 
     ds.file_meta = FileMetaDataset()
     ds.file_meta.MediaStorageSOPClassUID = sop_class
-    ds.file_meta.MediaStorageSOPInstanceUID = sop_uid
+    ds.file_meta.MediaStorageSOPInstanceUID = UID(sop_uid)
     ds.file_meta.TransferSyntaxUID = ExplicitVRLittleEndian
     return ds
 

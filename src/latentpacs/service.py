@@ -11,7 +11,7 @@ import json
 import logging
 import threading
 from collections import deque
-from collections.abc import Iterator, Sequence
+from collections.abc import Generator, Iterator, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
@@ -339,7 +339,7 @@ class Service:
 
     def returned_ahead(
         self, matches: Sequence[ArchivedImage], depth: int = PREFETCH_DEPTH
-    ) -> Iterator[tuple[ArchivedImage, Future[Dataset]]]:
+    ) -> Generator[tuple[ArchivedImage, Future[Dataset]], None, None]:
         """Each match with the future of :meth:`returned`, decoded up to ``depth`` ahead.
 
         A C-GET / C-MOVE (PS3.4 C.4.2.3, C.4.3.3) sends one C-STORE sub-operation at a

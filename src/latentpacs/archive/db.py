@@ -280,8 +280,10 @@ class Archive:
     def stats(self) -> ArchiveStats:
         """Entity counts and per-tier bytes (``latentpacs archive stats``)."""
         with self._session() as session:
-            counts = [session.scalar(select(func.count()).select_from(entity)) or 0
-                      for entity in (Patient, Study, Series, Instance)]
+            patients, studies, series, instances = (
+                session.scalar(select(func.count()).select_from(entity)) or 0
+                for entity in (Patient, Study, Series, Instance)
+            )
             tiers = tuple(
                 TierStats(tier=tier, instances=int(count), original_bytes=int(original or 0),
                           archived_bytes=int(archived or 0))
@@ -290,4 +292,4 @@ class Archive:
                            func.sum(Instance.archived_bytes))
                     .group_by(Instance.tier).order_by(Instance.tier))
             )
-        return ArchiveStats(*counts, tiers=tiers)
+        return ArchiveStats(patients, studies, series, instances, tiers=tiers)

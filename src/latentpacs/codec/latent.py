@@ -121,9 +121,9 @@ class LatentFormat:
                 f"latent is {len(data)} bytes; this model's format needs {self.nbytes}"
             )
         bitstring = np.unpackbits(np.frombuffer(data, dtype=np.uint8))
-        bitstring = bitstring[: self.latent_dim * self.bits].reshape(self.latent_dim, self.bits)
+        per_dim = bitstring[: self.latent_dim * self.bits].reshape(self.latent_dim, self.bits)
         weights = 1 << np.arange(self.bits - 1, -1, -1, dtype=np.int64)
-        index = bitstring.astype(np.int64) @ weights
+        index = per_dim.astype(np.int64) @ weights
         centres = np.asarray(self.low) + (index + 0.5) * self.step
         return centres.astype(np.float32)
 

@@ -82,7 +82,12 @@ def jpeg2000_encode(stored: np.ndarray, bits_stored: int, psnr_db: float | None 
             imagecodecs.jpeg2k_encode(values, level=0, reversible=True, bitspersample=bits_stored, codecformat="J2K")
         )
     return bytes(
-        imagecodecs.jpeg2k_encode(values, level=float(psnr_db), bitspersample=bits_stored, codecformat="J2K")
+        imagecodecs.jpeg2k_encode(
+            values,
+            level=float(psnr_db),  # type: ignore[arg-type]  # stub says int; OpenJPEG takes a float PSNR
+            bitspersample=bits_stored,
+            codecformat="J2K",
+        )
     )
 
 

@@ -22,6 +22,7 @@ import json
 import logging
 from dataclasses import asdict, dataclass
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 from tqdm import tqdm
@@ -82,7 +83,7 @@ class EvaluationResult:
 
     out: Path
     rows: tuple[records.MetricRow, ...]
-    summary: dict[str, object]
+    summary: dict[str, Any]
     figures: tuple[Path, ...]
     report: Path
     jpeg_series: tuple[Path, ...]
@@ -281,7 +282,8 @@ def evaluate(config: EvaluationConfig, progress: bool = True) -> EvaluationResul
         raise ConfigError(f"none of the {len(config.images)} input(s) could be measured")
     records.write_metrics(out / records.METRICS_CSV, rows)
     records.write_rate_points(out / records.RATE_DISTORTION_CSV, points)
-    np.savez_compressed(out / records.PREVIEWS_NPZ, **previews)
+    # numpy's stub also checks **kwds against its allow_pickle: bool keyword
+    np.savez_compressed(out / records.PREVIEWS_NPZ, **previews)  # type: ignore[arg-type]
     summary = records.summarise(rows, points)
     summary["images"] = len({r.image for r in rows})
     summary["skipped"] = [{"path": str(p), "reason": why} for p, why in skipped]

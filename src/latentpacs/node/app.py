@@ -29,7 +29,8 @@ from pydicom.uid import (
 )
 from pynetdicom import AE, evt
 from pynetdicom import _config as pynetdicom_config
-from pynetdicom.sop_class import (
+from pynetdicom.events import EventHandlerType
+from pynetdicom.sop_class import (  # type: ignore[attr-defined]  # names generated at import time
     PatientRootQueryRetrieveInformationModelFind,
     PatientRootQueryRetrieveInformationModelGet,
     PatientRootQueryRetrieveInformationModelMove,
@@ -134,7 +135,7 @@ def start_node(config: Config) -> Node:
     service = open_service(config)
     storage_classes = (*MAMMOGRAPHY_CLASSES, *config["node.extra_storage_classes"])
     ae = build_ae(config, storage_classes)
-    bound = [
+    bound: list[EventHandlerType] = [
         (evt.EVT_C_ECHO, handlers.handle_echo),
         (evt.EVT_C_STORE, handlers.handle_store, [service]),
         (evt.EVT_C_FIND, handlers.handle_find, [service]),

@@ -336,7 +336,7 @@ def _derived(full: pydicom.Dataset, pixels: np.ndarray, *, case: str, study: str
     """A cropped image or ROI mask made from ``full``: its header, new identity and pixels (PS3.3 C.7.6.1)."""
     ds = copy.deepcopy(full)
     ds.PatientID, ds.StudyInstanceUID, ds.SeriesInstanceUID = case, study, series
-    ds.SOPInstanceUID = ds.file_meta.MediaStorageSOPInstanceUID = _uid(series, "image")
+    ds.SOPInstanceUID = ds.file_meta.MediaStorageSOPInstanceUID = pydicom.uid.UID(_uid(series, "image"))
     ds.SeriesDescription, ds.ImageType = description, ["DERIVED", "SECONDARY"]
     ds.Rows, ds.Columns = pixels.shape
     for keyword in ("WindowCenter", "WindowWidth"):

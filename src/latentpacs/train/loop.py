@@ -24,6 +24,7 @@ import logging
 import math
 import random
 import time
+from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -300,7 +301,7 @@ def _train(config: TrainConfig, ctx: DistContext, progress: bool) -> TrainResult
         state = load_checkpoint(last_path)
         check_fingerprint(state.fingerprint, fingerprint, last_path)
         model.load_state_dict(state.model_state)
-        optimizer.load_state_dict(state.optimizer_state)
+        optimizer.load_state_dict(dict(state.optimizer_state))
         restore_rng(state.rng, generator)
         logger.info("resuming from %s after epoch %d", last_path, state.epoch)
 
@@ -314,11 +315,11 @@ def _train(config: TrainConfig, ctx: DistContext, progress: bool) -> TrainResult
             train_sum, train_count = _run_epoch(model, forward, train_loader, optimizer, device, bar)
             distributed.broadcast_buffers(ctx, model)  # validate with rank 0's BatchNorm statistics
             val_sum, val_count = _run_epoch(model, model, val_loader, None, device, None) if len(val_ds) else (0.0, 0)
-            train_sum, train_count, val_sum, val_count = distributed.all_reduce_sums(
+            train_total, train_n, val_total, val_n = distributed.all_reduce_sums(
                 ctx, (train_sum, train_count, val_sum, val_count)
             )
-            train_loss = train_sum / max(train_count, 1)
-            val_loss = val_sum / max(val_count, 1) if len(val_ds) else train_loss
+            train_loss = train_total / max(train_n, 1)
+            val_loss = val_total / max(val_n, 1) if len(val_ds) else train_loss
             bar.set_postfix(loss=f"{train_loss:.5g}", val_loss=f"{val_loss:.5g}")
         if not (math.isfinite(train_loss) and math.isfinite(val_loss)):
             raise ConfigError(f"training diverged at epoch {epoch} (loss {train_loss}); lower the learning rate")
@@ -353,7 +354,7 @@ def _export(
     config: TrainConfig,
     model: LatentAutoencoder,
     best: Checkpoint,
-    history: tuple[dict[str, Any], ...],
+    history: tuple[Mapping[str, float], ...],
     datasets: tuple[CachedImageDataset, CachedImageDataset],
     n_skipped: int,
     ctx: DistContext,
@@ -366,9 +367,9 @@ def _export(
     model.eval()
     calibrate(model, latents_of(model, train_ds, device, config.batch_size))
     has_val = len(val_ds) > 0
-    metrics = evaluate_reconstruction(model, val_ds if has_val else train_ds, device, config.batch_size)
-    metrics = {
-        **metrics,
+    measured = evaluate_reconstruction(model, val_ds if has_val else train_ds, device, config.batch_size)
+    metrics: dict[str, object] = {
+        **measured,
         "best_epoch": best.best_epoch,
         "best_val_loss": best.best_val_loss,
         "evaluated_on": "validation set" if has_val else "training set (no validation patient)",
