@@ -269,3 +269,25 @@ def test_move_cancel_stops_the_sub_operations(node_factory, phantoms, tmp_path) 
         assert final.completed is not None and final.completed < 10
         assert len(viewer.files()) == final.completed
     assert echoscu(node.port, node.aet).returncode == 0
+
+
+def test_extra_storage_classes_are_configurable(node_factory, phantoms, tmp_path) -> None:
+    """Grayscale single-frame classes beyond mammography are accepted only when configured."""
+    computed_radiography = "1.2.840.10008.5.1.4.1.1.1"
+    ds = pydicom.dcmread(phantoms[0])
+    ds.SOPClassUID = ds.file_meta.MediaStorageSOPClassUID = computed_radiography
+    ds.SOPInstanceUID = ds.file_meta.MediaStorageSOPInstanceUID = "2.25.4242"
+    cr = tmp_path / "cr.dcm"
+    ds.save_as(cr)
+
+    plain = node_factory(f"sqlite:///{tmp_path / 'plain.db'}")
+    refused = storescu(plain.port, plain.aet, [cr])
+    assert refused.returncode != 0 and not dimse_responses(refused)
+    plain.stop()
+
+    extended = node_factory(
+        f"sqlite:///{tmp_path / 'extended.db'}", node={"extra_storage_classes": [computed_radiography]}
+    )
+    assert final_response(storescu(extended.port, extended.aet, [cr])).status == Status.SUCCESS
+    (found,) = findscu(extended.port, extended.aet, "IMAGE", {"SOPClassUID": "", "SOPInstanceUID": ""}).datasets
+    assert found.SOPClassUID == computed_radiography
