@@ -17,6 +17,7 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import psycopg
+import pydicom
 import pytest
 
 PG_BIN = Path("/usr/lib/postgresql/15/bin")
@@ -107,3 +108,16 @@ def archive_url(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[str]
     yield f"postgresql+psycopg://{PG_USER}@127.0.0.1:{port}/{name}"
     with _admin(port) as admin:
         admin.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
+
+
+@pytest.fixture(scope="session")
+def phantom_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """12 small phantom mammograms of 3 or more patients (the training tests' data)."""
+    from latentpacs import phantom
+
+    root = tmp_path_factory.mktemp("phantoms")
+    paths = phantom.generate(root, 12, 7, size=(128, 104), studies_per_patient=1)
+    patients = {pydicom.dcmread(p, stop_before_pixels=True).PatientID for p in paths}
+    if len(patients) < 3:
+        pytest.fail(f"phantom generator made {len(patients)} patients; the tests need 3")
+    return root

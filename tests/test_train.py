@@ -13,7 +13,6 @@ import pydicom
 import pytest
 import torch
 
-from latentpacs import phantom
 from latentpacs.codec.modelfile import load_model, sha256_file
 from latentpacs.errors import ConfigError
 from latentpacs.train import (
@@ -26,17 +25,6 @@ from latentpacs.train import (
 )
 
 IMAGE_SIZE = 64
-
-
-@pytest.fixture(scope="module")
-def phantom_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """12 small phantom mammograms of 3 or more patients."""
-    root = tmp_path_factory.mktemp("phantoms")
-    paths = phantom.generate(root, 12, 7, size=(128, 104), studies_per_patient=1)
-    patients = {pydicom.dcmread(p, stop_before_pixels=True).PatientID for p in paths}
-    if len(patients) < 3:
-        pytest.fail(f"phantom generator made {len(patients)} patients; the tests need 3")
-    return root
 
 
 def _config(data: Path, out: Path, **changes: object) -> TrainConfig:

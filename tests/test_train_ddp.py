@@ -8,23 +8,10 @@ import subprocess
 import sys
 from pathlib import Path
 
-import pydicom
 import pytest
 
-from latentpacs import phantom
 from latentpacs.codec.modelfile import load_model, sha256_file
 from latentpacs.train import TrainConfig, train
-
-
-@pytest.fixture(scope="module")
-def phantom_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """12 small phantom mammograms of 3 or more patients."""
-    root = tmp_path_factory.mktemp("phantoms")
-    paths = phantom.generate(root, 12, 7, size=(128, 104), studies_per_patient=1)
-    patients = {pydicom.dcmread(p, stop_before_pixels=True).PatientID for p in paths}
-    if len(patients) < 3:
-        pytest.fail(f"phantom generator made {len(patients)} patients; the tests need 3")
-    return root
 
 
 @pytest.fixture(scope="module")

@@ -315,16 +315,11 @@ class Service:
         )
         tier = Tier.parse(archived.tier)
         engine = None if tier.has_residual else self.engines.for_sha256(archived.model_sha256)
-        card = engine.loaded.card if engine is not None else None
+        # The JPEG-LS tiers decode without the model: only its hash is carried along.
+        model = model_ref(engine) if engine else ModelRef("", archived.model_sha256, "", 0, 0)
         image = EncodedImage(
             tier=tier,
-            model=ModelRef(
-                card.name if card else "",
-                archived.model_sha256,
-                card.arch if card else "",
-                card.latent_dim if card else 0,
-                card.latent_bits if card else 0,
-            ),
+            model=model,
             module=module,
             original_transfer_syntax=archived.original_transfer_syntax,
             original_stored_bytes=archived.original_stored_bytes,
