@@ -44,7 +44,16 @@ import pydicom
 import torch
 from tqdm import tqdm
 
-from bench_peers import BenchError, Server, getscu_study, start_node, start_orthanc, start_storescp, storescu
+from bench_peers import (
+    BenchError,
+    Server,
+    getscu_study,
+    start_node,
+    start_orthanc,
+    start_pynetdicom_floor,
+    start_storescp,
+    storescu,
+)
 
 from latentpacs import phantom
 from latentpacs.codec.engine import Engine
@@ -221,6 +230,10 @@ def ratios(timings: Sequence[Timing]) -> dict[str, float]:
     for phase, other in (("ingest", "storescp"), ("ingest", "orthanc"), ("c-get", "orthanc")):
         if (phase, "node") in speed and (phase, other) in speed:
             out[f"{phase} node/{other}"] = speed[(phase, "node")] / speed[(phase, other)]
+    floor = ("c-get", "pynetdicom-floor")
+    if floor in speed and ("c-get", "orthanc") in speed:  # the best pynetdicom can send
+        out["c-get pynetdicom-floor/orthanc"] = speed[floor] / speed[("c-get", "orthanc")]
+        out["c-get node/pynetdicom-floor"] = speed[("c-get", "node")] / speed[floor]
     return out
 
 
@@ -260,7 +273,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     settings = {k: (int(v) if v.isdigit() else v)
                 for k, v in (s.split("=", 1) for s in args.node_setting)}
     work = args.work or Path(tempfile.mkdtemp(prefix="latentpacs-bench-"))
-    steps = (0 if "network" in args.skip else 3 * args.repeats + 2 * args.repeats) \
+    steps = (0 if "network" in args.skip else 3 * args.repeats + 3 * args.repeats) \
         + (0 if "engine" in args.skip else len(devices) * len(args.batch_sizes)) \
         + (0 if "train" in args.skip else len(devices))
     timings: list[Timing] = []
@@ -272,14 +285,16 @@ def main(argv: Sequence[str] | None = None) -> int:
             ingest, node, orthanc = bench_ingest(work, files, pixel_mb, args.repeats, settings, {}, bar)
             timings += ingest
             report["node_peak_rss_after_ingest_mib"] = node.peak_rss_kib() / 1024
+            floor = start_pynetdicom_floor(work / "floor", files)
             try:
-                timings += bench_get(work, [node, orthanc], study_uid, len(files), pixel_mb,
+                timings += bench_get(work, [node, orthanc, floor], study_uid, len(files), pixel_mb,
                                      args.repeats, bar, args.get_pdu)
                 report["node_peak_rss_mib"] = node.peak_rss_kib() / 1024
                 report["orthanc_peak_rss_mib"] = orthanc.peak_rss_kib() / 1024
             finally:
                 node.stop()
                 orthanc.stop()
+                floor.stop()
         if "engine" not in args.skip:
             for device in devices:
                 timings += bench_engine(device, args.batch_sizes, args.repeats, bar)

@@ -160,6 +160,15 @@ def start_node(workdir: Path, *, settings: dict[str, str | int] | None = None,
     return _started("node", int(port_file.read_text()), "LATENTPACS", proc, log, workdir)
 
 
+def start_pynetdicom_floor(workdir: Path, files: Sequence[Path]) -> Server:
+    """A bare pynetdicom C-GET SCP serving ``files`` from memory (``pynetdicom_floor.py``)."""
+    workdir.mkdir(parents=True, exist_ok=True)
+    port, log = free_port(), workdir / "floor.log"
+    script = Path(__file__).with_name("pynetdicom_floor.py")
+    proc = _spawn([sys.executable, script, str(port), *files], log, workdir)
+    return _started("pynetdicom-floor", port, "FLOOR", proc, log, workdir)
+
+
 def start_orthanc(workdir: Path) -> Server:
     """Orthanc 1.x with a fresh storage area, no plugins, every DIMSE service allowed."""
     workdir.mkdir(parents=True, exist_ok=True)
