@@ -291,3 +291,47 @@ def test_extra_storage_classes_are_configurable(node_factory, phantoms, tmp_path
     assert final_response(storescu(extended.port, extended.aet, [cr])).status == Status.SUCCESS
     (found,) = findscu(extended.port, extended.aet, "IMAGE", {"SOPClassUID": "", "SOPInstanceUID": ""}).datasets
     assert found.SOPClassUID == computed_radiography
+
+
+def test_lossless_tier_sends_the_archived_jpeg_ls_stream(node_factory, phantoms, tmp_path) -> None:
+    """A C-GET requestor that accepts only JPEG-LS Lossless gets the archived stream itself.
+
+    No decode on the node, and the peer decodes the original pixels bit for bit.
+    """
+    from pydicom.uid import JPEGLSLossless
+    from pynetdicom import AE, build_role, evt
+    from pynetdicom.sop_class import StudyRootQueryRetrieveInformationModelGet as GET
+
+    node = node_factory(f"sqlite:///{tmp_path / 'a.db'}", codec={"tier": "lossless"})
+    storescu(node.port, node.aet, phantoms)
+    classes = sorted({str(pydicom.dcmread(p).SOPClassUID) for p in phantoms})
+    received: list[pydicom.Dataset] = []
+
+    def on_store(event: evt.Event) -> int:
+        ds = event.dataset
+        ds.file_meta = event.file_meta
+        received.append(ds)
+        return 0x0000
+
+    ae = AE(ae_title="JLSVIEWER")
+    ae.add_requested_context(GET)
+    for sop_class in classes:
+        ae.add_requested_context(sop_class, [JPEGLSLossless])
+    assoc = ae.associate("127.0.0.1", node.port, ae_title=node.aet,
+                         ext_neg=[build_role(c, scp_role=True) for c in classes],
+                         evt_handlers=[(evt.EVT_C_STORE, on_store)])
+    assert assoc.is_established
+    identifier = pydicom.Dataset()
+    identifier.QueryRetrieveLevel = "STUDY"
+    identifier.StudyInstanceUID = pydicom.dcmread(phantoms[0]).StudyInstanceUID
+    final = [status for status, _ in assoc.send_c_get(identifier, GET)][-1]
+    assoc.release()
+    assert final.Status == Status.SUCCESS and final.NumberOfCompletedSuboperations == 2
+    originals = {pydicom.dcmread(p).SOPInstanceUID: pydicom.dcmread(p) for p in phantoms}
+    assert len(received) == 2
+    for index, ds in enumerate(received):
+        assert ds.file_meta.TransferSyntaxUID == JPEGLSLossless
+        np.testing.assert_array_equal(ds.pixel_array, originals[ds.SOPInstanceUID].pixel_array)
+        path = tmp_path / f"jls-{index}.dcm"
+        ds.save_as(path, enforce_file_format=True)
+        assert dciodvfy_errors(path) == []

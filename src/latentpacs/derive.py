@@ -20,6 +20,7 @@ from dataclasses import dataclass
 
 import numpy as np
 from pydicom.dataset import Dataset, FileMetaDataset
+from pydicom.encaps import encapsulate
 from pydicom.multival import MultiValue
 from pydicom.uid import UID, ExplicitVRLittleEndian
 
@@ -222,4 +223,24 @@ def assemble(header: Dataset, overrides: Dataset, stored: np.ndarray, module: Pi
     ds.update(overrides)
     ds.file_meta = file_meta(ds, ExplicitVRLittleEndian)
     set_pixels(ds, stored, module)
+    return ds
+
+
+def assemble_encapsulated(
+    header: Dataset, overrides: Dataset, stream: bytes, module: PixelModule, transfer_syntax: str
+) -> Dataset:
+    """Like :func:`assemble`, but with an archived codestream as encapsulated Pixel Data.
+
+    ``stream`` is one frame's JPEG-LS codestream (PS3.5 A.4.3) of the stored values, sent
+    as archived with ``transfer_syntax`` (JPEG-LS Lossless or Near-Lossless), so a peer that
+    accepts it gets the pixels without a decode and in a fraction of the bytes.
+    """
+    ds = Dataset()
+    ds.update(header)
+    ds.update(overrides)
+    ds.file_meta = file_meta(ds, transfer_syntax)
+    module.apply_to(ds)
+    ds.PixelData = encapsulate([stream])
+    ds["PixelData"].VR = "OB"
+    ds["PixelData"].is_undefined_length = True
     return ds

@@ -11,7 +11,7 @@ import json
 import logging
 import threading
 from collections import deque
-from collections.abc import Generator, Iterator, Sequence
+from collections.abc import Collection, Generator, Iterator, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
@@ -19,6 +19,7 @@ from typing import Any
 
 import numpy as np
 from pydicom.dataset import Dataset
+from pydicom.uid import JPEGLSLossless, JPEGLSNearLossless
 
 from latentpacs.archive import Archive, ArchivedImage, DuplicatePolicy, StoreResult
 from latentpacs.codec.engine import Engine
@@ -26,7 +27,13 @@ from latentpacs.codec.modelfile import find_model_by_sha256, load_model
 from latentpacs.codec.residual import decode_residual, encode_residual
 from latentpacs.codec.tiers import Tier
 from latentpacs.config import Config
-from latentpacs.derive import Derivation, assemble, build_returned, returned_overrides
+from latentpacs.derive import (
+    Derivation,
+    assemble,
+    assemble_encapsulated,
+    build_returned,
+    returned_overrides,
+)
 from latentpacs.errors import InvalidDicomError, LatentFormatError
 from latentpacs.pixels import (
     PixelModule,
@@ -300,10 +307,15 @@ class Service:
         """The instances a C-GET / C-MOVE identifier selects (PS3.4 C.4.2.2, C.4.3.2)."""
         return self.archive.match_instances(level, identifier, root=root)
 
-    def returned(self, archived: ArchivedImage) -> Dataset:
+    def returned(
+        self, archived: ArchivedImage, *, sendable: Collection[tuple[str, str]] = ()
+    ) -> Dataset:
         """Decode one archived instance into the object a retrieval sends.
 
         Uses the overrides archived at store time, so the identity is the one C-FIND shows.
+        ``sendable`` holds the (SOP Class UID, Transfer Syntax UID) pairs the peer accepted
+        (PS3.8 9.3.2.2); when it takes JPEG-LS for this image's class, a ``lossless`` or
+        ``near-lossless`` image is sent as its archived JPEG-LS stream, with no decode.
         """
         module = PixelModule(
             rows=archived.rows,
@@ -314,6 +326,12 @@ class Service:
             photometric_interpretation=archived.photometric_interpretation,
         )
         tier = Tier.parse(archived.tier)
+        header = Dataset.from_json(archived.header)
+        overrides = Dataset.from_json(archived.overrides)
+        if tier.has_residual:
+            syntax = JPEGLSLossless if tier.near == 0 else JPEGLSNearLossless
+            if (str(header.SOPClassUID), syntax) in sendable:
+                return assemble_encapsulated(header, overrides, archived.residual, module, syntax)
         engine = None if tier.has_residual else self.engines.for_sha256(archived.model_sha256)
         # The JPEG-LS tiers decode without the model: only its hash is carried along.
         model = model_ref(engine) if engine else ModelRef("", archived.model_sha256, "", 0, 0)
@@ -327,13 +345,14 @@ class Service:
             latent=archived.latent,
             residual=archived.residual,
         )
-        stored = decode_stored(image, engine)
-        return assemble(
-            Dataset.from_json(archived.header), Dataset.from_json(archived.overrides), stored, module
-        )
+        return assemble(header, overrides, decode_stored(image, engine), module)
 
     def returned_ahead(
-        self, matches: Sequence[ArchivedImage], depth: int = PREFETCH_DEPTH
+        self,
+        matches: Sequence[ArchivedImage],
+        depth: int = PREFETCH_DEPTH,
+        *,
+        sendable: Collection[tuple[str, str]] = (),
     ) -> Generator[tuple[ArchivedImage, Future[Dataset]], None, None]:
         """Each match with the future of :meth:`returned`, decoded up to ``depth`` ahead.
 
@@ -348,7 +367,8 @@ class Service:
         pending: deque[tuple[ArchivedImage, Future[Dataset]]] = deque()
         try:
             for archived in remaining:
-                pending.append((archived, executor.submit(self.returned, archived)))
+                future = executor.submit(self.returned, archived, sendable=sendable)
+                pending.append((archived, future))
                 if len(pending) > depth:
                     yield pending.popleft()
             while pending:

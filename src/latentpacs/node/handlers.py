@@ -109,12 +109,14 @@ def handle_find(event: evt.Event, service: Service) -> Iterator[tuple[Any, Datas
     yield Status.SUCCESS, None
 
 
-def _send(event: evt.Event, service: Service, matches: list) -> Iterator[tuple[Any, Dataset | None]]:
+def _send(
+    event: evt.Event, service: Service, matches: list, sendable: frozenset[tuple[str, str]]
+) -> Iterator[tuple[Any, Dataset | None]]:
     """Yield each matched instance as a Pending sub-operation (PS3.4 C.4.2.3/C.4.3.3).
 
     The next instances are decoded on a worker thread while this one is being sent.
     """
-    with closing(service.returned_ahead(matches)) as decoded:
+    with closing(service.returned_ahead(matches, sendable=sendable)) as decoded:
         for archived, future in decoded:
             if event.is_cancelled:
                 yield Status.CANCEL, None
@@ -145,7 +147,15 @@ def _retrieve(event: evt.Event, service: Service, service_name: str) -> Iterator
         yield _from_error(exc), None
         return
     yield len(matches)
-    yield from _send(event, service, matches)
+    # C-GET sub-operations go back on this association (PS3.4 C.4.3.3), so the contexts the
+    # requestor accepted for us as Storage SCU say which transfer syntaxes it takes; C-MOVE
+    # opens a new association whose contexts are only known inside pynetdicom.
+    sendable = frozenset(
+        (str(cx.abstract_syntax), str(cx.transfer_syntax[0]))
+        for cx in event.assoc.accepted_contexts
+        if cx.as_scu and cx.transfer_syntax
+    ) if service_name == "C-GET" else frozenset()
+    yield from _send(event, service, matches, sendable)
 
 
 def handle_get(event: evt.Event, service: Service) -> Iterator[Any]:
