@@ -111,3 +111,17 @@ def test_default_models_dir_follows_the_environment(
     monkeypatch.setenv("LATENTPACS_MODELS", str(tmp_path))
     assert [c.sha256 for c in list_models()] == [card.sha256]
     assert np.isclose(load_model("tiny").card.metrics["mse"], 0.01)
+
+
+def test_a_replaced_model_is_retired_not_deleted(tmp_path: Path) -> None:
+    """Saving new weights under a used name keeps the old ones findable by their hash."""
+    old = _save(tmp_path, "ae-model", "ae", seed=1)
+    new = _save(tmp_path, "ae-model", "ae", seed=2)
+    assert old.sha256 != new.sha256
+    assert [c.sha256 for c in list_models(tmp_path)] == [new.sha256]  # the name means the new one
+    kept = find_model_by_sha256(old.sha256, tmp_path)
+    assert kept.parent.name == "retired" and sha256_file(kept) == old.sha256
+    assert load_model(kept, expected_sha256=old.sha256).card.sha256 == old.sha256
+    assert find_model_by_sha256(new.sha256, tmp_path) == tmp_path / "ae-model.safetensors"
+    _save(tmp_path, "ae-model", "ae", seed=2)  # the same weights again: nothing is retired
+    assert len(list((tmp_path / "retired").glob("*.safetensors"))) == 1

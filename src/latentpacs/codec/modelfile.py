@@ -40,6 +40,8 @@ from latentpacs.errors import ModelError, ModelHashMismatchError
 logger = logging.getLogger(__name__)
 
 WEIGHTS_SUFFIX = ".safetensors"
+#: Where replaced models are kept, so latents naming them stay decodable.
+RETIRED_DIR = "retired"
 CARD_SUFFIX = ".json"
 _INT_FIELDS = ("image_size", "latent_dim", "latent_bits", "latent_bytes", "parameters")
 _STR_FIELDS = ("name", "arch", "sha256", "description")
@@ -162,9 +164,10 @@ def save_model(
 ) -> ModelCard:
     """Write ``directory/name.safetensors`` and its card ``directory/name.json``.
 
-    Both files are written atomically. Replacing an existing model of the same name with
-    different weights changes its SHA-256, so latents naming the old hash no longer find
-    it; this is logged as a warning (the archive forbids it for models it references).
+    Both files are written atomically. A model is never deleted: when ``name`` exists with
+    different weights, the old weights and card move to ``directory/retired/`` (named
+    ``NAME-<sha256[:16]>``) with a warning, and :func:`find_model_by_sha256` still finds
+    them there, so every latent naming the old hash stays decodable.
 
     Raises
     ------
@@ -185,8 +188,10 @@ def save_model(
     blob = _canonical(save_safetensors(tensors, metadata=metadata))
     sha = hashlib.sha256(blob).hexdigest()
     weights = directory / f"{name}{WEIGHTS_SUFFIX}"
-    if weights.exists() and sha256_file(weights) != sha:
-        logger.warning("replacing model %s: its SHA-256 changes to %s", weights, sha)
+    if weights.exists():
+        previous = sha256_file(weights)
+        if previous != sha:
+            _retire(weights, previous)
     card = ModelCard(
         name=name,
         arch=model.arch,
@@ -204,6 +209,20 @@ def save_model(
     _atomic_write(directory / f"{name}{CARD_SUFFIX}", card.to_json().encode())
     logger.info("saved model %s (%s, sha256 %s)", name, model.arch, sha[:16])
     return card
+
+
+def _retire(weights: Path, sha: str) -> None:
+    """Move a replaced model's weights and card to ``retired/`` beside it, never deleting them."""
+    retired = weights.parent / RETIRED_DIR
+    retired.mkdir(exist_ok=True)
+    target = retired / f"{weights.name[: -len(WEIGHTS_SUFFIX)]}-{sha[:16]}{WEIGHTS_SUFFIX}"
+    card = weights.with_suffix(CARD_SUFFIX)
+    if card.is_file():
+        os.replace(card, target.with_suffix(CARD_SUFFIX))
+    os.replace(weights, target)
+    logger.warning(
+        "model %s replaced: the previous weights (sha256 %s) are kept as %s", weights, sha[:16], target
+    )
 
 
 def _weights_path(name_or_path: str | Path, models_dir: Path | None) -> Path:
@@ -296,7 +315,7 @@ def list_models(models_dir: Path | None = None) -> list[ModelCard]:
 
 
 def find_model_by_sha256(sha256: str, models_dir: Path | None = None) -> Path:
-    """The weights file in ``models_dir`` whose content has this SHA-256.
+    """The weights file in ``models_dir`` (or its ``retired/``) whose content has this SHA-256.
 
     Candidates come from the cards; the match is confirmed by hashing the file.
 
@@ -307,7 +326,7 @@ def find_model_by_sha256(sha256: str, models_dir: Path | None = None) -> Path:
     """
     wanted = sha256.lower()
     directory = Path(models_dir or default_models_dir())
-    for weights, card in _cards(directory):
+    for weights, card in [*_cards(directory), *_cards(directory / RETIRED_DIR)]:
         if card.sha256.lower() == wanted and sha256_file(weights) == wanted:
             return weights
     raise ModelError(f"no model with SHA-256 {sha256[:16]}... in {directory}")
