@@ -335,3 +335,30 @@ def test_lossless_tier_sends_the_archived_jpeg_ls_stream(node_factory, phantoms,
         path = tmp_path / f"jls-{index}.dcm"
         ds.save_as(path, enforce_file_format=True)
         assert dciodvfy_errors(path) == []
+
+
+def test_get_in_the_compressed_syntax_the_requestor_prefers(node_factory, phantoms, tmp_path) -> None:
+    """getscu +xt (JPEG-LS first, native as fallback) gets latent reconstructions JPEG-LS coded.
+
+    The node accepts the requestor's compressed proposal and codes each reconstruction
+    losslessly in it: the pixels equal those of an uncompressed C-GET.
+    """
+    from dicomtools import require
+    from netpeers import HOST, _run
+
+    node = node_factory(f"sqlite:///{tmp_path / 'a.db'}")
+    storescu(node.port, node.aet, phantoms)
+    study_uid = pydicom.dcmread(phantoms[0]).StudyInstanceUID
+    native = getscu(node.port, node.aet, "STUDY", {"StudyInstanceUID": study_uid}, tmp_path / "native")
+    out = tmp_path / "jls"
+    out.mkdir()
+    proc = _run([require("getscu"), "-d", "+xt", "-S", "-k", "QueryRetrieveLevel=STUDY",
+                 "-k", f"StudyInstanceUID={study_uid}", "-od", out, "-aec", node.aet,
+                 HOST, str(node.port)], 120)
+    final = final_response(proc)
+    assert final.status == Status.SUCCESS and (final.completed, final.failed) == (2, 0)
+    plain = {pydicom.dcmread(p).SOPInstanceUID: pydicom.dcmread(p) for p in native.files}
+    for path in sorted(out.iterdir()):
+        ds = pydicom.dcmread(path)
+        assert ds.file_meta.TransferSyntaxUID == "1.2.840.10008.1.2.4.80"  # JPEG-LS Lossless
+        np.testing.assert_array_equal(ds.pixel_array, plain[ds.SOPInstanceUID].pixel_array)

@@ -19,7 +19,14 @@ from typing import Any
 
 import numpy as np
 from pydicom.dataset import Dataset
-from pydicom.uid import JPEGLSLossless, JPEGLSNearLossless
+from pydicom.uid import (
+    ExplicitVRLittleEndian,
+    ImplicitVRLittleEndian,
+    JPEG2000Lossless,
+    JPEGLSLossless,
+    JPEGLSNearLossless,
+    RLELossless,
+)
 
 from latentpacs.archive import Archive, ArchivedImage, DuplicatePolicy, StoreResult
 from latentpacs.codec.engine import Engine
@@ -34,7 +41,7 @@ from latentpacs.derive import (
     build_returned,
     returned_overrides,
 )
-from latentpacs.errors import InvalidDicomError, LatentFormatError
+from latentpacs.errors import InvalidDicomError, LatentFormatError, UnsupportedImageError
 from latentpacs.pixels import (
     PixelModule,
     canonical_to_stored,
@@ -314,8 +321,10 @@ class Service:
 
         Uses the overrides archived at store time, so the identity is the one C-FIND shows.
         ``sendable`` holds the (SOP Class UID, Transfer Syntax UID) pairs the peer accepted
-        (PS3.8 9.3.2.2); when it takes JPEG-LS for this image's class, a ``lossless`` or
-        ``near-lossless`` image is sent as its archived JPEG-LS stream, with no decode.
+        (PS3.8 9.3.2.2); empty means "uncompressed". When the peer took JPEG-LS for this
+        image's class, a ``lossless`` or ``near-lossless`` image is sent as its archived
+        JPEG-LS stream, with no decode; when it took only a compressed transfer syntax,
+        the returned pixels are coded losslessly in it (:func:`_in_accepted_syntax`).
         """
         module = PixelModule(
             rows=archived.rows,
@@ -328,9 +337,10 @@ class Service:
         tier = Tier.parse(archived.tier)
         header = Dataset.from_json(archived.header)
         overrides = Dataset.from_json(archived.overrides)
+        accepted = {ts for sop_class, ts in sendable if sop_class == str(header.SOPClassUID)}
         if tier.has_residual:
             syntax = JPEGLSLossless if tier.near == 0 else JPEGLSNearLossless
-            if (str(header.SOPClassUID), syntax) in sendable:
+            if syntax in accepted:
                 return assemble_encapsulated(header, overrides, archived.residual, module, syntax)
         engine = None if tier.has_residual else self.engines.for_sha256(archived.model_sha256)
         # The JPEG-LS tiers decode without the model: only its hash is carried along.
@@ -345,7 +355,8 @@ class Service:
             latent=archived.latent,
             residual=archived.residual,
         )
-        return assemble(header, overrides, decode_stored(image, engine), module)
+        returned = assemble(header, overrides, decode_stored(image, engine), module)
+        return _in_accepted_syntax(returned, accepted)
 
     def returned_ahead(
         self,
@@ -375,6 +386,39 @@ class Service:
                 yield pending.popleft()
         finally:
             executor.shutdown(wait=False, cancel_futures=True)
+
+
+#: Transfer syntaxes a returned object can be sent in without coding (PS3.5 A.1, A.2).
+_NATIVE = frozenset({ExplicitVRLittleEndian, ImplicitVRLittleEndian})
+#: Compressed transfer syntaxes the node codes on the fly, losslessly (PS3.5 A.4).
+_LOSSLESS_ENCODINGS = (JPEGLSLossless, JPEGLSNearLossless, JPEG2000Lossless, RLELossless)
+
+
+def _in_accepted_syntax(ds: Dataset, accepted: Collection[str]) -> Dataset:
+    """``ds`` (native pixels) in a transfer syntax the peer accepted for its class.
+
+    A peer that accepted only a compressed transfer syntax for the class (a C-GET
+    requestor proposing e.g. JPEG-LS first) gets the pixels coded losslessly in it with
+    pydicom's encoders; JPEG-LS NEAR=0 is valid under the Near-Lossless syntax.
+
+    Raises
+    ------
+    UnsupportedImageError
+        When the peer accepted only transfer syntaxes latentpacs cannot code.
+    """
+    if not accepted or _NATIVE.intersection(accepted):
+        return ds
+    for syntax in _LOSSLESS_ENCODINGS:
+        if syntax in accepted:
+            if syntax == JPEGLSNearLossless:
+                ds.compress(syntax, generate_instance_uid=False, jls_error=0)
+            else:
+                ds.compress(syntax, generate_instance_uid=False)
+            return ds
+    raise UnsupportedImageError(
+        f"the peer accepted only {', '.join(sorted(accepted))} for this class; "
+        "latentpacs sends native, JPEG-LS, JPEG 2000 lossless or RLE"
+    )
 
 
 def open_service(config: Config) -> Service:

@@ -54,19 +54,22 @@ MAMMOGRAPHY_CLASSES = ("1.2.840.10008.5.1.4.1.1.1.2", "1.2.840.10008.5.1.4.1.1.1
 #: Transfer syntaxes the Storage SCP accepts: every one whose pixel data
 #: :mod:`latentpacs.pixels` decodes (PS3.5 Section 10 and Annex A).
 STORE_TRANSFER_SYNTAXES = (
-    ExplicitVRLittleEndian,
-    ImplicitVRLittleEndian,
-    DeflatedExplicitVRLittleEndian,
-    ExplicitVRBigEndian,
+    # pynetdicom accepts the first of these that a context proposes, so the compressed
+    # ones come first: a peer offering its file's own compressed syntax (with native ones
+    # as fallback, as DCMTK's storescu does) sends it as it is, never converted.
     JPEGLSLossless,
     JPEGLSNearLossless,
     JPEG2000Lossless,
     JPEG2000,
     JPEGLosslessSV1,
     JPEGLossless,
+    RLELossless,
     JPEGBaseline8Bit,
     JPEGExtended12Bit,
-    RLELossless,
+    ExplicitVRLittleEndian,
+    ImplicitVRLittleEndian,
+    DeflatedExplicitVRLittleEndian,
+    ExplicitVRBigEndian,
 )
 
 #: Transfer syntaxes the node sends in (reconstructions are built uncompressed).
