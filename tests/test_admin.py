@@ -85,3 +85,26 @@ def test_export_writes_the_returned_objects(filled, tmp_path, capsys) -> None:
     capsys.readouterr()
     assert main(["archive", "export", "--study", "2.25.999", "--out", str(out), *flags]) == 2
     assert "no archived study" in capsys.readouterr().err
+
+
+def test_import_archives_folders_and_names_bad_files(archive_url: str, tmp_path: Path, capsys) -> None:
+    sources = phantom.generate(tmp_path / "dicom", 4, seed=32, size=(128, 104), images_per_study=2)
+    (tmp_path / "dicom" / "notes.txt").write_text("not DICOM")
+    flags = ["--database", archive_url, "--data-dir", str(tmp_path / "data")]
+    assert main(["archive", "import", str(tmp_path / "dicom"), "--tier", "lossless", *flags]) == 1
+    captured = capsys.readouterr()
+    assert "imported 4 of 5" in captured.out and "4 stored" in captured.out
+    errors = [line for line in captured.err.splitlines() if line.startswith("latentpacs:")]
+    assert len(errors) == 1 and "notes.txt" in errors[0]
+    assert main(["archive", "import", str(sources[0]), *flags]) == 0  # re-sent: kept, not doubled
+    assert "1 kept-existing" in capsys.readouterr().out
+    assert main(["archive", "stats", "--json", *flags]) == 0
+    stats = json.loads(capsys.readouterr().out)
+    assert stats["instances"] == 4 and [t["tier"] for t in stats["tiers"]] == ["lossless"]
+    out = tmp_path / "export"
+    study = pydicom.dcmread(sources[0]).StudyInstanceUID
+    assert main(["archive", "export", "--study", study, "--out", str(out), *flags]) == 0
+    exported = {pydicom.dcmread(f).SOPInstanceUID: pydicom.dcmread(f) for f in out.glob("*.dcm")}
+    for source in sources[:2]:
+        original = pydicom.dcmread(source)
+        np.testing.assert_array_equal(exported[original.SOPInstanceUID].pixel_array, original.pixel_array)

@@ -333,6 +333,26 @@ def cmd_archive_verify(args: argparse.Namespace) -> int:
     return EXIT_PARTIAL if failed else EXIT_OK
 
 
+def cmd_archive_import(args: argparse.Namespace) -> int:
+    from latentpacs.service import open_service
+
+    config = _config(args)
+    paths = _expand(args.inputs, "*")
+    service = open_service(config)
+    try:
+        bar, tick = _progress(len(paths), f"import ({config.tier})")
+        with bar:
+            outcomes = service.import_files(paths, on_done=tick)
+    finally:
+        service.close()
+    results = [str(o.result) for o in outcomes if o.result is not None]
+    counts = ", ".join(f"{results.count(r)} {r}" for r in sorted(set(results)))
+    code = _finish_batch(outcomes, "imported")
+    if counts:
+        print(f"  ({counts})")
+    return code
+
+
 def cmd_archive_export(args: argparse.Namespace) -> int:
     from pydicom.dataset import Dataset
 
@@ -521,6 +541,7 @@ def build_parser() -> argparse.ArgumentParser:
         ("stats", cmd_archive_stats, "patients, studies, instances, bytes per tier, ratio"),
         ("verify", cmd_archive_verify, "decode every archived image with its hash-checked model"),
         ("export", cmd_archive_export, "write a study's returned objects as DICOM files"),
+        ("import", cmd_archive_import, "archive DICOM files or folders offline, as C-STORE would"),
     ):
         p = arch.add_parser(name, help=text)
         p.add_argument("--database", help="SQLAlchemy URL")
@@ -530,6 +551,9 @@ def build_parser() -> argparse.ArgumentParser:
         if name == "export":
             p.add_argument("--study", required=True, help="Study Instance UID")
             p.add_argument("--out", type=Path, required=True)
+        if name == "import":
+            p.add_argument("inputs", nargs="+", type=Path, metavar="IN", help="DICOM files or folders")
+            p.add_argument("--tier", help="latent | lossless | near-lossless:K (default: codec.tier)")
         if name != "stats":
             codec_flags(p)
         p.set_defaults(func=func)

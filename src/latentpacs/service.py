@@ -11,7 +11,7 @@ import json
 import logging
 import threading
 from collections import deque
-from collections.abc import Collection, Generator, Iterator, Sequence
+from collections.abc import Callable, Collection, Generator, Iterable, Iterator, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
@@ -41,11 +41,17 @@ from latentpacs.derive import (
     build_returned,
     returned_overrides,
 )
-from latentpacs.errors import InvalidDicomError, LatentFormatError, UnsupportedImageError
+from latentpacs.errors import (
+    InvalidDicomError,
+    LatentFormatError,
+    LatentPacsError,
+    UnsupportedImageError,
+)
 from latentpacs.pixels import (
     PixelModule,
     canonical_to_stored,
     original_stored_bytes,
+    read_file,
     stored_to_canonical,
     stored_values,
 )
@@ -201,6 +207,15 @@ def returned_dataset(image: EncodedImage, engine: Engine | None) -> Dataset:
     return build_returned(image.dataset_header(), decode_stored(image, engine), image.module, image.derivation)
 
 
+@dataclass(frozen=True)
+class Imported:
+    """What happened to one file of an import: ``result`` or ``error`` is set."""
+
+    source: Path
+    result: StoreResult | None = None
+    error: str | None = None
+
+
 class EnginePool:
     """One engine per model, loaded on first use and verified by SHA-256.
 
@@ -300,6 +315,25 @@ class Service:
         result = self.archive.store(archived, duplicates=self.duplicates)
         logger.info("stored %s (%s, %s)", archived.sop_instance_uid, image.tier, result)
         return result
+
+    def import_files(
+        self, paths: Iterable[Path], *, on_done: Callable[[Imported], None] | None = None
+    ) -> list[Imported]:
+        """Archive DICOM files as a C-STORE would, one transaction each (offline import).
+
+        A file that cannot be read or archived yields an :class:`Imported` with a one-line
+        ``error``; the others are still archived.
+        """
+        outcomes = []
+        for path in paths:
+            try:
+                outcome = Imported(path, result=self.store(read_file(path)))
+            except LatentPacsError as exc:
+                outcome = Imported(path, error=exc.message)
+            outcomes.append(outcome)
+            if on_done is not None:
+                on_done(outcome)
+        return outcomes
 
     def close(self) -> None:
         """Stop the engines and close the database connections."""
