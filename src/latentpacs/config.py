@@ -53,12 +53,21 @@ SETTINGS: tuple[Setting, ...] = (
     Setting("codec.device", "", str, "torch device; empty: cuda when available, else cpu"),
     Setting("codec.models_dir", "", str, "directory of model files; empty: the shipped models/"),
     Setting("codec.max_batch", 8, int, "largest batch the inference engine runs at once"),
-    Setting("security.allowed_calling_aets", [], list, "calling AE titles accepted; empty: any"),
+    Setting("node.shutdown_grace", 30.0, float, "seconds SIGTERM waits for in-flight associations"),
+    Setting("security.allowed_calling_aets", [], list, "calling AE titles that may use every service"),
+    Setting("security.unknown_peers", ["echo", "store"], list, "services other peers may use: echo, store, find, get, move"),
+    Setting("security.trust_loopback", True, bool, "treat peers on the loopback interface as listed"),
     Setting("security.tls_cert", "", str, "PEM server certificate; set with tls_key: DICOM TLS (PS3.15 B.1)"),
     Setting("security.tls_key", "", str, "PEM private key of tls_cert (unencrypted)"),
     Setting("security.tls_ca", "", str, "PEM CA certificates that client certificates must chain to"),
     Setting("security.tls_require_client_cert", False, bool, "refuse TLS clients without a certificate from tls_ca"),
+    Setting("limits.max_find_answers", 10000, int, "C-FIND answers per request; more: refused with A700"),
+    Setting("limits.max_retrieve_instances", 10000, int, "C-GET/C-MOVE sub-operations per request; more: refused with A700"),
+    Setting("limits.max_image_pixels", 67108864, int, "largest Rows x Columns decoded for a retrieval"),
+    Setting("limits.max_concurrent_decodes", 4, int, "images decoded at once across all associations"),
 )
+#: Services a peer can be allowed (``security.unknown_peers``).
+SERVICES = ("echo", "store", "find", "get", "move")
 _TRUE = ("1", "true", "yes", "on")
 _FALSE = ("0", "false", "no", "off")
 _BY_NAME = {s.name: s for s in SETTINGS}
@@ -71,6 +80,8 @@ class Destination:
     aet: str
     host: str
     port: int
+    #: Open the C-MOVE sub-association with DICOM TLS (PS3.15 B.1), with the node's certificate.
+    tls: bool = False
 
 
 @dataclass(frozen=True)
@@ -134,7 +145,9 @@ def _flatten(table: Mapping[str, Any], path: Path) -> tuple[dict[str, Any], dict
             for aet, dest in body.items():
                 if not isinstance(dest, dict) or "host" not in dest or "port" not in dest:
                     raise ConfigError(f"{path}: [destinations.{aet}] needs host and port")
-                destinations[aet] = Destination(aet, str(dest["host"]), int(dest["port"]))
+                destinations[aet] = Destination(
+                    aet, str(dest["host"]), int(dest["port"]), bool(dest.get("tls", False))
+                )
             continue
         for key, value in body.items():
             name = f"{section}.{key}"
@@ -196,6 +209,15 @@ def load_config(
         raise ConfigError("security.tls_cert and security.tls_key must be set together")
     if values["security.tls_require_client_cert"] and not values["security.tls_ca"]:
         raise ConfigError("security.tls_require_client_cert needs security.tls_ca")
+    unknown = set(values["security.unknown_peers"]) - set(SERVICES)
+    if unknown:
+        raise ConfigError(
+            f"security.unknown_peers: {', '.join(sorted(unknown))} not among {', '.join(SERVICES)}"
+        )
+    for name in ("limits.max_find_answers", "limits.max_retrieve_instances",
+                 "limits.max_image_pixels", "limits.max_concurrent_decodes"):
+        if values[name] < 1:
+            raise ConfigError(f"{name} must be at least 1, not {values[name]}")
     if values["security.tls_ca"] and not values["security.tls_cert"]:
         raise ConfigError("security.tls_ca needs security.tls_cert and security.tls_key")
     return Config(values, destinations)

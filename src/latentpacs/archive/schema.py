@@ -17,7 +17,8 @@ from __future__ import annotations
 import datetime
 
 from sqlalchemy import (
-    BigInteger, DateTime, ForeignKey, Integer, LargeBinary, MetaData, String, Text,
+    BigInteger, Boolean, DateTime, ForeignKey, Integer, LargeBinary, MetaData, String, Text,
+    UniqueConstraint, false,
 )
 from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column
 
@@ -48,12 +49,20 @@ class Model(Base):
 
 
 class Patient(Base):
-    """PATIENT level (PS3.4 C.6.1.1.2); unique key Patient ID (0010,0020)."""
+    """PATIENT level (PS3.4 C.6.1.1.2): Patient ID (0010,0020) + Issuer of Patient ID (0010,0021).
+
+    Two patients may share a Patient ID under two issuers (PS3.3 C.7.1.1); the pair is
+    unique.
+    """
 
     __tablename__ = "patients"
+    __table_args__ = (
+        UniqueConstraint("patient_id", "issuer_of_patient_id", name="uq_patients_patient_id"),
+    )
 
     id: Mapped[int] = mapped_column(Integer, primary_key=True)
-    patient_id: Mapped[str] = mapped_column(String, unique=True)
+    patient_id: Mapped[str] = mapped_column(String)
+    issuer_of_patient_id: Mapped[str] = mapped_column(String, server_default="")
     patient_name: Mapped[str] = mapped_column(String)
     #: Patient Name upper-cased: PN matching is case-insensitive (PS3.4 C.2.2.2.1).
     patient_name_folded: Mapped[str] = mapped_column(String, index=True)
@@ -114,6 +123,12 @@ class Instance(Base):
     original_stored_bytes: Mapped[int] = mapped_column(BigInteger)
     archived_bytes: Mapped[int] = mapped_column(BigInteger)
     stored_at: Mapped[datetime.datetime] = mapped_column(DateTime(timezone=True))
+    #: SHA-256 of the original pixel cells, native little endian, every bit ("" before 0002).
+    pixel_sha256: Mapped[str] = mapped_column(String(64), server_default="")
+    #: SHA-256 of the pixel cells a retrieval of the stream returns ("" for ``latent``).
+    returned_sha256: Mapped[str] = mapped_column(String(64), server_default="")
+    #: The pixels arrived lossy-compressed (lossy transfer syntax or Lossy Image Compression 01).
+    lossy_on_arrival: Mapped[bool] = mapped_column(Boolean, server_default=false())
 
 
 class Latent(Base):
