@@ -52,25 +52,33 @@ logger = logging.getLogger(__name__)
 MAMMOGRAPHY_CLASSES = ("1.2.840.10008.5.1.4.1.1.1.2", "1.2.840.10008.5.1.4.1.1.1.2.1")
 
 #: Transfer syntaxes the Storage SCP accepts: every one whose pixel data
-#: :mod:`latentpacs.pixels` decodes (PS3.5 Section 10 and Annex A).
-STORE_TRANSFER_SYNTAXES = (
-    # pynetdicom accepts the first of these that a context proposes, so the compressed
-    # ones come first: a peer offering its file's own compressed syntax (with native ones
-    # as fallback, as DCMTK's storescu does) sends it as it is, never converted.
+#: :mod:`latentpacs.pixels` decodes (PS3.5 Section 10 and Annex A), in order of preference.
+#: pynetdicom accepts the first of these that a context proposes, so the order is the policy:
+#: lossless compressed syntaxes first (a peer offering its file's own compressed syntax sends
+#: it unconverted), then native ones, and lossy ones last, accepted only when a context offers
+#: nothing else (the image is then recorded as lossy on arrival). JPEG 2000 (.91) counts as
+#: lossy: it may carry an irreversible wavelet.
+STORE_LOSSLESS_COMPRESSED = (
     JPEGLSLossless,
-    JPEGLSNearLossless,
     JPEG2000Lossless,
-    JPEG2000,
     JPEGLosslessSV1,
     JPEGLossless,
     RLELossless,
-    JPEGBaseline8Bit,
-    JPEGExtended12Bit,
+)
+STORE_NATIVE = (
     ExplicitVRLittleEndian,
     ImplicitVRLittleEndian,
     DeflatedExplicitVRLittleEndian,
     ExplicitVRBigEndian,
 )
+#: Lossy transfer syntaxes (PS3.5 A.4): JPEG-LS near-lossless, JPEG 2000, JPEG baseline/extended.
+STORE_LOSSY = (
+    JPEGLSNearLossless,
+    JPEG2000,
+    JPEGBaseline8Bit,
+    JPEGExtended12Bit,
+)
+STORE_TRANSFER_SYNTAXES = (*STORE_LOSSLESS_COMPRESSED, *STORE_NATIVE, *STORE_LOSSY)
 
 #: Transfer syntaxes the node sends in (reconstructions are built uncompressed).
 SEND_TRANSFER_SYNTAXES = (ExplicitVRLittleEndian, ImplicitVRLittleEndian)
