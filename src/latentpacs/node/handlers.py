@@ -78,6 +78,12 @@ def handle_store(event: evt.Event, service: Service) -> int | Dataset:
             Status.DATASET_DOES_NOT_MATCH_SOP_CLASS,
             f"SOP Class UID {ds.get('SOPClassUID', '(none)')} differs from the request's",
         )
+    affected = str(event.request.AffectedSOPInstanceUID or "").strip()
+    if affected != str(ds.get("SOPInstanceUID", "")).strip():
+        return failure(
+            Status.CANNOT_UNDERSTAND,
+            "Affected SOP Instance UID differs from the data set's SOP Instance UID",
+        )
     try:
         service.store(ds)
     except LatentPacsError as exc:
