@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hashlib
 import shutil
 import subprocess
 from pathlib import Path
@@ -27,7 +28,9 @@ from latentpacs.errors import InvalidDicomError, PixelDataError, UnsupportedImag
 from latentpacs.pixels import (
     PixelModule,
     canonical_to_stored,
+    cells_sha256,
     original_stored_bytes,
+    pixel_cells,
     read_file,
     set_pixels,
     stored_to_canonical,
@@ -150,6 +153,7 @@ def test_bits_above_high_bit_are_masked() -> None:
     stored, module = stored_values(ds)
     np.testing.assert_array_equal(stored, original)
     assert stored.max() <= module.max_value == 4095
+    np.testing.assert_array_equal(pixel_cells(ds)[0], original | overlay)
 
 
 def test_native_pixels_that_look_like_an_item_tag_are_read_as_pixels() -> None:
@@ -201,10 +205,24 @@ def test_set_pixels_replaces_compressed_pixel_data(tmp_path: Path) -> None:
     np.testing.assert_array_equal(stored_values(back)[0], original)
 
 
-def test_set_pixels_refuses_values_beyond_bits_stored() -> None:
-    module = PixelModule(2, 2, 16, 10, 9, "MONOCHROME2")
-    with pytest.raises(PixelDataError, match="Bits Stored 10"):
-        set_pixels(Dataset(), np.full((2, 2), 1024, dtype=np.uint16), module)
+def test_set_pixels_refuses_values_beyond_bits_allocated() -> None:
+    module = PixelModule(2, 2, 8, 8, 7, "MONOCHROME2")
+    with pytest.raises(PixelDataError, match="Bits Allocated 8"):
+        set_pixels(Dataset(), np.full((2, 2), 256, dtype=np.uint16), module)
+
+
+def test_cells_with_unused_bits_round_trip_byte_for_byte(tmp_path: Path) -> None:
+    original = random_stored(12) | np.uint16(0xA000)  # garbage in bits 13 and 15
+    ds = make_dataset(original, 12)
+    sent = bytes(ds.PixelData)
+    cells, module = pixel_cells(ds)
+    assert cells_sha256(cells, module) == hashlib.sha256(sent).hexdigest()
+    out = Dataset()
+    out.SOPClassUID = ds.SOPClassUID
+    out.SOPInstanceUID = ds.SOPInstanceUID
+    set_pixels(out, cells, module)
+    back = read_file(save(out, tmp_path / "cells.dcm"))
+    assert bytes(back.PixelData) == sent
 
 
 def test_pixel_module_apply_to_writes_the_image_pixel_module() -> None:

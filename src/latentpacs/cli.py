@@ -190,7 +190,8 @@ def cmd_models_list(args: argparse.Namespace) -> int:
 def cmd_train(args: argparse.Namespace) -> int:
     from latentpacs.train.loop import TrainConfig, train
 
-    records = split = None
+    records = test_records = None
+    test_note = ""
     data_note = args.data_note or ""
     if args.cbis_ddsm is not None:
         from latentpacs.train.cbis import select_cbis
@@ -198,19 +199,23 @@ def cmd_train(args: argparse.Namespace) -> int:
         main_rank = os.environ.get("RANK", "0") == "0"  # under torchrun only rank 0 reports
         selection = select_cbis(args.cbis_ddsm, view=args.view or None, abnormality=args.abnormality or None,
                                 progress=main_rank)
-        records, split = selection.records(), selection.official_split()
+        official = selection.official_split()  # (train, test): the test set never chooses the checkpoint
+        records, test_records = official if official else (selection.records(), None)
+        test_note = "the official CBIS-DDSM test set" if official else ""
         if main_rank:
             for missing in selection.missing:
                 print(f"latentpacs: CBIS-DDSM image not found: {missing}", file=sys.stderr)
             print(f"CBIS-DDSM: {len(selection.images)} image(s), {len(selection.missing)} not found, "
                   f"{selection.skipped_rows} row(s) skipped; "
-                  + ("official train/test split" if split else "random split by patient"))
+                  + ("official test set held out, validation split by patient from the training set"
+                     if official else "random split by patient"))
         data_note = data_note or (f"CBIS-DDSM {args.view or 'all views'} {args.abnormality or 'all abnormalities'}"
                                   f", {len(selection.images)} full mammograms")
     config = TrainConfig(
         data_dirs=tuple(args.data or [args.cbis_ddsm]),
         records=records,
-        split=split,
+        test_records=test_records,
+        test_note=test_note,
         arch=args.arch,
         out=args.out,
         epochs=args.epochs,
@@ -221,6 +226,7 @@ def cmd_train(args: argparse.Namespace) -> int:
         learning_rate=args.lr,
         seed=args.seed,
         val_fraction=args.val_fraction,
+        test_fraction=args.test_fraction,
         resume=args.resume,
         device=args.device,
         command="latentpacs " + shlex.join(args.argv),
@@ -233,7 +239,10 @@ def cmd_train(args: argparse.Namespace) -> int:
         return EXIT_OK
     print(
         f"trained {card.name} ({card.arch}): best epoch {result.best_epoch}, "
-        f"validation loss {result.best_val_loss:.6g}; sha256 {card.sha256}"
+        f"validation loss {result.best_val_loss:.6g}; "
+        + (f"held-out test MSE {card.metrics['test_mse']:.6g} on {card.metrics['test_images']} images; "
+           if "test_mse" in card.metrics else "no held-out test set; ")
+        + f"sha256 {card.sha256}"
     )
     return EXIT_OK
 
@@ -357,8 +366,10 @@ def cmd_archive_export(args: argparse.Namespace) -> int:
     from pydicom.dataset import Dataset
 
     from latentpacs.service import open_service
+    from latentpacs.uid import check_uid, uid_file_name
 
     config = _config(args)
+    check_uid(args.study, "--study")
     service = open_service(config)
     identifier = Dataset()
     identifier.QueryRetrieveLevel = "STUDY"
@@ -371,7 +382,8 @@ def cmd_archive_export(args: argparse.Namespace) -> int:
         args.out.mkdir(parents=True, exist_ok=True)
         for archived in tqdm(matches, desc="export", unit="img", disable=None):
             ds = service.returned(archived)
-            ds.save_as(args.out / f"{ds.SOPInstanceUID}.dcm", enforce_file_format=True)
+            ds.save_as(args.out / uid_file_name(str(ds.SOPInstanceUID), ".dcm"),
+                       enforce_file_format=True)
     finally:
         service.close()
     print(f"exported {len(matches)} instance(s) to {args.out}")
@@ -489,7 +501,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--latent-bits", type=int, default=8)
     p.add_argument("--lr", type=float, default=1e-3)
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--val-fraction", type=float, default=0.2)
+    p.add_argument("--val-fraction", type=float, default=0.2,
+                   help="share of the training patients that validate (choose the best epoch)")
+    p.add_argument("--test-fraction", type=float, default=0.1,
+                   help="share of patients held out for the card's test MSE (CBIS-DDSM: the official test set)")
     p.add_argument("--resume", action="store_true", help="continue from OUT.checkpoints/last.pt")
     p.add_argument("--device", help="torch device (default: cuda if available, else cpu)")
     p.add_argument("--cache-dir", type=Path, help="keep decoded, resized images here")

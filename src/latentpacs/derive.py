@@ -58,12 +58,24 @@ class Derivation:
         The fidelity tier the image was archived at.
     ratio:
         Lossy Image Compression Ratio: original stored bytes over archived bytes.
+    arrival_method:
+        The Lossy Image Compression Method of the lossy transfer syntax the original
+        arrived in (PS3.3 C.7.6.1.1.5.1), or None.
+    arrival_ratio:
+        The compression ratio of that arrival step (uncompressed over received bytes).
+    lossy_predecessor:
+        The original had already lost information (a lossy transfer syntax or Lossy
+        Image Compression 01): the returned object then says so even at ``lossless``, and
+        a derived object names its source as a lossy compressed predecessor (DCM 121330).
     """
 
     model_name: str
     model_sha256: str
     tier: Tier
     ratio: float
+    arrival_method: str | None = None
+    arrival_ratio: float = 1.0
+    lossy_predecessor: bool = False
 
 
 def derived_uid(original_uid: str, role: str, *parts: str) -> str:
@@ -120,33 +132,64 @@ def _format_ratio(ratio: float) -> str:
     return text[:16]
 
 
+def compression_history(header: Dataset, derivation: Derivation) -> tuple[list[str], list[str]]:
+    """Lossy Image Compression Ratio and Method values before this node's own step.
+
+    The header's values, plus the arrival step when the original arrived in a lossy
+    transfer syntax that the header does not already name last (PS3.3 C.7.6.1.1.5.2: one
+    value per successive lossy compression).
+    """
+    ratios = _as_list(header.get("LossyImageCompressionRatio"))
+    methods = _as_list(header.get("LossyImageCompressionMethod"))
+    method = derivation.arrival_method
+    if method is not None and (not methods or methods[-1] != method):
+        ratios.append(_format_ratio(derivation.arrival_ratio))
+        methods.append(method)
+    return ratios, methods
+
+
 def lossy_attributes(
-    header: Dataset, *, sop_uid: str, series_uid: str, method: str, ratio: float, description: str
+    header: Dataset,
+    *,
+    sop_uid: str,
+    series_uid: str,
+    method: str,
+    ratio: float,
+    description: str,
+    history: tuple[list[str], list[str]] | None = None,
+    lossy_predecessor: bool = False,
 ) -> Dataset:
     """The identity and lossy-compression attributes of a derived object (PS3.3 C.7.6.1.1.3-5).
 
     New SOP Instance and Series Instance UIDs, Lossy Image Compression 01 with this step's
-    ratio and method appended to any earlier ones (C.7.6.1.1.5.2), Image Type
-    DERIVED\\SECONDARY, the Derivation Description and Code Sequence (DCM 113040), and a
-    Source Image Sequence naming ``header``'s instance (DCM 121320).
+    ratio and method appended to any earlier ones (C.7.6.1.1.5.2; ``history`` gives them,
+    else the header's), Image Type DERIVED\\SECONDARY, the Derivation Description and Code
+    Sequence (DCM 113040), and a Source Image Sequence naming ``header``'s instance as its
+    uncompressed predecessor (DCM 121320), or as a lossy compressed predecessor (DCM 121330)
+    when ``lossy_predecessor``.
     """
+    ratios, methods = history if history is not None else (
+        _as_list(header.get("LossyImageCompressionRatio")),
+        _as_list(header.get("LossyImageCompressionMethod")),
+    )
     ds = Dataset()
     ds.SOPInstanceUID = sop_uid
     ds.SeriesInstanceUID = series_uid
     ds.LossyImageCompression = "01"
-    ds.LossyImageCompressionRatio = _as_list(header.get("LossyImageCompressionRatio")) + [
-        _format_ratio(ratio)
-    ]
-    ds.LossyImageCompressionMethod = _as_list(header.get("LossyImageCompressionMethod")) + [method]
+    ds.LossyImageCompressionRatio = [*ratios, _format_ratio(ratio)]
+    ds.LossyImageCompressionMethod = [*methods, method]
     ds.ImageType = ["DERIVED", "SECONDARY", *_as_list(header.get("ImageType"))[2:]]
     ds.DerivationDescription = description[:1024]
     ds.DerivationCodeSequence = [_code_item("113040", "DCM", "Lossy Compression")]
     source = Dataset()
     source.ReferencedSOPClassUID = header.SOPClassUID
     source.ReferencedSOPInstanceUID = header.SOPInstanceUID
-    source.PurposeOfReferenceCodeSequence = [
-        _code_item("121320", "DCM", "Uncompressed predecessor")
-    ]
+    purpose = (
+        _code_item("121330", "DCM", "Lossy compressed predecessor")
+        if lossy_predecessor
+        else _code_item("121320", "DCM", "Uncompressed predecessor")
+    )
+    source.PurposeOfReferenceCodeSequence = [purpose]
     ds.SourceImageSequence = [source]
     return ds
 
@@ -154,12 +197,23 @@ def lossy_attributes(
 def returned_overrides(header: Dataset, derivation: Derivation) -> Dataset:
     """The attributes a retrieval returns differently from the archived header.
 
-    Empty for ``lossless``; for the lossy tiers the derived identity and the lossy
+    For ``lossless`` nothing, unless the original was already lossy: then Lossy Image
+    Compression 01 with its ratio and method; for the lossy tiers the derived identity and the lossy
     compression and derivation attributes (:func:`lossy_attributes`). The archive keeps
     this beside the original header, so C-FIND shows exactly the identity C-GET delivers.
     """
+    history = compression_history(header, derivation)
     if not derivation.tier.lossy:
-        return Dataset()
+        kept = Dataset()
+        if derivation.lossy_predecessor:
+            # The original UIDs and pixels, but an honest header (PS3.3 C.7.6.1.1.5).
+            kept.LossyImageCompression = "01"
+            ratios, methods = history
+            if ratios:
+                kept.LossyImageCompressionRatio = ratios
+            if methods:
+                kept.LossyImageCompressionMethod = methods
+        return kept
     sop_uid, series_uid = derived_identity(header, derivation)
     if derivation.tier.name == "latent":
         method, how = METHOD_LATENT, "reconstructed from a learned latent"
@@ -178,6 +232,8 @@ def returned_overrides(header: Dataset, derivation: Derivation) -> Dataset:
         method=method,
         ratio=derivation.ratio,
         description=description,
+        history=history,
+        lossy_predecessor=derivation.lossy_predecessor,
     )
 
 

@@ -17,6 +17,9 @@ class Status(IntEnum):
     SUCCESS = 0x0000
     #: PS3.4 B.2.3: Refused, SOP Class not supported.
     SOP_CLASS_NOT_SUPPORTED = 0x0122
+    #: PS3.7 C.5.25: Refused, not authorized (a general status, valid for every DIMSE-C
+    #: service; it carries an Error Comment).
+    NOT_AUTHORIZED = 0x0124
     #: PS3.7 C.5.4: Failure, processing failure (an unexpected internal error).
     PROCESSING_FAILURE = 0x0110
     #: PS3.7 C.5.9: Failure, no such SOP Instance.
@@ -35,6 +38,9 @@ class Status(IntEnum):
     UNABLE_TO_PROCESS = 0xC001
     #: PS3.4 B.2.3 (implementation specific range Cxxx): duplicate SOP Instance refused.
     DUPLICATE_REJECTED = 0xC011
+    #: PS3.4 B.2.3 (implementation specific range Cxxx): the instance's Study or Series
+    #: Instance UID already belongs to another patient or study; nothing was stored.
+    IDENTITY_CONFLICT = 0xC012
     #: PS3.7 C.5.2: Cancel.
     CANCEL = 0xFE00
     #: PS3.7 C.5.3: Pending.
@@ -71,6 +77,18 @@ class InvalidDicomError(LatentPacsError):
     status = Status.CANNOT_UNDERSTAND
 
 
+class InvalidUidError(InvalidDicomError):
+    """A UID is not digits and dots of at most 64 characters (PS3.5 9.1)."""
+
+    status = Status.CANNOT_UNDERSTAND
+
+
+class IdentityConflictError(LatentPacsError):
+    """A Study or Series Instance UID already belongs to another patient or study (PS3.4 C.6.1)."""
+
+    status = Status.IDENTITY_CONFLICT
+
+
 class UnsupportedImageError(LatentPacsError):
     """The image is DICOM but of a kind latentpacs does not archive.
 
@@ -84,6 +102,16 @@ class PixelDataError(LatentPacsError):
     """Pixel Data is missing, truncated, corrupt or inconsistent with its Image Pixel module."""
 
     status = Status.CANNOT_UNDERSTAND
+
+
+class PixelChecksumError(LatentPacsError):
+    """Pixels decoded from an archived stream differ from the checksum archived with them.
+
+    At store time nothing is archived; at retrieval the sub-operation fails. Both are the
+    archive's own fault, hence a processing failure (PS3.7 C.5.4), not the peer's.
+    """
+
+    status = Status.PROCESSING_FAILURE
 
 
 class ModelError(LatentPacsError):
@@ -116,6 +144,17 @@ class ArchiveError(LatentPacsError):
     status = Status.OUT_OF_RESOURCES
 
 
+class ConstraintViolationError(ArchiveError):
+    """The instance breaks an archive constraint that a retry cannot fix; nothing was stored.
+
+    A conflict with a concurrent store is retried once; the same violation again (or one
+    no concurrency can cause, such as NOT NULL) is this error. PS3.4 B.2.3: Error, Cannot
+    understand (Cxxx); the ErrorComment names the constraint.
+    """
+
+    status = Status.CANNOT_UNDERSTAND
+
+
 class DuplicateInstanceError(LatentPacsError):
     """A re-sent SOP Instance was refused under the ``reject`` duplicate policy."""
 
@@ -132,3 +171,18 @@ class NotFoundError(LatentPacsError):
     """No archived instance has the requested identity."""
 
     status = Status.NO_SUCH_OBJECT_INSTANCE
+
+
+class LimitExceededError(LatentPacsError):
+    """A request needs more than a configured limit allows (``limits.*``): refused, A700.
+
+    PS3.4 C.4.1.1.4 / C.4.2.1.4 / C.4.3.1.4: Refused, Out of Resources.
+    """
+
+    status = Status.OUT_OF_RESOURCES
+
+
+class NotAuthorizedError(LatentPacsError):
+    """The requesting peer may not use this service (``security.*`` settings, PS3.7 C.5.25)."""
+
+    status = Status.NOT_AUTHORIZED

@@ -9,8 +9,11 @@ Layout (all integers big-endian)::
     reserved   u16       0
     meta       u32 length + UTF-8 JSON: tier, model (name, SHA-256, arch, latent
                          dimension and bits), geometry (Image Pixel module, PS3.3
-                         C.7.6.3), original transfer syntax and stored size, and the
-                         original header without Pixel Data as DICOM JSON (PS3.18 F.2)
+                         C.7.6.3), original transfer syntax and stored size, the
+                         SHA-256 of the original pixel cells and of what the stream
+                         decodes to (checked on decode), whether the original arrived
+                         lossy, and the original header without Pixel Data as DICOM
+                         JSON (PS3.18 F.2)
     latent     u32 length + latent bytes (the codec's quantised latent)
     residual   u32 length + JPEG-LS stream (empty for the ``latent`` tier)
     crc32      u32       CRC-32 of every preceding byte
@@ -37,6 +40,7 @@ from latentpacs.codec.tiers import Tier
 from latentpacs.errors import LatentFormatError, LatentPacsError
 from latentpacs.pixels import PixelModule, read_file
 from latentpacs.service import EncodedImage, ModelRef
+from latentpacs.uid import uid_file_name
 
 logger = logging.getLogger(__name__)
 
@@ -66,7 +70,11 @@ def _meta(image: EncodedImage) -> dict[str, Any]:
         "original": {
             "transfer_syntax_uid": image.original_transfer_syntax,
             "stored_bytes": image.original_stored_bytes,
+            "pixel_sha256": image.pixel_sha256,
+            "lossy_on_arrival": image.lossy_on_arrival,
+            "lossy_method": image.arrival_method,
         },
+        "returned_sha256": image.returned_sha256,
         "created_by": f"latentpacs {__version__}",
         "header": image.header,
     }
@@ -108,6 +116,10 @@ def from_bytes(data: bytes) -> EncodedImage:
             header=meta["header"],
             latent=blocks[1],
             residual=blocks[2],
+            pixel_sha256=str(meta["original"].get("pixel_sha256", "")),
+            returned_sha256=str(meta.get("returned_sha256", "")),
+            lossy_on_arrival=bool(meta["original"].get("lossy_on_arrival", False)),
+            arrival_method=meta["original"].get("lossy_method"),
         )
     except (ValueError, KeyError, TypeError, LatentPacsError) as exc:
         raise LatentFormatError(f".lpz metadata is malformed: {exc}") from exc
@@ -199,7 +211,11 @@ def _encode_chunk(
         return [o for item in items for o in _encode_chunk([item], out_dir, engine, tier, on_done)]
     outcomes = []
     for (path, ds), image in zip(items, encoded):
-        target = out_dir / f"{ds.SOPInstanceUID}{SUFFIX}"
+        try:
+            target = out_dir / uid_file_name(str(ds.SOPInstanceUID), SUFFIX)
+        except LatentPacsError as exc:
+            outcomes.append(_report(Outcome(path, error=exc.message), on_done))
+            continue
         target.write_bytes(to_bytes(image))
         outcomes.append(_report(Outcome(path, output=target), on_done))
     return outcomes
@@ -233,7 +249,7 @@ def decode_paths(
             image = read_lpz(path)
             engine = engine_for(image.model) if not image.tier.has_residual else None
             ds = service.returned_dataset(image, engine)
-            target = out_dir / f"{ds.SOPInstanceUID}.dcm"
+            target = out_dir / uid_file_name(str(ds.SOPInstanceUID), ".dcm")
             ds.save_as(target, enforce_file_format=True)
         except LatentPacsError as exc:
             outcomes.append(_report(Outcome(path, error=exc.message), on_done))

@@ -17,6 +17,7 @@ decoded once through pydicom's decoding plugins. Every failure is raised as one 
 
 from __future__ import annotations
 
+import hashlib
 import logging
 import os
 from dataclasses import dataclass
@@ -28,10 +29,14 @@ from pydicom.dataset import Dataset, FileMetaDataset
 from pydicom.encaps import generate_fragments
 from pydicom.pixels import get_decoder, pixel_array
 from pydicom.uid import (
+    JPEG2000,
     UID,
     ExplicitVRBigEndian,
     ExplicitVRLittleEndian,
     JPEG2000TransferSyntaxes,
+    JPEGBaseline8Bit,
+    JPEGExtended12Bit,
+    JPEGLSNearLossless,
     JPEGLSTransferSyntaxes,
     JPEGTransferSyntaxes,
 )
@@ -56,6 +61,17 @@ _ENDS_WITH_EOI = frozenset(
     JPEGTransferSyntaxes + JPEGLSTransferSyntaxes + JPEG2000TransferSyntaxes
 )
 _EOI = b"\xff\xd9"
+
+#: Transfer syntaxes whose pixel data may have lost information (PS3.5 A.4), with the
+#: Lossy Image Compression Method (0028,2114) term of each (PS3.3 C.7.6.1.1.5.1).
+#: JPEG 2000 (.91) may carry a reversible wavelet, but nothing in the transfer syntax
+#: says so: it counts as lossy.
+LOSSY_TRANSFER_SYNTAXES: dict[str, str] = {
+    JPEGBaseline8Bit: "ISO_10918_1",
+    JPEGExtended12Bit: "ISO_10918_1",
+    JPEGLSNearLossless: "ISO_14495_1",
+    JPEG2000: "ISO_15444_1",
+}
 
 
 @dataclass(frozen=True)
@@ -332,11 +348,12 @@ def _decoded_values(ds: Dataset, module: PixelModule, syntax: UID) -> np.ndarray
     return values
 
 
-def stored_values(ds: Dataset) -> tuple[np.ndarray, PixelModule]:
-    """Return the stored pixel values of ``ds`` and its Image Pixel module.
+def pixel_cells(ds: Dataset) -> tuple[np.ndarray, PixelModule]:
+    """Return the pixel cells of ``ds`` exactly as sent, and its Image Pixel module.
 
-    Native data is read directly; encapsulated data is decoded exactly once. Values are
-    masked to Bits Stored: bits above High Bit are not part of the pixel (PS3.5 8.1.1).
+    Native data is read directly; encapsulated data is decoded exactly once. Nothing is
+    masked: bits above High Bit (PS3.5 8.1.1) are kept, so the ``lossless`` tier can
+    return the Pixel Data byte for byte.
 
     Returns
     -------
@@ -355,17 +372,74 @@ def stored_values(ds: Dataset) -> tuple[np.ndarray, PixelModule]:
         values = _decoded_values(ds, module, syntax)
     else:
         values = _native_values(element, module, syntax)
-    stored = values.astype(np.uint16)  # always a copy: never a view of the data set
-    above = int(np.count_nonzero(stored > module.max_value))
-    if above:
-        logger.warning(
-            "%d pixel values have bits above High Bit %d; masked to Bits Stored",
-            above,
-            module.high_bit,
+    cells = values.astype(np.uint16)  # always a copy: never a view of the data set
+    if cells.size and int(cells.max()) >> module.bits_allocated:
+        raise PixelDataError(
+            f"decoded Pixel Data exceeds Bits Allocated {module.bits_allocated}"
         )
-        np.bitwise_and(stored, module.max_value, out=stored)
     logger.debug("read %s pixels %s (%s)", module.photometric_interpretation, module.shape, syntax)
-    return stored, module
+    return cells, module
+
+
+def mask_to_stored(cells: np.ndarray, module: PixelModule) -> np.ndarray:
+    """The stored values of pixel cells: bits above High Bit cleared (PS3.5 8.1.1).
+
+    Returns ``cells`` itself when no unused bit is set, else a masked copy.
+    """
+    if not cells.size or int(cells.max()) <= module.max_value:
+        return cells
+    logger.warning(
+        "%d pixel cells have bits above High Bit %d; the model sees them masked",
+        int(np.count_nonzero(cells > module.max_value)),
+        module.high_bit,
+    )
+    return np.bitwise_and(cells, np.uint16(module.max_value))
+
+
+def stored_values(ds: Dataset) -> tuple[np.ndarray, PixelModule]:
+    """:func:`pixel_cells` masked to Bits Stored: the values the image shows (PS3.5 8.1.1).
+
+    Raises
+    ------
+    UnsupportedImageError, PixelDataError
+        See the module documentation.
+    """
+    cells, module = pixel_cells(ds)
+    return mask_to_stored(cells, module), module
+
+
+def cells_sha256(cells: np.ndarray, module: PixelModule) -> str:
+    """SHA-256 (hex) of pixel cells as native little-endian Pixel Data, unpadded (PS3.5 8.1.1).
+
+    Every bit of every cell counts, unused high bits included: this is the checksum the
+    archive keeps of the original pixels and checks on every exact retrieval.
+    """
+    _check_shape(cells, module, "pixel cell array")
+    dtype = np.uint8 if module.bits_allocated == 8 else np.dtype("<u2")
+    return hashlib.sha256(np.ascontiguousarray(cells, dtype=dtype).tobytes()).hexdigest()
+
+
+def arrival_lossy_method(ds: Dataset) -> str | None:
+    """The Lossy Image Compression Method of the transfer syntax ``ds`` arrived in, if lossy.
+
+    None for native and lossless transfer syntaxes (PS3.5 A.4, PS3.3 C.7.6.1.1.5.1).
+    """
+    meta = getattr(ds, "file_meta", None)
+    syntax = str(meta.get("TransferSyntaxUID", "")) if meta is not None else ""
+    return LOSSY_TRANSFER_SYNTAXES.get(syntax)
+
+
+def lossy_on_arrival(ds: Dataset) -> bool:
+    """Whether the pixels of ``ds`` already lost information before they reached latentpacs.
+
+    True when they arrived in a lossy transfer syntax or the header says Lossy Image
+    Compression (0028,2110) is ``01`` (PS3.3 C.7.6.1.1.5: once lossy, always lossy).
+    """
+    try:
+        flag = str(ds.get("LossyImageCompression", "") or "").strip()
+    except Exception:  # a malformed raw element: judge by the transfer syntax alone
+        flag = ""
+    return flag == "01" or arrival_lossy_method(ds) is not None
 
 
 def _check_shape(array: np.ndarray, module: PixelModule, what: str) -> None:
@@ -373,14 +447,15 @@ def _check_shape(array: np.ndarray, module: PixelModule, what: str) -> None:
         raise PixelDataError(f"{what} has shape {array.shape}, Rows x Columns is {module.shape}")
 
 
-def _check_stored(stored: np.ndarray, module: PixelModule) -> None:
+def _check_stored(stored: np.ndarray, module: PixelModule, *, cells: bool = False) -> None:
+    """Shape and range of stored values (``cells``: up to Bits Allocated, unused bits allowed)."""
     _check_shape(stored, module, "stored pixel array")
     if stored.dtype.kind not in "ui":
         raise PixelDataError(f"stored pixel array has non-integer type {stored.dtype}")
-    if stored.size and (stored.min() < 0 or stored.max() > module.max_value):
-        raise PixelDataError(
-            f"stored values exceed 0..{module.max_value} (Bits Stored {module.bits_stored})"
-        )
+    top = (1 << module.bits_allocated) - 1 if cells else module.max_value
+    if stored.size and (stored.min() < 0 or stored.max() > top):
+        limit = f"Bits Allocated {module.bits_allocated}" if cells else f"Bits Stored {module.bits_stored}"
+        raise PixelDataError(f"stored values exceed 0..{top} ({limit})")
 
 
 def stored_to_canonical(stored: np.ndarray, module: PixelModule) -> np.ndarray:
@@ -425,9 +500,11 @@ def set_pixels(ds: Dataset, stored: np.ndarray, module: PixelModule) -> None:
 
     Sets the File Meta Transfer Syntax UID (0002,0010) to Explicit VR Little Endian
     (PS3.5 A.2), creating File Meta Information if missing, and removes the Extended
-    Offset Table, which only describes encapsulated data (PS3.3 C.7.6.3.1.8).
+    Offset Table, which only describes encapsulated data (PS3.3 C.7.6.3.1.8). ``stored``
+    may be pixel cells with bits above High Bit set (the ``lossless`` tier returns them
+    as they arrived).
     """
-    _check_stored(stored, module)
+    _check_stored(stored, module, cells=True)
     dtype = np.uint8 if module.bits_allocated == 8 else np.dtype("<u2")
     data = np.ascontiguousarray(stored, dtype=dtype).tobytes()
     if len(data) % 2:

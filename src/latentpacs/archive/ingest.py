@@ -3,8 +3,9 @@
 Patient, study and series rows are upserted from the *effective* header: a new row is
 inserted with ``INSERT ... ON CONFLICT DO NOTHING`` (safe when several node processes
 store into one PostgreSQL archive), then its columns take the newest non-empty values.
-An entity keeps the parent it was first stored under; a header that names another
-parent is logged. Instances whose last sibling is replaced leave no empty parents.
+A patient is Patient ID plus Issuer of Patient ID (PS3.3 C.7.1.1). A study or series
+that already belongs to another patient or study is refused, never re-filed or merged
+(PS3.4 C.6.1.1: each entity has exactly one parent). Instances whose last sibling is replaced leave no empty parents.
 """
 
 from __future__ import annotations
@@ -21,6 +22,7 @@ from sqlalchemy.orm import Session
 from latentpacs.archive.matching import normalise
 from latentpacs.archive.records import ArchivedImage, first_value
 from latentpacs.archive.schema import Instance, Latent, Patient, Series, Study
+from latentpacs.errors import IdentityConflictError
 
 logger = logging.getLogger(__name__)
 
@@ -32,19 +34,35 @@ def _integer(text: str) -> int | None:
         return None
 
 
-def _upsert(session: Session, entity: Any, key: str, value: str, parent: dict[str, int],
+#: What an entity that already exists under another parent is called in the refusal.
+_ENTITY_NAMES = {"studies": ("Study", "patient"), "series": ("Series", "study")}
+
+
+def _upsert(session: Session, entity: Any, keys: dict[str, str], parent: dict[str, int],
             columns: dict[str, Any]) -> int:
-    """Insert the entity if absent, refresh its non-empty columns; returns its id."""
+    """Insert the entity if absent, refresh its non-empty columns; returns its id.
+
+    Raises
+    ------
+    IdentityConflictError
+        When the entity exists under another parent (a Study Instance UID of another
+        patient, a Series Instance UID of another study): nothing may be filed under it.
+    """
     dialect = postgresql if session.get_bind().dialect.name == "postgresql" else sqlite
     session.execute(
-        dialect.insert(entity).values({key: value, **parent, **columns})
-        .on_conflict_do_nothing(index_elements=[key])
+        dialect.insert(entity).values({**keys, **parent, **columns})
+        .on_conflict_do_nothing(index_elements=list(keys))
     )
-    row = session.execute(select(entity).where(getattr(entity, key) == value)).scalar_one()
+    row = session.execute(
+        select(entity).where(*(getattr(entity, name) == value for name, value in keys.items()))
+    ).scalar_one()
     for name, parent_id in parent.items():
         if getattr(row, name) != parent_id:
-            logger.warning("%s %s is already filed under another parent; kept there",
-                           entity.__tablename__, value)
+            what, owner = _ENTITY_NAMES[entity.__tablename__]
+            uid = next(iter(keys.values()))
+            raise IdentityConflictError(
+                f"{what} Instance UID belongs to another {owner}: {uid}"
+            )
     changed = {name: new for name, new in columns.items() if new not in ("", None)}
     if changed:
         session.execute(update(entity).where(entity.id == row.id).values(changed))
@@ -53,25 +71,32 @@ def _upsert(session: Session, entity: Any, key: str, value: str, parent: dict[st
 
 def add_instance(session: Session, image: ArchivedImage, residual_inline: bytes | None,
                  residual_path: str | None, residual_sha256: str | None) -> int:
-    """Upsert the parents of ``image`` and insert its instance and latent rows."""
+    """Upsert the parents of ``image`` and insert its instance and latent rows.
+
+    The patient is Patient ID (0010,0020) plus Issuer of Patient ID (0010,0021); a study
+    or series that already belongs to another patient or study is refused
+    (:class:`~latentpacs.errors.IdentityConflictError`), so the transaction rolls back.
+    """
     header = image.effective_header
 
     def text(tag: str) -> str:
         return first_value(header, tag).strip()
 
     name = text("00100010")
-    patient = _upsert(session, Patient, "patient_id", text("00100020"), {}, {
+    patient = _upsert(session, Patient, {
+        "patient_id": text("00100020"), "issuer_of_patient_id": text("00100021"),
+    }, {}, {
         "patient_name": name, "patient_name_folded": normalise("PN", name),
         "patient_birth_date": normalise("DA", text("00100030")), "patient_sex": text("00100040"),
     })
-    study = _upsert(session, Study, "study_instance_uid", text("0020000D"),
+    study = _upsert(session, Study, {"study_instance_uid": text("0020000D")},
                     {"patient_fk": patient}, {
         "study_date": normalise("DA", text("00080020")),
         "study_time": normalise("TM", text("00080030")),
         "accession_number": text("00080050"), "study_id": text("00200010"),
         "study_description": text("00081030"),
     })
-    series = _upsert(session, Series, "series_instance_uid", text("0020000E"),
+    series = _upsert(session, Series, {"series_instance_uid": text("0020000E")},
                      {"study_fk": study}, {
         "modality": text("00080060"), "series_number": _integer(text("00200011")),
         "series_description": text("0008103E"),
@@ -87,6 +112,8 @@ def add_instance(session: Session, image: ArchivedImage, residual_inline: bytes 
         original_transfer_syntax=image.original_transfer_syntax,
         original_stored_bytes=image.original_stored_bytes, archived_bytes=image.archived_bytes,
         stored_at=datetime.datetime.now(datetime.UTC),
+        pixel_sha256=image.pixel_sha256, returned_sha256=image.returned_sha256,
+        lossy_on_arrival=image.lossy_on_arrival,
     )
     session.add(instance)
     session.flush()
@@ -131,4 +158,6 @@ def to_image(instance: Instance, latent: Latent, residual: bytes) -> ArchivedIma
         high_bit=instance.high_bit, photometric_interpretation=instance.photometric_interpretation,
         original_transfer_syntax=instance.original_transfer_syntax,
         original_stored_bytes=instance.original_stored_bytes,
+        pixel_sha256=instance.pixel_sha256, returned_sha256=instance.returned_sha256,
+        lossy_on_arrival=instance.lossy_on_arrival,
     )

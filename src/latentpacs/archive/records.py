@@ -67,6 +67,13 @@ class ArchivedImage:
         Transfer Syntax UID the sender used (PS3.5 Section 10).
     original_stored_bytes:
         Bytes of the Pixel Data as the sender stored it (the numerator of the ratio).
+    pixel_sha256:
+        SHA-256 of the original pixel cells, native little endian, every bit; ``""`` for
+        rows archived before it was kept.
+    returned_sha256:
+        SHA-256 of the cells the residual stream decodes to; ``""`` for ``latent``.
+    lossy_on_arrival:
+        The pixels had already lost information when they arrived.
     """
 
     header: dict[str, Any]
@@ -83,6 +90,9 @@ class ArchivedImage:
     photometric_interpretation: str
     original_transfer_syntax: str
     original_stored_bytes: int
+    pixel_sha256: str = ""
+    returned_sha256: str = ""
+    lossy_on_arrival: bool = False
 
     def __post_init__(self) -> None:
         if not TIER_PATTERN.fullmatch(self.tier):

@@ -106,3 +106,26 @@ def decode_residual(data: bytes) -> np.ndarray:
     if values.size != rows * cols:
         raise PixelDataError("residual JPEG-LS stream decoded to the wrong number of pixels")
     return values.reshape(rows, cols).astype(np.uint16)
+
+
+#: JPEG-LS start-of-frame marker SOF55 (ISO/IEC 14495-1 C.2.2).
+_SOF55 = b"\xff\xf7"
+
+
+def stream_precision(data: bytes) -> int:
+    """The sample precision P of a JPEG-LS codestream, read from its SOF55 frame header.
+
+    The ``lossless`` tier codes pixel cells at Bits Stored, or at Bits Allocated when bits
+    above High Bit are set; only a stream whose P equals Bits Stored may be sent as
+    encapsulated JPEG-LS Pixel Data (PS3.5 8.2.3).
+
+    Raises
+    ------
+    PixelDataError
+        When the stream has no SOF55 frame header near its start.
+    """
+    head = bytes(data[:4096])
+    at = head.find(_SOF55)
+    if at < 0 or at + 5 > len(head):
+        raise PixelDataError("JPEG-LS stream has no SOF55 frame header")
+    return head[at + 4]
