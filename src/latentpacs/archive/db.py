@@ -19,7 +19,7 @@ from pathlib import Path
 from typing import Any
 
 import pydicom
-from sqlalchemy import exists, func, select
+from sqlalchemy import exists, func, select, text
 from sqlalchemy.dialects import postgresql, sqlite
 from sqlalchemy.exc import IntegrityError, SQLAlchemyError
 from sqlalchemy.orm import Session
@@ -32,13 +32,32 @@ from latentpacs.archive.keys import check_level
 from latentpacs.archive.records import ArchivedImage, ArchiveStats, TierStats
 from latentpacs.archive.schema import Instance, Latent, Model, Patient, Series, Study
 from latentpacs.errors import (
-    ArchiveError, ConfigError, DuplicateInstanceError, ModelError, NotFoundError,
+    ArchiveError, ConfigError, ConstraintViolationError, DuplicateInstanceError, ModelError,
+    NotFoundError,
 )
 
 logger = logging.getLogger(__name__)
 _SHA256 = re.compile(r"[0-9a-f]{64}")
-_STORE_ATTEMPTS = 3
+#: One first try and one retry: a second violation is not a concurrent store's doing.
+_STORE_ATTEMPTS = 2
+#: Violations a concurrent store can cause (it inserted the same entity first): retried once.
+_TRANSIENT_SQLSTATES = frozenset({"23505", "23503"})  # unique_violation, foreign_key_violation
+_TRANSIENT_SQLITE = frozenset({"SQLITE_CONSTRAINT_UNIQUE", "SQLITE_CONSTRAINT_PRIMARYKEY",
+                               "SQLITE_CONSTRAINT_FOREIGNKEY"})
 _CHUNK = 200
+
+
+def _violation(exc: IntegrityError) -> tuple[str, bool]:
+    """The violated constraint's name, and whether a concurrent store can have caused it."""
+    original = exc.orig
+    sqlstate = getattr(original, "sqlstate", None)
+    if sqlstate is not None:  # psycopg (PostgreSQL)
+        diag = getattr(original, "diag", None)
+        name = getattr(diag, "constraint_name", None) or getattr(diag, "column_name", None)
+        return str(name or sqlstate), sqlstate in _TRANSIENT_SQLSTATES
+    message = str(original)  # sqlite3: "UNIQUE constraint failed: instances.sop_instance_uid"
+    name = message.split(":", 1)[1].strip() if ":" in message else message
+    return name or "unknown", getattr(original, "sqlite_errorname", "") in _TRANSIENT_SQLITE
 
 
 class DuplicatePolicy(StrEnum):
@@ -66,9 +85,12 @@ class Archive:
         ``sqlite:///path.db`` (WAL, synchronous=FULL) or ``postgresql+psycopg://...``.
     blob_dir:
         Directory for residuals above 64 KiB, written and fsynced before their row
-        commits; without one every residual stays inline in the database.
+        commits; without one every residual stays inline in the database. It belongs to
+        this database alone: opening the archive sweeps it (:meth:`sweep`).
     migrate:
         Apply the Alembic migrations up to head first.
+    sweep:
+        Remove orphan blobs and leftover temporary files at open (see :meth:`sweep`).
 
     Raises
     ------
@@ -78,15 +100,18 @@ class Archive:
         When the database cannot be reached or migrated.
     """
 
-    def __init__(self, url: str, *, blob_dir: Path | None = None, migrate: bool = True) -> None:
+    def __init__(self, url: str, *, blob_dir: Path | None = None, migrate: bool = True,
+                 sweep: bool = True) -> None:
         self._engine = make_engine(url)
-        self._blobs = BlobStore(blob_dir) if blob_dir is not None else None
-        if migrate:
-            try:
+        try:
+            self._blobs = BlobStore(blob_dir) if blob_dir is not None else None
+            if migrate:
                 run_migrations(self._engine)
-            except BaseException:
-                self._engine.dispose()
-                raise
+            if sweep and self._blobs is not None:
+                self.sweep()
+        except BaseException:
+            self._engine.dispose()
+            raise
 
     def __enter__(self) -> Archive:
         return self
@@ -136,6 +161,14 @@ class Archive:
               duplicates: DuplicatePolicy = DuplicatePolicy.KEEP) -> StoreResult:
         """Archive one instance in one transaction; returns after the commit.
 
+        A residual above 64 KiB goes to a blob, durable before the row naming it commits
+        (PS3.4 B.2.3: Success only once the instance is durable). A constraint violation
+        that a concurrent store can cause (it inserted the same patient, study, series or
+        instance first) is retried once; the same or any other violation after that, or a
+        violation no concurrency explains (NOT NULL, CHECK), is permanent. Errors of the
+        project (:class:`~latentpacs.errors.LatentPacsError`, e.g. an identity conflict
+        found by ingest) propagate untouched.
+
         Raises
         ------
         DuplicateInstanceError
@@ -144,6 +177,9 @@ class Archive:
             When ``image.model_sha256`` is not registered.
         ConfigError
             When ``duplicates`` names no policy.
+        ConstraintViolationError
+            When the instance breaks an archive constraint for good (Cxxx, the ErrorComment
+            names the constraint); nothing is committed.
         ArchiveError
             When the database or blob store fails; nothing is committed.
         """
@@ -152,34 +188,62 @@ class Archive:
         except ValueError:
             raise ConfigError(
                 f"duplicate policy {duplicates!r} is not keep, replace or reject") from None
+        uid = image.original_sop_instance_uid
         inline, path, digest = self._place_residual(image.residual)
         for attempt in range(1, _STORE_ATTEMPTS + 1):
             try:
                 result, old_blob = self._store_once(image, duplicates, inline, path, digest)
             except IntegrityError as exc:
-                if attempt == _STORE_ATTEMPTS:
-                    raise ArchiveError(
-                        f"cannot store {image.original_sop_instance_uid}: {exc.orig}") from exc
-                logger.info("store of %s met a concurrent change; retrying",
-                            image.original_sop_instance_uid)
-                continue
+                constraint, transient = _violation(exc)
+                if transient and attempt < _STORE_ATTEMPTS:
+                    logger.info("store of %s met a concurrent change (%s); retrying",
+                                uid, constraint)
+                    continue
+                logger.warning("store of %s violates %s: %s", uid, constraint, exc.orig)
+                raise ConstraintViolationError(
+                    f"archive constraint {constraint} violated; not stored") from exc
             if old_blob and old_blob != path:
                 self._drop_blob_if_unused(old_blob)
-            logger.debug("%s %s", result, image.original_sop_instance_uid)
+            logger.debug("%s %s", result, uid)
             return result
-        raise ArchiveError(f"cannot store {image.original_sop_instance_uid}")
+        raise ArchiveError(f"cannot store {uid}")  # not reached: the loop returns or raises
 
     def _place_residual(self, residual: bytes) -> tuple[bytes | None, str | None, str | None]:
+        """Inline bytes, or the blob written (and fsynced) for a residual above the limit."""
         digest = hashlib.sha256(residual).hexdigest() if residual else None
         if self._blobs is not None and len(residual) > INLINE_LIMIT:
             path, digest = self._blobs.put(residual)
             return None, path, digest
         return residual, None, digest
 
+    def _lock_blob(self, session: Session, blob: str, *, exclusive: bool) -> None:
+        """Hold ``blob``'s lock until the session's transaction ends.
+
+        SQLite: a write session's BEGIN IMMEDIATE takes the one database write lock, which
+        covers every blob. PostgreSQL: a transaction-scoped advisory lock keyed by the
+        blob's name, shared by stores and exclusive for a deletion; the deletion's check
+        that no row names the blob then runs after any store holding the lock committed
+        (READ COMMITTED: each statement sees what committed before it started).
+        """
+        if self._engine.dialect.name != "postgresql":
+            session.connection()  # BEGIN IMMEDIATE now: the write lock is held from here
+            return
+        key = int.from_bytes(hashlib.sha256(blob.encode()).digest()[:8], "big", signed=True)
+        function = "pg_advisory_xact_lock" if exclusive else "pg_advisory_xact_lock_shared"
+        session.execute(text(f"SELECT {function}(:key)"), {"key": key})
+
     def _store_once(self, image: ArchivedImage, duplicates: DuplicatePolicy, inline: bytes | None,
                     path: str | None, digest: str | None) -> tuple[StoreResult, str | None]:
         uid = image.original_sop_instance_uid
         with self._session(write=True) as session:
+            if path is not None and self._blobs is not None:
+                # Under the blob's lock, nobody can delete it until this row commits; if a
+                # replace or a sweep removed it since put(), write it again.
+                self._lock_blob(session, path, exclusive=False)
+                if not self._blobs.present(path, len(image.residual)):
+                    logger.info("blob %s was removed since it was written; writing it again",
+                                path)
+                    self._blobs.put(image.residual)
             if session.get(Model, image.model_sha256) is None:
                 raise ModelError(f"model {image.model_sha256[:12]} is not registered")
             existing = session.scalar(
@@ -198,12 +262,63 @@ class Archive:
             return StoreResult.REPLACED, old_blob
 
     def _drop_blob_if_unused(self, blob: str) -> None:
+        """Delete a blob a replace left unnamed, in a write transaction holding its lock.
+
+        Never inside the replacing transaction itself: were that commit to fail, the old
+        row would come back naming a deleted file. A failure here leaves an orphan for the
+        next :meth:`sweep`; the store itself has committed.
+        """
         if self._blobs is None:
             return
-        with self._session() as session:
-            used = session.scalar(select(exists().where(Latent.residual_path == blob)))
-        if not used:
-            self._blobs.remove(blob)
+        try:
+            with self._session(write=True) as session:
+                self._lock_blob(session, blob, exclusive=True)
+                if not session.scalar(select(exists().where(Latent.residual_path == blob))):
+                    self._blobs.remove(blob)
+        except ArchiveError as exc:
+            logger.warning("unused blob %s kept for the next sweep: %s", blob, exc)
+
+    def sweep(self) -> tuple[int, int]:
+        """Remove orphan blobs and leftover temporary files; returns (blobs, temporaries).
+
+        An orphan is a file named like a blob (64 hex digits) that no latent row names: a
+        replace whose clean-up failed, or a store whose process died between writing the
+        blob and committing. A temporary file (``.incoming-*``) is removed unless a live
+        writer holds it. Each orphan is deleted under its lock after a second check (see
+        :meth:`_lock_blob`), so a store of the same content running in another process
+        at the same time either is seen naming it, or finds it gone and writes it again.
+        Nothing else in the directory is touched.
+
+        Raises
+        ------
+        ArchiveError
+            When the database or the directory cannot be read.
+        """
+        if self._blobs is None:
+            return 0, 0
+        temporaries = self._blobs.remove_temporaries()
+        on_disk = sorted(self._blobs.names())
+        removed = 0
+        for start in range(0, len(on_disk), _CHUNK):
+            chunk = on_disk[start : start + _CHUNK]
+            with self._session() as session:
+                candidates = set(chunk) - self._named_blobs(session, chunk)
+            if not candidates:
+                continue
+            with self._session(write=True) as session:
+                for blob in sorted(candidates):
+                    self._lock_blob(session, blob, exclusive=True)
+                orphans = candidates - self._named_blobs(session, sorted(candidates))
+                removed += sum(self._blobs.remove(blob) for blob in sorted(orphans))
+        if removed or temporaries:
+            logger.info("swept %d orphan blobs and %d temporary files from %s",
+                        removed, temporaries, self._blobs.root)
+        return removed, temporaries
+
+    @staticmethod
+    def _named_blobs(session: Session, blobs: list[str]) -> set[str]:
+        return {path for path in session.scalars(
+            select(Latent.residual_path).where(Latent.residual_path.in_(blobs))) if path}
 
     def find(self, level: str, identifier: pydicom.Dataset, *,
              root: str = "STUDY") -> Iterator[pydicom.Dataset]:
