@@ -105,9 +105,21 @@ class LoadedModel:
 
 
 def default_models_dir() -> Path:
-    """``$LATENTPACS_MODELS`` when set, else ``models/`` at the repository root."""
+    """``$LATENTPACS_MODELS`` when set, else the shipped models.
+
+    The shipped models are ``latentpacs/models/`` inside the package: an installed wheel
+    carries them there, and in a source checkout it is a link to the top-level
+    ``models/`` (with its ``retired/``). A checkout where that link did not survive (a
+    plain file, or no link at all) falls back to ``models/`` at the repository root.
+    """
     env = os.environ.get("LATENTPACS_MODELS")
-    return Path(env) if env else Path(__file__).resolve().parents[3] / "models"
+    if env:
+        return Path(env)
+    package = Path(__file__).resolve().parents[1]
+    shipped = package / "models"
+    if shipped.is_dir():
+        return shipped
+    return package.parents[1] / "models"
 
 
 def sha256_file(path: Path) -> str:
