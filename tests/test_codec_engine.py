@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import threading
+import time
+from collections.abc import Callable
 
 import numpy as np
 import pytest
@@ -57,27 +59,41 @@ def test_engine_matches_the_model_it_wraps(loaded: LoadedModel) -> None:
     assert latent == loaded.latent_format.to_bytes(direct[0])
 
 
-def test_eight_threads_share_batches_and_get_the_same_bytes(loaded: LoadedModel) -> None:
+def wait_until(condition: Callable[[], bool], what: str) -> None:
+    """Poll ``condition`` (a hang guard only: the outcome never depends on the time)."""
+    deadline = time.monotonic() + 60.0
+    while not condition():
+        if time.monotonic() > deadline:
+            raise AssertionError(f"never reached: {what}")
+        time.sleep(0.001)
+
+
+@pytest.mark.parametrize(("max_batch", "batches"), [(8, 1), (3, 3)])
+def test_queued_requests_share_batches_of_at_most_max_batch(
+    loaded: LoadedModel, max_batch: int, batches: int
+) -> None:
+    """Eight callers queued behind a held worker run as ceil(8 / max_batch) batches."""
     images = [_image(80 + 8 * i, 70, i) for i in range(8)]
-    with Engine(loaded, device="cpu", max_batch=8, max_wait_ms=200.0) as engine:
+    with Engine(loaded, device="cpu", max_batch=max_batch, max_wait_ms=0.0) as engine:
         alone = [engine.encode([image])[0] for image in images]
-        batches_alone = engine.batches_run
+        assert engine.batches_run == 8
         results: list[bytes | None] = [None] * 8
-        barrier = threading.Barrier(8)
 
         def call(i: int) -> None:
-            barrier.wait()
             results[i] = engine.encode([images[i]])[0]
 
         threads = [threading.Thread(target=call, args=(i,)) for i in range(8)]
+        with engine.hold():
+            for thread in threads:
+                thread.start()
+            wait_until(lambda: engine.pending == 8, "eight queued requests")
+            assert engine.batches_run == 8  # held: nothing ran yet
         for thread in threads:
-            thread.start()
-        for thread in threads:
-            thread.join(timeout=30)
-        concurrent_batches = engine.batches_run - batches_alone
-    assert batches_alone == 8
+            thread.join(timeout=60)
+        assert engine.batches_run - 8 == batches
+        assert engine.images_run == 16
+        assert engine.pending == 0
     assert results == alone
-    assert 1 <= concurrent_batches < 8
 
 
 def test_bad_input_fails_the_caller_not_the_engine(loaded: LoadedModel) -> None:
@@ -96,7 +112,7 @@ def test_a_failing_batch_reaches_every_caller_and_the_worker_lives_on(
 ) -> None:
     with Engine(loaded, device="cpu") as engine:
         wrong = np.zeros((2, 64 * 64), np.float32)  # bypasses the caller checks on purpose
-        with pytest.raises(RuntimeError):
+        with pytest.raises(LatentFormatError, match="indices"):
             engine._submit("decode", wrong)
         assert len(engine.encode([_image(64, 64, 1)])) == 1
 

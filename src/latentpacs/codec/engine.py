@@ -2,13 +2,21 @@
 
 Callers on any thread call :meth:`Engine.encode` / :meth:`Engine.decode`; each call
 resizes its images on the calling thread, puts one request on a queue and waits on a
-future. The worker takes a request, gathers more for up to ``max_wait_ms`` until it holds
-``max_batch`` images, and runs them as torch batches under ``torch.inference_mode()``
-(and ``torch.autocast`` with float16 on CUDA). So concurrent C-STOREs share GPU batches,
-and an error in a batch reaches every caller of that batch instead of hanging them.
+future. The worker takes a request, takes every request already queued and gathers more
+for up to ``max_wait_ms`` until it holds ``max_batch`` images, and runs them as torch
+batches under ``torch.inference_mode()``. So concurrent C-STOREs share GPU batches, and an
+error in a batch reaches every caller of that batch instead of hanging them.
+
+Encoding is float inference (``torch.autocast`` with float16 on CUDA): a latent is
+computed once and archived. Decoding is integer-valued (:mod:`latentpacs.codec.integer`,
+built once per model and process): a latent decodes to the same 16-bit image whatever the
+batch, thread count, process, machine or device, so a derived SOP Instance UID always
+carries the same pixels.
 
 Images are canonical float32 in [0, 1] (rows x cols); the model sees them resized
-bilinearly with antialiasing to its square input, and reconstructions are resized back.
+bilinearly with antialiasing to its square input. Reconstructions are resized back in
+integer arithmetic (:func:`~latentpacs.codec.integer.resize_uint16`) and given to callers
+as ``v / 65535``.
 """
 
 from __future__ import annotations
@@ -17,8 +25,8 @@ import logging
 import queue
 import threading
 import time
-from contextlib import nullcontext
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager, nullcontext
 from concurrent.futures import Future
 from dataclasses import dataclass, field
 from types import TracebackType
@@ -27,6 +35,13 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from latentpacs.codec.integer import (
+    IntegerDecoder,
+    IntegerPlan,
+    build_integer_decoder,
+    resize_uint16,
+    to_canonical,
+)
 from latentpacs.codec.latent import LatentFormat
 from latentpacs.codec.modelfile import LoadedModel
 from latentpacs.errors import LatentFormatError, ModelError, PixelDataError, UnsupportedImageError
@@ -34,6 +49,25 @@ from latentpacs.errors import LatentFormatError, ModelError, PixelDataError, Uns
 logger = logging.getLogger(__name__)
 
 _ENCODE, _DECODE = "encode", "decode"
+
+_plans: dict[str, IntegerPlan] = {}
+_plans_lock = threading.Lock()
+
+
+def integer_plan(loaded: LoadedModel) -> IntegerPlan:
+    """The integer decoder of a verified model, built once per weights SHA-256 and process.
+
+    Raises
+    ------
+    ModelError
+        When the model's decoder cannot be computed exactly in integers.
+    """
+    with _plans_lock:
+        plan = _plans.get(loaded.card.sha256)
+        if plan is None:
+            plan = build_integer_decoder(loaded.model.eval(), loaded.latent_format)
+            _plans[loaded.card.sha256] = plan
+        return plan
 
 
 def resize_bilinear(image: np.ndarray, shape: tuple[int, int]) -> np.ndarray:
@@ -78,13 +112,14 @@ class Engine:
     max_batch:
         Most images run in one torch batch.
     max_wait_ms:
-        How long the worker waits for more requests before running a partial batch.
+        How long the worker waits for more requests before running a partial batch
+        (requests already queued always join the batch, up to ``max_batch`` images).
 
     Raises
     ------
     ModelError
-        When the device is unknown, CUDA is requested but not available, or
-        ``max_batch`` < 1.
+        When the device is unknown, CUDA is requested but not available,
+        ``max_batch`` < 1, or the model's decoder cannot be made integer.
     """
 
     def __init__(
@@ -105,6 +140,7 @@ class Engine:
         if self.device.type == "cuda" and not torch.cuda.is_available():
             raise ModelError(f"device {name!r} requested but CUDA is not available")
         self.loaded = loaded
+        self.integer_decoder = IntegerDecoder(integer_plan(loaded), self.device)
         self.model = loaded.model.to(self.device).eval()
         self.latent_format: LatentFormat = loaded.latent_format
         self.image_size = loaded.model.image_size
@@ -113,6 +149,9 @@ class Engine:
         self._queue: queue.Queue[_Request | None] = queue.Queue()
         self._lock = threading.Lock()
         self._closed = False
+        self._gate = threading.Event()
+        self._gate.set()
+        self._pending = 0
         self._batches_run = 0
         self._images_run = 0
         self._worker = threading.Thread(target=self._serve, name="latentpacs-engine", daemon=True)
@@ -130,6 +169,26 @@ class Engine:
     def images_run(self) -> int:
         """Number of images (or latents) the worker has run."""
         return self._images_run
+
+    @property
+    def pending(self) -> int:
+        """Number of submitted requests not answered yet."""
+        with self._lock:
+            return self._pending
+
+    @contextmanager
+    def hold(self) -> Iterator[None]:
+        """Keep the worker from starting a batch until the block ends.
+
+        Requests submitted meanwhile queue up (see :attr:`pending`); on release the worker
+        batches every queued request, up to ``max_batch`` images a batch. Batching is
+        then a function of what was queued, not of timing.
+        """
+        self._gate.clear()
+        try:
+            yield
+        finally:
+            self._gate.set()
 
     def encode(self, images: Sequence[np.ndarray]) -> list[bytes]:
         """Encode canonical images of any size to latent bytes, one per image.
@@ -152,6 +211,24 @@ class Engine:
     ) -> list[np.ndarray]:
         """Decode latent bytes to float32 images of the given (rows, cols), in [0, 1].
 
+        Each image is :meth:`decode_uint16`'s divided by 65535 (float32, correctly
+        rounded), so it is the same on every machine.
+
+        Raises
+        ------
+        LatentFormatError
+            When a latent has the wrong length, or the counts differ.
+        """
+        return [to_canonical(image) for image in self.decode_uint16(latents, shapes)]
+
+    def decode_uint16(
+        self, latents: Sequence[bytes], shapes: Sequence[tuple[int, int]]
+    ) -> list[np.ndarray]:
+        """Decode latent bytes to 16-bit images (uint16, 0 to 65535) of the given shapes.
+
+        Integer-valued throughout (:mod:`latentpacs.codec.integer`): the result depends
+        on the latent, the model and the shape only.
+
         Raises
         ------
         LatentFormatError
@@ -161,11 +238,9 @@ class Engine:
             raise LatentFormatError(f"{len(latents)} latents but {len(shapes)} shapes")
         if not latents:
             return []
-        z = np.stack([self.latent_format.from_bytes(bytes(data)) for data in latents])
-        images = self._submit(_DECODE, z)
-        return [
-            np.clip(resize_bilinear(image, shape), 0.0, 1.0) for image, shape in zip(images, shapes)
-        ]
+        codes = np.stack([self.latent_format.indices_from_bytes(bytes(data)) for data in latents])
+        images = self._submit(_DECODE, codes)
+        return [resize_uint16(image, shape) for image, shape in zip(images, shapes)]
 
     def encode_resized(self, batch: np.ndarray) -> np.ndarray:
         """Float latents (B, D) of images already at the model's size, shape (B, S, S)."""
@@ -184,6 +259,7 @@ class Engine:
                 return
             self._closed = True
             self._queue.put(None)
+        self._gate.set()
         self._worker.join()
 
     def __enter__(self) -> Engine:
@@ -210,14 +286,20 @@ class Engine:
         with self._lock:
             if self._closed:
                 raise ModelError("the inference engine is closed")
+            self._pending += 1
             self._queue.put(request)
-        return request.future.result()
+        try:
+            return request.future.result()
+        finally:
+            with self._lock:
+                self._pending -= 1
 
     def _serve(self) -> None:
         """Worker loop: gather requests into batches until the closing sentinel."""
         running = True
         while running:
             first = self._queue.get()
+            self._gate.wait()
             if first is None:
                 break
             requests = [first]
@@ -257,15 +339,17 @@ class Engine:
             start += len(request.batch)
 
     def _run_batch(self, kind: str, inputs: np.ndarray) -> np.ndarray:
+        if kind == _DECODE:
+            images = self.integer_decoder.decode_indices(inputs)
+            self._batches_run += 1
+            self._images_run += len(inputs)
+            return images
         tensor = torch.from_numpy(inputs).to(self.device)
         precision = (
             torch.autocast("cuda", torch.float16) if self.device.type == "cuda" else nullcontext()
         )
         with torch.inference_mode(), precision:
-            if kind == _ENCODE:
-                output = self.model.encode(tensor[:, None])
-            else:
-                output = self.model.decode(tensor)[:, 0]
+            output = self.model.encode(tensor[:, None])
         self._batches_run += 1
         self._images_run += len(inputs)
         return output.float().cpu().numpy()

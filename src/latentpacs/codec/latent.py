@@ -108,8 +108,8 @@ class LatentFormat:
         bitstring = ((index[:, None] >> shifts) & 1).astype(np.uint8).ravel()
         return np.packbits(bitstring).tobytes()
 
-    def from_bytes(self, data: bytes) -> np.ndarray:
-        """Unpack stored bytes to the bin centres (float32, shape (D,)).
+    def indices_from_bytes(self, data: bytes) -> np.ndarray:
+        """Unpack stored bytes to the bin indices (int64, shape (D,), 0 to 2**bits - 1).
 
         Raises
         ------
@@ -122,8 +122,18 @@ class LatentFormat:
             )
         bitstring = np.unpackbits(np.frombuffer(data, dtype=np.uint8))
         per_dim = bitstring[: self.latent_dim * self.bits].reshape(self.latent_dim, self.bits)
-        weights = 1 << np.arange(self.bits - 1, -1, -1, dtype=np.int64)
-        index = per_dim.astype(np.int64) @ weights
+        shifts = np.arange(self.bits - 1, -1, -1, dtype=np.int64)
+        return np.sum(per_dim.astype(np.int64) << shifts, axis=1)
+
+    def from_bytes(self, data: bytes) -> np.ndarray:
+        """Unpack stored bytes to the bin centres (float32, shape (D,)).
+
+        Raises
+        ------
+        LatentFormatError
+            When ``data`` is not exactly :attr:`nbytes` long.
+        """
+        index = self.indices_from_bytes(data)
         centres = np.asarray(self.low) + (index + 0.5) * self.step
         return centres.astype(np.float32)
 

@@ -1,0 +1,585 @@
+"""Integer-valued decoding: a latent decodes to the same 16-bit pixels on any machine.
+
+Floating-point inference depends on the batch size, the thread count, the BLAS and the
+device (summation order, fused kernels, float16 autocast), so a derived SOP Instance UID
+decoded twice could carry two different images. :func:`build_integer_decoder` turns a
+loaded model's float decoder into an integer one whose every intermediate value is an
+exact integer, so the order of any sum cannot change the result.
+
+Building (deterministic; elementwise IEEE float64 operations, exact maxima and
+``frexp``, integer sums only):
+
+1. The latent dequantisation of :class:`~latentpacs.codec.latent.LatentFormat`
+   (z_d = low_d + (q_d + 1/2) step_d) is folded into the first dense layer, whose input
+   is then the integer bin indices q_d in [0, 2**bits - 1]: W'_jd = W_jd step_d and
+   b'_j = b_j + sum_d W_jd (low_d + step_d / 2), the sum taken over integers after
+   quantisation.
+2. An eval-mode BatchNorm is folded into the (transposed) convolution before it:
+   s_c = gamma_c / sqrt(var_c + eps), W'_c = W_c s_c, b'_c = (b_c - mean_c) s_c + beta_c.
+3. Weights are quantised per output channel c to integers |Wq| <= 2**WEIGHT_BITS at the
+   scale 2**-f_c, with f_c = WEIGHT_BITS - e_c where max |W'_c| = m 2**e_c, 1/2 <= m < 1
+   (lowered when needed so that the bias stays within 2**BIAS_BITS).
+4. Activations are integers A at a per-layer scale 2**-F (value A 2**-F). F is chosen
+   from an integer calibration pass (:data:`CALIBRATION_CODES` deterministic latents
+   through the integer layers already built) so that the largest accumulator seen
+   lands below 2**(ACTIVATION_BITS - HEADROOM_BITS); at run time activations are
+   clamped to |A| <= 2**ACTIVATION_BITS.
+
+Running one layer (torch float64 on the engine's device, cuDNN disabled so only exact
+gemm / im2col / col2im kernels run):
+
+- accumulate: acc = sum Wq A + Bq (Bq = rint(b' 2**(F_in + f_c))), an integer at the
+  scale 2**-(F_in + f_c);
+- requantise: A' = floor((acc + 2**(k - 1)) / 2**k) with k = F_in + f_c - F_out (round
+  half up; a multiplication by 2**-k when k < 0), then clamp to +-2**ACTIVATION_BITS;
+- LeakyReLU: A' < 0 becomes floor(A' n / 2**SLOPE_BITS) with n = rint(slope
+  2**SLOPE_BITS) (0.2 -> 13107 / 65536);
+- the last layer's output is the logit at scale 2**-LOGIT_FRAC_BITS, clamped to
+  +-LOGIT_LIMIT and mapped through a sigmoid lookup table computed with :mod:`decimal`
+  (software arithmetic, the same everywhere) to 16-bit values 0 to 65535.
+
+Exactness bound (checked for every layer at build time, :class:`ModelError` otherwise):
+for each output channel, ``B_in * sum |Wq| + |Bq| + 2**(k - 1) < 2**53``, where B_in is
+the input bound (2**bits - 1 for latent indices, 2**ACTIVATION_BITS otherwise). Every
+product and every partial sum is then an integer of magnitude below 2**53, which float64
+represents exactly, so any summation order, blocking or fused multiply-add gives the same
+result; division by a power of two and ``floor`` are exact too. With the defaults
+(18-bit weights, 20-bit activations) a layer may sum up to 2**14 full-scale weights per
+output channel; the shipped decoders sum at most 1024.
+
+Resizing the 16-bit model output back to rows x cols (:func:`resize_uint16`) is integer
+too (numpy int64, separable, weights of :data:`RESIZE_FRAC_BITS` bits that sum exactly to
+2**RESIZE_FRAC_BITS): bilinear with ``align_corners=False`` for an enlargement, and a
+triangle (antialiased bilinear) filter of support ``in / out`` for a shrink, the kernels
+of :func:`~latentpacs.codec.engine.resize_bilinear`, with round half up at the end. The
+canonical image handed to callers is then ``v / 65535`` in float32, an exact function of
+the 16-bit image.
+"""
+
+from __future__ import annotations
+
+import decimal
+import functools
+import logging
+from collections.abc import Iterator
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from latentpacs.codec.latent import LatentFormat
+from latentpacs.codec.models import LatentAutoencoder
+from latentpacs.errors import LatentFormatError, ModelError
+
+logger = logging.getLogger(__name__)
+
+#: Largest magnitude of a quantised weight is 2**WEIGHT_BITS.
+WEIGHT_BITS = 18
+#: Activations are clamped to +-2**ACTIVATION_BITS.
+ACTIVATION_BITS = 20
+#: Bits between the largest calibrated activation and the clamp.
+HEADROOM_BITS = 2
+#: Largest magnitude of a quantised bias is 2**BIAS_BITS.
+BIAS_BITS = 44
+#: LeakyReLU slopes are integers over 2**SLOPE_BITS.
+SLOPE_BITS = 16
+#: Fractional bits of the output logit.
+LOGIT_FRAC_BITS = 10
+#: Logits are clamped to +-LOGIT_LIMIT; sigmoid(12) * 65535 rounds to 65535.
+LOGIT_LIMIT = 12
+#: Largest output value (16 bits).
+OUTPUT_MAX = 65535
+#: Fractional bits of the resize weights.
+RESIZE_FRAC_BITS = 14
+#: Number of deterministic latents of the calibration pass.
+CALIBRATION_CODES = 6
+#: Every integer of magnitude below this is exact in float64.
+EXACT_LIMIT = 2**53
+
+_CONV_KINDS = {nn.ConvTranspose2d: "conv_transpose", nn.Conv2d: "conv"}
+#: One float layer to quantise: kind, weight, bias (terms), slope numerator, geometry.
+_Spec = tuple[str, np.ndarray, np.ndarray, int | None, dict[str, tuple[int, ...]]]
+
+
+@dataclass(frozen=True)
+class IntegerLayer:
+    """One integer layer: integer weights and bias, a requantising shift, an activation.
+
+    Attributes
+    ----------
+    kind:
+        ``"linear"``, ``"conv"`` or ``"conv_transpose"``.
+    weight, bias:
+        Integer values (float64 arrays) in the torch layout of the float layer.
+    shift:
+        Per output channel k: the accumulator is divided by 2**k (int64, (Cout,)).
+    in_frac, out_frac:
+        Fractional bits F of the input and output activations.
+    clamp:
+        Output activations are clamped to +-clamp.
+    slope:
+        LeakyReLU numerator over 2**SLOPE_BITS, or ``None`` for no activation.
+    accumulator_bound:
+        Proven bound on |accumulator + rounding offset|, below 2**53.
+    """
+
+    kind: str
+    weight: np.ndarray
+    bias: np.ndarray
+    shift: np.ndarray
+    in_frac: int
+    out_frac: int
+    clamp: int
+    slope: int | None
+    accumulator_bound: int
+    stride: tuple[int, ...] = (1, 1)
+    padding: tuple[int, ...] = (0, 0)
+    output_padding: tuple[int, ...] = (0, 0)
+    dilation: tuple[int, ...] = (1, 1)
+
+
+@dataclass(frozen=True)
+class IntegerPlan:
+    """A whole integer decoder, device-free: latent indices -> 16-bit image.
+
+    Attributes
+    ----------
+    layers:
+        The dense layer, then the convolutions, the last producing logits.
+    lut:
+        Sigmoid table (uint16) indexed by logit + LOGIT_LIMIT 2**LOGIT_FRAC_BITS.
+    latent_dim, levels:
+        Latent size D and number of bins per dimension (2**bits).
+    channels, side:
+        Shape (C, s, s) the dense output is viewed as.
+    image_size:
+        Side S of the square output.
+    """
+
+    layers: tuple[IntegerLayer, ...]
+    lut: np.ndarray
+    latent_dim: int
+    levels: int
+    channels: int
+    side: int
+    image_size: int
+
+
+class IntegerDecoder:
+    """Run an :class:`IntegerPlan` on one device in float64 holding exact integers.
+
+    Parameters
+    ----------
+    plan:
+        From :func:`build_integer_decoder`.
+    device:
+        Torch device the tensors live on.
+    """
+
+    def __init__(self, plan: IntegerPlan, device: torch.device | str = "cpu") -> None:
+        self.plan = plan
+        self.device = torch.device(device)
+        self._layers = [_LayerTensors(layer, self.device) for layer in plan.layers]
+        self._lut = torch.from_numpy(plan.lut.astype(np.int32)).to(self.device)
+
+    def decode_indices(self, indices: np.ndarray) -> np.ndarray:
+        """Decode latent bin indices (B, D) to 16-bit images (B, S, S), uint16.
+
+        Raises
+        ------
+        LatentFormatError
+            When the array has the wrong shape or an index is out of range.
+        """
+        plan = self.plan
+        codes = np.asarray(indices)
+        if codes.ndim != 2 or codes.shape[1] != plan.latent_dim:
+            raise LatentFormatError(
+                f"expected latent indices (B, {plan.latent_dim}), got shape {codes.shape}"
+            )
+        if not np.issubdtype(codes.dtype, np.integer):
+            raise LatentFormatError(f"latent indices must be integers, got {codes.dtype}")
+        if codes.size and (codes.min() < 0 or codes.max() >= plan.levels):
+            raise LatentFormatError(f"latent indices must lie in [0, {plan.levels - 1}]")
+        if codes.shape[0] == 0:
+            return np.zeros((0, plan.image_size, plan.image_size), np.uint16)
+        x = torch.from_numpy(codes.astype(np.float64)).to(self.device)
+        with torch.inference_mode(), torch.backends.cudnn.flags(enabled=False):
+            logits = _forward(self._layers, x, plan)
+            index = logits.to(torch.int64) + LOGIT_LIMIT * (1 << LOGIT_FRAC_BITS)
+            out = self._lut[index][:, 0]
+        return out.cpu().numpy().astype(np.uint16)
+
+
+class _LayerTensors:
+    """An :class:`IntegerLayer`'s arrays as float64 tensors on a device."""
+
+    def __init__(self, layer: IntegerLayer, device: torch.device) -> None:
+        self.layer = layer
+        view = (-1,) if layer.kind == "linear" else (-1, 1, 1)
+        self.weight = torch.from_numpy(layer.weight).to(device)
+        self.bias = torch.from_numpy(layer.bias).to(device).view(view)
+        # exact powers of two: 2**-k and the rounding offset 2**(k - 1) (0 when k <= 0)
+        self.scale = torch.from_numpy(np.ldexp(1.0, -layer.shift)).to(device).view(view)
+        offset = np.where(layer.shift > 0, np.ldexp(1.0, layer.shift - 1), 0.0)
+        self.offset = torch.from_numpy(offset).to(device).view(view)
+
+    def accumulate(self, x: Tensor) -> Tensor:
+        layer = self.layer
+        if layer.kind == "linear":
+            acc = F.linear(x, self.weight)
+        elif layer.kind == "conv_transpose":
+            acc = F.conv_transpose2d(
+                x, self.weight, None, layer.stride, layer.padding, layer.output_padding,
+                1, layer.dilation,
+            )
+        else:
+            acc = F.conv2d(x, self.weight, None, layer.stride, layer.padding, layer.dilation)
+        return acc + self.bias
+
+    def requantise(self, acc: Tensor) -> Tensor:
+        layer = self.layer
+        y = acc.add_(self.offset).mul_(self.scale).floor_().clamp_(-layer.clamp, layer.clamp)
+        if layer.slope is not None:
+            # y * (n / 2**SLOPE_BITS) is exact (|y n| < 2**53), and for 0 <= n / 2**SLOPE_BITS
+            # < 1, max(y, floor(y n / 2**SLOPE_BITS)) is y when y >= 0 and the floor when y < 0
+            y = torch.maximum(y, torch.floor(y * np.ldexp(float(layer.slope), -SLOPE_BITS)))
+        return y
+
+
+def _forward(layers: list[_LayerTensors], x: Tensor, plan: IntegerPlan) -> Tensor:
+    for position, layer in enumerate(layers):
+        x = layer.requantise(layer.accumulate(x))
+        if position == 0:
+            x = x.view(-1, plan.channels, plan.side, plan.side)
+    return x
+
+
+def build_integer_decoder(
+    model: LatentAutoencoder,
+    latent_format: LatentFormat,
+    *,
+    weight_bits: int = WEIGHT_BITS,
+    activation_bits: int = ACTIVATION_BITS,
+) -> IntegerPlan:
+    """Build the integer decoder of ``model`` (its ``from_latent`` layer and ``head``).
+
+    Parameters
+    ----------
+    model:
+        A float model in eval mode (its BatchNorm running statistics are folded).
+    latent_format:
+        The model's stored latent format; its dequantisation is folded in.
+    weight_bits, activation_bits:
+        Magnitude bounds 2**bits of quantised weights and activations.
+
+    Raises
+    ------
+    ModelError
+        When a layer is of an unsupported kind, or could not be computed exactly (a
+        bound of 2**53 or more).
+    """
+    if latent_format.latent_dim != model.latent_dim:
+        raise ModelError("latent format and model disagree on the latent size")
+    blocks = _parse_head(model.head)
+    levels = 1 << latent_format.bits
+    calibration = torch.from_numpy(_calibration_codes(model.latent_dim, levels))
+    act_max = 1 << activation_bits
+    target = activation_bits - HEADROOM_BITS
+
+    weight, bias = _fold_latent(model.from_latent, latent_format)
+    layers: list[IntegerLayer] = []
+    x = calibration
+    specs: list[_Spec] = [("linear", weight, bias, None, {})] + blocks
+    in_frac, in_bound = 0, levels - 1
+    for position, (kind, w, b, slope, geometry) in enumerate(specs):
+        last = position == len(specs) - 1
+        wq, bq, w_frac = _quantise(w, b, kind, in_frac, weight_bits)
+        name = f"{model.arch} decoder layer {position} ({kind})"
+        abs_sum = _abs_sum_per_channel(wq, kind)
+        draft = IntegerLayer(
+            kind, wq, bq, np.zeros(len(bq), np.int64), in_frac, 0, 0, slope, 0, **geometry
+        )
+        tensors = _LayerTensors(draft, torch.device("cpu"))
+        with torch.inference_mode():
+            acc = tensors.accumulate(x)
+        if last:
+            out_frac, clamp = LOGIT_FRAC_BITS, LOGIT_LIMIT << LOGIT_FRAC_BITS
+        else:
+            out_frac, clamp = _choose_frac(acc, kind, in_frac + w_frac, target), act_max
+        shift = (in_frac + w_frac - out_frac).astype(np.int64)
+        offsets = [1 << int(k - 1) if k > 0 else 0 for k in shift]
+        bounds = [
+            in_bound * int(s) + abs(int(c)) + o for s, c, o in zip(abs_sum, bq, offsets)
+        ]
+        bound = max(max(bounds), clamp * (slope or 0))  # the LeakyReLU product too
+        if bound >= EXACT_LIMIT:
+            raise ModelError(
+                f"{name}: accumulator bound {bound} >= 2**53, float64 would not be exact "
+                f"(input bound {in_bound}, weights summing to {max(abs_sum)})"
+            )
+        layer = IntegerLayer(
+            kind, wq, bq, shift, in_frac, out_frac, clamp, slope, bound, **geometry
+        )
+        with torch.inference_mode():
+            x = _LayerTensors(layer, torch.device("cpu")).requantise(acc)
+        if position == 0:
+            x = x.view(-1, model.channels, model.side, model.side)
+        layers.append(layer)
+        in_frac, in_bound = out_frac, clamp
+    if tuple(x.shape[1:]) != (1, model.image_size, model.image_size):
+        raise ModelError(f"{model.arch}: decoder output {tuple(x.shape[1:])} is not one image")
+    plan = IntegerPlan(
+        tuple(layers), sigmoid_table(LOGIT_FRAC_BITS, LOGIT_LIMIT), model.latent_dim, levels,
+        model.channels, model.side, model.image_size,
+    )
+    logger.info(
+        "integer decoder for %s: %d layers, activation fractions %s",
+        model.arch, len(layers), [layer.out_frac for layer in layers],
+    )
+    return plan
+
+
+def _parse_head(head: nn.Module) -> list[_Spec]:
+    """(kind, weight, bias, slope numerator, geometry) of each convolution of ``head``."""
+    modules = list(_leaves(head))
+    blocks: list[_Spec] = []
+    i = 0
+    while i < len(modules):
+        conv = modules[i]
+        kind = _CONV_KINDS.get(type(conv))
+        if kind is None or not isinstance(conv, (nn.Conv2d, nn.ConvTranspose2d)):
+            raise ModelError(f"integer decoding does not support {type(conv).__name__} here")
+        if conv.groups != 1 or conv.padding_mode != "zeros" or isinstance(conv.padding, str):
+            raise ModelError("integer decoding needs groups=1 and explicit zero padding")
+        out_dim = 1 if kind == "conv_transpose" else 0
+        w = _array(conv.weight)
+        b = _array(conv.bias) if conv.bias is not None else np.zeros(w.shape[out_dim])
+        i += 1
+        if i < len(modules) and isinstance(modules[i], nn.BatchNorm2d):
+            w, b = _fold_batchnorm(w, b, modules[i], out_dim)
+            i += 1
+        slope: int | None = None
+        activation = modules[i] if i < len(modules) else None
+        if isinstance(activation, nn.LeakyReLU):
+            slope = int(np.rint(np.ldexp(float(activation.negative_slope), SLOPE_BITS)))
+            if not 0 <= slope < 1 << SLOPE_BITS:
+                raise ModelError(f"LeakyReLU slope {activation.negative_slope} is not in [0, 1)")
+            i += 1
+        elif isinstance(activation, nn.ReLU):
+            slope = 0
+            i += 1
+        geometry = {
+            "stride": tuple(conv.stride),
+            "padding": tuple(int(p) for p in conv.padding),
+            "dilation": tuple(conv.dilation),
+        }
+        if kind == "conv_transpose":
+            geometry["output_padding"] = tuple(conv.output_padding)
+        blocks.append((kind, w, b, slope, geometry))
+    if not blocks or blocks[-1][3] is not None:
+        raise ModelError("the decoder must end with a convolution producing logits")
+    return blocks
+
+
+def _array(tensor: Tensor) -> np.ndarray:
+    """A float64 copy of a parameter or buffer (float32 -> float64 is exact)."""
+    return tensor.detach().to("cpu", torch.float64).numpy().copy()
+
+
+def _leaves(module: nn.Module) -> Iterator[nn.Module]:
+    if isinstance(module, nn.Sequential):
+        for child in module:
+            yield from _leaves(child)
+    else:
+        yield module
+
+
+def _fold_batchnorm(
+    w: np.ndarray, b: np.ndarray, bn: nn.Module, out_dim: int
+) -> tuple[np.ndarray, np.ndarray]:
+    """Fold an eval-mode BatchNorm into the weights and bias before it (elementwise)."""
+    if not isinstance(bn, nn.BatchNorm2d) or bn.running_mean is None or bn.running_var is None:
+        raise ModelError("integer decoding needs BatchNorm with running statistics")
+    mean, var = _array(bn.running_mean), _array(bn.running_var)
+    gamma = _array(bn.weight) if bn.weight is not None else np.ones_like(mean)
+    beta = _array(bn.bias) if bn.bias is not None else np.zeros_like(mean)
+    scale = gamma / np.sqrt(var + float(bn.eps))
+    shape = [1] * w.ndim
+    shape[out_dim] = -1
+    return w * scale.reshape(shape), (b - mean) * scale + beta
+
+
+def _fold_latent(
+    dense: nn.Module, latent_format: LatentFormat
+) -> tuple[np.ndarray, np.ndarray]:
+    """W'_jd = W_jd step_d; the bias is the per-term array W_jd c_d plus b (summed later).
+
+    Returns the weight (J, D) and a bias array (J, D + 1) whose row sum is b'_j; the
+    sum is taken over integers by :func:`_quantise`.
+    """
+    if not isinstance(dense, nn.Linear):
+        raise ModelError("the decoder must start with a dense layer")
+    w = _array(dense.weight)
+    b = _array(dense.bias) if dense.bias is not None else np.zeros(w.shape[0])
+    step = latent_format.step
+    centre0 = np.asarray(latent_format.low, dtype=np.float64) + 0.5 * step
+    terms = np.concatenate([w * centre0[None, :], b[:, None]], axis=1)
+    return w * step[None, :], terms
+
+
+def _quantise(
+    w: np.ndarray, b: np.ndarray, kind: str, in_frac: int, weight_bits: int
+) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Integer weights, integer bias and the weight fraction f_c of each output channel.
+
+    ``b`` is (Cout,) or (Cout, T) of terms summed after quantisation. Scales are powers
+    of two found with ``frexp`` of exact maxima, so the result is machine-independent.
+    """
+    out_dim = 1 if kind == "conv_transpose" else 0
+    moved = np.moveaxis(w, out_dim, 0).reshape(w.shape[out_dim], -1)
+    terms = b.reshape(len(b), -1)
+    _, w_exp = np.frexp(np.max(np.abs(moved), axis=1))
+    _, b_exp = np.frexp(np.max(np.abs(terms), axis=1))
+    frac = weight_bits - w_exp.astype(np.int64)
+    frac = np.minimum(frac, BIAS_BITS - in_frac - b_exp.astype(np.int64) - 1)
+    frac = np.where(np.max(np.abs(moved), axis=1) == 0, 0, frac).astype(np.int64)
+    shape = [1] * w.ndim
+    shape[out_dim] = -1
+    wq = np.rint(np.ldexp(w, frac.reshape(shape)))
+    bq_terms = np.rint(np.ldexp(terms, (frac + in_frac)[:, None])).astype(np.int64)
+    bq = np.sum(bq_terms, axis=1)  # int64: exact in any order
+    return wq, bq.astype(np.float64), frac
+
+
+def _abs_sum_per_channel(wq: np.ndarray, kind: str) -> list[int]:
+    out_dim = 1 if kind == "conv_transpose" else 0
+    moved = np.moveaxis(wq, out_dim, 0).reshape(wq.shape[out_dim], -1)
+    return [int(s) for s in np.sum(np.abs(moved).astype(np.int64), axis=1)]
+
+
+def _choose_frac(acc: Tensor, kind: str, acc_frac: np.ndarray, target_bits: int) -> int:
+    """Largest F so the calibration's largest |accumulator| sits below 2**target_bits."""
+    dims = [0] if kind == "linear" else [0, 2, 3]
+    peaks = torch.amax(torch.abs(acc), dim=dims).numpy()
+    candidates = [
+        target_bits + int(f) - int(peak).bit_length()
+        for peak, f in zip(peaks, acc_frac)
+        if peak > 0
+    ]
+    return min(candidates) if candidates else target_bits
+
+
+def _calibration_codes(latent_dim: int, levels: int) -> np.ndarray:
+    """Deterministic calibration latents: the centre, then a multiplicative hash."""
+    rows = [[levels // 2] * latent_dim]
+    for i in range(1, CALIBRATION_CODES):
+        rows.append([((i * 2654435761 + d * 40503 + i * d * 97) % 4294967291) % levels
+                     for d in range(latent_dim)])
+    return np.asarray(rows, dtype=np.float64)
+
+
+@functools.lru_cache(maxsize=4)
+def sigmoid_table(frac_bits: int = LOGIT_FRAC_BITS, limit: int = LOGIT_LIMIT) -> np.ndarray:
+    """round(65535 sigmoid(i / 2**frac_bits)) for i in [-limit 2**frac_bits, +...], uint16.
+
+    Computed with :mod:`decimal` at 40 significant digits (software arithmetic,
+    identical on every machine): e**(-1/2**frac_bits) once, its powers by repeated
+    multiplication, sigmoid(x) = 1 / (1 + e**-x) and sigmoid(-x) = 1 - sigmoid(x), each
+    rounded half-even to an integer.
+    """
+    ctx = decimal.Context(prec=40, rounding=decimal.ROUND_HALF_EVEN)
+    one = decimal.Decimal(1)
+    base = ctx.exp(ctx.divide(-one, decimal.Decimal(1 << frac_bits)))
+    count = limit << frac_bits
+    full = decimal.Decimal(OUTPUT_MAX)
+    positive: list[int] = []
+    negative: list[int] = []
+    power = one
+    for _ in range(count + 1):
+        s = ctx.divide(one, ctx.add(one, power))
+        positive.append(int(ctx.multiply(s, full).to_integral_value(decimal.ROUND_HALF_EVEN)))
+        negative.append(
+            int(ctx.multiply(ctx.subtract(one, s), full).to_integral_value(decimal.ROUND_HALF_EVEN))
+        )
+        power = ctx.multiply(power, base)
+    table = np.asarray(negative[:0:-1] + positive, dtype=np.uint16)
+    table.setflags(write=False)
+    return table
+
+
+@functools.lru_cache(maxsize=64)
+def _axis_weights(n_in: int, n_out: int) -> tuple[np.ndarray, np.ndarray]:
+    """Taps (n_out, T) and integer weights (n_out, T) summing to 2**RESIZE_FRAC_BITS."""
+    one = 1 << RESIZE_FRAC_BITS
+    i = np.arange(n_out, dtype=np.int64)
+    if n_out >= n_in:
+        # bilinear, align_corners=False: source = ((2i + 1) n_in - n_out) / (2 n_out), >= 0
+        num = np.maximum((2 * i + 1) * n_in - n_out, 0)
+        den = 2 * n_out
+        i0 = num // den
+        rest = num - i0 * den
+        w1 = (rest * 2 * one + den) // (2 * den)
+        taps = np.stack([i0, np.minimum(i0 + 1, n_in - 1)], axis=1)
+        weights = np.stack([one - w1, w1], axis=1)
+    else:
+        # triangle of half-width n_in / n_out centred on (i + 1/2) n_in / n_out; the
+        # weight of source j is 2 n_in - |(2j + 1) n_out - (2i + 1) n_in|, if positive
+        width = (2 * n_in) // n_out + 3
+        first = ((2 * i - 1) * n_in) // (2 * n_out) - 1
+        j = first[:, None] + np.arange(width, dtype=np.int64)[None, :]
+        raw = 2 * n_in - np.abs((2 * j + 1) * n_out - (2 * i[:, None] + 1) * n_in)
+        raw = np.where((j >= 0) & (j < n_in) & (raw > 0), raw, 0)
+        total = np.sum(raw, axis=1, keepdims=True)
+        weights = (raw * 2 * one + total) // (2 * total)
+        largest = np.argmax(weights, axis=1)
+        weights[i, largest] += one - np.sum(weights, axis=1)
+        taps = np.clip(j, 0, n_in - 1)
+    taps.setflags(write=False)
+    weights.setflags(write=False)
+    return taps, weights
+
+
+def _resize_axis(values: np.ndarray, n_out: int, axis: int) -> np.ndarray:
+    taps, weights = _axis_weights(values.shape[axis], n_out)
+    moved = np.moveaxis(values, axis, 0)
+    out = np.zeros((n_out,) + moved.shape[1:], np.int64)
+    for t in range(taps.shape[1]):
+        out += weights[:, t, None] * moved[taps[:, t]]
+    return np.moveaxis(out, 0, axis)
+
+
+def resize_uint16(image: np.ndarray, shape: tuple[int, int]) -> np.ndarray:
+    """Resize a 2-D uint16 image to ``shape`` in exact integer arithmetic (numpy int64).
+
+    Rows first, then columns, each with weights summing to 2**RESIZE_FRAC_BITS;
+    the result is divided by 2**(2 RESIZE_FRAC_BITS), rounding half up. Values stay in
+    the input's range (the weights are non-negative), so a constant image stays constant.
+
+    Raises
+    ------
+    ValueError
+        When ``shape`` is not positive or the image is not 2-D.
+    """
+    rows, cols = int(shape[0]), int(shape[1])
+    if rows < 1 or cols < 1 or image.ndim != 2:
+        raise ValueError(f"cannot resize an image of shape {image.shape} to {shape}")
+    values = np.asarray(image, dtype=np.int64)
+    if values.shape == (rows, cols):
+        return values.astype(np.uint16)
+    if values.shape[0] != rows:
+        values = _resize_axis(values, rows, 0)
+    else:
+        values = values << RESIZE_FRAC_BITS
+    if values.shape[1] != cols:
+        values = _resize_axis(values, cols, 1)
+    else:
+        values = values << RESIZE_FRAC_BITS
+    half = 1 << (2 * RESIZE_FRAC_BITS - 1)
+    return ((values + half) >> (2 * RESIZE_FRAC_BITS)).astype(np.uint16)
+
+
+def to_canonical(image: np.ndarray) -> np.ndarray:
+    """The canonical float32 image of a 16-bit one: ``v / 65535`` (correctly rounded)."""
+    return np.divide(image.astype(np.float32), np.float32(OUTPUT_MAX), dtype=np.float32)
