@@ -3,15 +3,19 @@ on a real SQLite file and a real PostgreSQL server."""
 
 from __future__ import annotations
 
+import copy
 from collections.abc import Iterator
 
 import pydicom
 import pytest
-from archive_data import MODEL, S1, S2, S3, S4, catalogue, derived_uid, filled_archive, query
+from archive_data import (
+    MODEL, ROOT, S1, S2, S3, S4, archived, catalogue, derived_uid, filled_archive, phantom, query,
+)
 from pydicom.filebase import DicomBytesIO
 
 from latentpacs.archive import Archive
-from latentpacs.errors import InvalidIdentifierError, Status
+from latentpacs.archive.matching import glob_steps
+from latentpacs.errors import InvalidIdentifierError, LimitExceededError, Status
 
 
 @pytest.fixture
@@ -156,7 +160,7 @@ def test_invalid_identifiers_are_refused(archive: Archive) -> None:
 
 def test_match_instances_selects_by_unique_keys(archive: Archive) -> None:
     def originals(level: str, root: str = "STUDY", **keys: object) -> list[str]:
-        return [image.original_sop_instance_uid for image in
+        return [archive.load(row).original_sop_instance_uid for row in
                 archive.match_instances(level, query(level, **keys), root=root)]
 
     assert originals("STUDY", StudyInstanceUID=f"{S1}\\{S4}") == [
@@ -167,7 +171,143 @@ def test_match_instances_selects_by_unique_keys(archive: Archive) -> None:
     assert originals("PATIENT", "PATIENT", PatientID="P2") == [f"{S3}.1.{n}" for n in (1, 2, 3)]
     assert originals("STUDY", "PATIENT", PatientID="P2", StudyInstanceUID=S1) == []
     expected = {image.original_sop_instance_uid: image for image in catalogue()}
-    for image in archive.match_instances("STUDY", query("STUDY", StudyInstanceUID=S1)):
+    for row in archive.match_instances("STUDY", query("STUDY", StudyInstanceUID=S1)):
+        image = archive.load(row)
         assert image == expected[image.original_sop_instance_uid]
     with pytest.raises(InvalidIdentifierError):
         archive.match_instances("SERIES", query("SERIES", StudyInstanceUID=S1))
+
+
+S5 = f"{ROOT}.5"
+
+
+def _extra(archive: Archive, **attributes: object) -> pydicom.Dataset:
+    """Store one more image (study S5 of patient P3) with extra header attributes."""
+    ds = copy.deepcopy(phantom("P3", "Müller^Eva", "19820415", S5, "20250101", "100000",
+                               "Extra", 1))
+    for keyword, value in attributes.items():
+        setattr(ds, keyword, value)
+    archive.store(archived(ds))
+    return ds
+
+
+@pytest.mark.filterwarnings("ignore:Invalid value for VR UI")
+def test_retrieve_unique_keys_are_never_wildcards_or_universal(archive: Archive) -> None:
+    """PS3.4 C.4.2.2.1 / C.4.3.2.1: single values or UID lists only (today `*` selects all)."""
+    for level, root, keys in (
+        ("PATIENT", "PATIENT", {"PatientID": "*"}),
+        ("PATIENT", "PATIENT", {"PatientID": "P?"}),
+        ("PATIENT", "PATIENT", {"PatientID": "P*"}),
+        ("PATIENT", "PATIENT", {"PatientID": ""}),
+        ("PATIENT", "PATIENT", {"PatientID": '""'}),
+        ("PATIENT", "PATIENT", {"PatientID": "P1\\P2"}),
+        ("STUDY", "STUDY", {"StudyInstanceUID": "*"}),
+        ("STUDY", "STUDY", {"StudyInstanceUID": ""}),
+        ("STUDY", "STUDY", {"StudyInstanceUID": f"{S1}\\"}),
+        ("SERIES", "STUDY", {"StudyInstanceUID": "*", "SeriesInstanceUID": f"{S3}.1"}),
+        ("STUDY", "PATIENT", {"PatientID": "*", "StudyInstanceUID": S1}),
+        ("IMAGE", "STUDY", {"SOPInstanceUID": "?"}),
+    ):
+        with pytest.raises(InvalidIdentifierError) as caught:
+            archive.match_instances(level, query(level, **keys), root=root)
+        assert caught.value.status == Status.IDENTIFIER_DOES_NOT_MATCH_SOP_CLASS
+        assert caught.value.error_comment, keys
+    # a UID list and a higher-level key with a single value still select
+    assert len(archive.match_instances("STUDY", query("STUDY", StudyInstanceUID=f"{S2}\\{S3}"))) == 4
+    assert len(archive.match_instances("STUDY", query("STUDY", PatientID="P1", StudyInstanceUID=S1),
+                                       root="PATIENT")) == 4
+
+
+def test_retrieve_beyond_the_limit_is_refused_before_loading(archive: Archive) -> None:
+    identifier = query("STUDY", StudyInstanceUID=S1)
+    assert len(archive.match_instances("STUDY", identifier, limit=4)) == 4
+    with pytest.raises(LimitExceededError) as caught:
+        archive.match_instances("STUDY", identifier, limit=3)
+    assert caught.value.status == Status.OUT_OF_RESOURCES
+    assert "4" in caught.value.error_comment and "3" in caught.value.error_comment
+
+
+@pytest.mark.timeout(10)
+def test_wildcard_matching_cannot_backtrack(archive: Archive) -> None:
+    """`*a*a*a*a*a*a*a*a*a*a*b` against 60 `a`s: the regex matcher of before backtracked for
+    minutes; the two-pointer matcher answers at once and provably within O(n*m) steps."""
+    _extra(archive, ImageComments="a" * 60)
+    hostile = "*a" * 10 + "*b"
+    assert values(archive, "IMAGE", "ImageComments", StudyInstanceUID=S5, ImageComments=hostile) == []
+    assert values(archive, "IMAGE", "ImageComments", StudyInstanceUID=S5,
+                  ImageComments="*a" * 10 + "*") == ["a" * 60]
+    assert values(archive, "IMAGE", "ImageComments", ImageComments="a?a*") == ["a" * 60]
+    matched, steps = glob_steps(hostile, "a" * 60)
+    assert not matched and steps <= (len(hostile) + 1) * (60 + 2)
+    matched, steps = glob_steps("*" + "a" * 30 + "b", "a" * 2000)
+    assert not matched and steps <= 32 * 2002
+
+
+def test_find_holds_no_connection_while_paused(archive: Archive) -> None:
+    """An answer iterator left open (a C-FIND writing to a slow peer) holds no database
+    connection, so no transaction: a store goes through meanwhile."""
+    answers = archive.find("IMAGE", query("IMAGE", SOPInstanceUID=""))
+    first = next(answers)
+    assert first.SOPInstanceUID
+    assert archive._engine.pool.checkedout() == 0  # noqa: SLF001 - the property under test
+    _extra(archive)
+    rest = list(answers)
+    assert len(rest) >= 8
+    assert archive._engine.pool.checkedout() == 0  # noqa: SLF001
+
+
+def test_retrieve_ae_title_and_every_requested_key_come_back(archive: Archive) -> None:
+    identifier = query("STUDY", StudyInstanceUID="", RetrieveAETitle="", PatientID="",
+                       ImageComments="", InstanceAvailability="")
+    answers = list(archive.find("STUDY", identifier, retrieve_aet="LATENTPACS"))
+    assert len(answers) == 4
+    for answer in answers:
+        assert answer.RetrieveAETitle == "LATENTPACS"
+        assert set(identifier.dir()) <= set(answer.dir())
+    assert [a.StudyInstanceUID for a in archive.find(
+        "STUDY", query("STUDY", StudyInstanceUID="", RetrieveAETitle="LATENTPACS"),
+        retrieve_aet="LATENTPACS")] == [S1, S2, S3, S4]
+
+
+def _code(value: str, meaning: str) -> pydicom.Dataset:
+    item = pydicom.Dataset()
+    item.CodeValue, item.CodingSchemeDesignator, item.CodeMeaning = value, "99LP", meaning
+    return item
+
+
+def _sequence_key(*items: pydicom.Dataset) -> dict[str, object]:
+    return {"ProcedureCodeSequence": pydicom.Sequence(list(items)), "StudyInstanceUID": ""}
+
+
+def _code_only(value: str) -> pydicom.Dataset:
+    item = pydicom.Dataset()
+    item.CodeValue = value
+    return item
+
+
+def test_sequence_keys_are_matched_item_by_item(archive: Archive) -> None:
+    """PS3.4 C.2.2.2.6: a sequence key with a matching item selects (and returns) only the
+    stored items that match; before, any sequence key was treated as universal."""
+    _extra(archive, ProcedureCodeSequence=[_code("A1", "Alpha"), _code("B2", "Beta")])
+
+    def find(*items: pydicom.Dataset) -> list[pydicom.Dataset]:
+        return list(archive.find("STUDY", query("STUDY", **_sequence_key(*items))))
+
+    (beta,) = find(_code_only("B2"))
+    assert beta.StudyInstanceUID == S5
+    assert [(i.CodeValue, "CodeMeaning" in i) for i in beta.ProcedureCodeSequence] == [("B2", False)]
+    assert [a.StudyInstanceUID for a in find(_code_only("B*"))] == [S5]
+    assert find(_code_only("Z9")) == []
+    both = pydicom.Dataset()
+    both.CodeValue, both.CodeMeaning = "A1", "Beta"  # one item must match every key
+    assert find(both) == []
+    everything = find()  # an empty sequence: universal, the stored sequence returned
+    assert [a.StudyInstanceUID for a in everything] == [S1, S2, S3, S4, S5]
+    assert [i.CodeMeaning for i in everything[-1].ProcedureCodeSequence] == ["Alpha", "Beta"]
+    universal = find(_code_only(""))  # an item of universal keys: every item, those keys
+    assert len(universal) == 5
+    assert [i.CodeValue for i in universal[-1].ProcedureCodeSequence] == ["A1", "B2"]
+    assert "ProcedureCodeSequence" in universal[0] and not universal[0].ProcedureCodeSequence
+    with pytest.raises(InvalidIdentifierError) as caught:
+        find(_code_only("A1"), _code_only("B2"))
+    assert caught.value.status == Status.IDENTIFIER_DOES_NOT_MATCH_SOP_CLASS

@@ -47,7 +47,8 @@ def _study(stored: Stored) -> list:
     query = Dataset()
     query.QueryRetrieveLevel = "STUDY"
     query.StudyInstanceUID = stored.study_uid
-    return stored.service.matches("STUDY", query, root="STUDY")
+    service = stored.service
+    return [service.archive.load(row) for row in service.matches("STUDY", query, root="STUDY")]
 
 
 def test_decoded_ahead_equals_decoded_one_by_one(stored: Stored) -> None:

@@ -320,13 +320,16 @@ class Archive:
         return {path for path in session.scalars(
             select(Latent.residual_path).where(Latent.residual_path.in_(blobs))) if path}
 
-    def find(self, level: str, identifier: pydicom.Dataset, *,
-             root: str = "STUDY") -> Iterator[pydicom.Dataset]:
+    def find(self, level: str, identifier: pydicom.Dataset, *, root: str = "STUDY",
+             retrieve_aet: str = "") -> Iterator[pydicom.Dataset]:
         """C-FIND answers (PS3.4 C.4.1), one per matching entity, in storage order.
 
         ``level`` is the identifier's Query/Retrieve Level (0008,0052); ``root`` is
         ``"PATIENT"`` or ``"STUDY"`` (C.6.1, C.6.2). Matching follows C.2.2.2; see
         :mod:`latentpacs.archive.matching` and :mod:`latentpacs.archive.query`.
+        ``retrieve_aet`` fills Retrieve AE Title (0008,0054) when the request asks for it.
+        Answers are read a chunk at a time, each chunk in its own short session: while the
+        caller holds the iterator between answers, no connection is checked out.
 
         Raises
         ------
@@ -336,20 +339,38 @@ class Archive:
             While iterating, when the database fails.
         """
         query.request_keys(identifier, check_level(level, identifier, root), root)
-        return self._answers(level, identifier, root)
+        return query.find(self._session, level, identifier, root, retrieve_aet=retrieve_aet)
 
-    def _answers(self, level: str, identifier: pydicom.Dataset,
-                 root: str) -> Iterator[pydicom.Dataset]:
-        with self._session() as session:
-            yield from query.find(session, level, identifier, root)
+    def match_instances(self, level: str, identifier: pydicom.Dataset, *, root: str = "STUDY",
+                        limit: int | None = None) -> list[int]:
+        """Row ids of the instances a C-GET / C-MOVE identifier selects (PS3.4 C.4.2.2, C.4.3.2).
 
-    def match_instances(self, level: str, identifier: pydicom.Dataset, *,
-                        root: str = "STUDY") -> list[ArchivedImage]:
-        """The instances a C-GET / C-MOVE identifier selects (PS3.4 C.4.2.2, C.4.3.2)."""
+        Only ids: each instance is read by :meth:`load` when its sub-operation comes, so a
+        retrieval never holds the whole match set in memory.
+
+        Raises
+        ------
+        InvalidIdentifierError
+            For an invalid level or unique key: empty, universal or a wildcard (A900).
+        LimitExceededError
+            When more than ``limit`` instances match (A700).
+        """
         with self._session() as session:
-            ids = query.matching_instance_ids(session, level, identifier, root)
-            return [image for start in range(0, len(ids), _CHUNK)
-                    for image in self._load(session, ids[start : start + _CHUNK])]
+            return query.matching_instance_ids(session, level, identifier, root, limit=limit)
+
+    def load(self, instance_id: int) -> ArchivedImage:
+        """One archived instance by row id (from :meth:`match_instances`), in a short session.
+
+        Raises
+        ------
+        NotFoundError
+            When the instance was removed since it matched (e.g. replaced by a re-send).
+        """
+        with self._session() as session:
+            found = self._load(session, [instance_id])
+        if not found:
+            raise NotFoundError(f"archived instance row {instance_id} no longer exists")
+        return found[0]
 
     def get(self, returned_sop_instance_uid: str) -> ArchivedImage:
         """The instance a retrieval returns under this SOP Instance UID.

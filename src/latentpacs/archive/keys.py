@@ -79,10 +79,10 @@ OTHER_KEY_LEVELS: dict[str, int] = {
     "PerformedProcedureStepStartTime": 2,
 }
 
-#: Request elements that are not keys (PS3.4 C.4.1.1.3.1) or that the node fills.
+#: Request elements that are not keys (PS3.4 C.4.1.1.3.1). Retrieve AE Title is a key
+#: the node fills with its own AE title (C.4.1.1.3.2), so it is not listed here.
 NOT_KEYS = frozenset({
     "QueryRetrieveLevel", "SpecificCharacterSet", "TimezoneOffsetFromUTC", "QueryRetrieveView",
-    "RetrieveAETitle",
 })
 
 
@@ -119,3 +119,48 @@ def key_level(keyword: str, level: int, root: str) -> int:
     else:
         found = OTHER_KEY_LEVELS.get(keyword, level)
     return max(found, 1) if root == "STUDY" else found
+
+
+def retrieve_unique_values(identifier: Dataset, level: int, root: str) -> dict[str, list[str]]:
+    """The unique key values of a C-MOVE / C-GET identifier, checked (PS3.4 C.4.2.2.1, C.4.3.2.1).
+
+    The unique key of the retrieve level is required; those of the levels above narrow
+    the selection when present. Each present one must hold a single value, or, for the
+    UID keys (Study, Series, SOP Instance UID), a list of UIDs (C.2.2.2.2). Universal
+    matching (empty value, ``*``), wildcards (``*``, ``?``) and empty list members are
+    refused, so a retrieve can never select the whole archive by a pattern.
+
+    Returns
+    -------
+    dict
+        Keyword -> list of values, for each unique key present at or above ``level``.
+
+    Raises
+    ------
+    InvalidIdentifierError
+        When the retrieve level's unique key is missing, or any present unique key is
+        empty, a wildcard, or (Patient ID) more than one value; A900 on the network.
+    """
+    first = 1 if root == "STUDY" else 0
+    found: dict[str, list[str]] = {}
+    for index in range(first, level + 1):
+        keyword = UNIQUE_KEYS[index]
+        if keyword not in identifier:
+            if index == level:
+                raise InvalidIdentifierError(
+                    f"a {LEVELS[level]} level retrieve needs {keyword}")
+            continue
+        value = identifier[keyword].value
+        raw = [str(item) for item in value] if identifier[keyword].VM > 1 else [
+            "" if value is None else str(value)]
+        values = [item.strip() for item in raw]
+        if any(not item or item == '""' for item in values):
+            raise InvalidIdentifierError(
+                f"{keyword}: empty value; a retrieve needs unique key values")
+        if any("*" in item or "?" in item for item in values):
+            raise InvalidIdentifierError(
+                f"{keyword}: wildcards are not allowed in a retrieve unique key")
+        if index == 0 and len(values) > 1:
+            raise InvalidIdentifierError(f"{keyword}: a retrieve takes one Patient ID")
+        found[keyword] = values
+    return found

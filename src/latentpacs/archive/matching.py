@@ -9,7 +9,10 @@ universal matching (C.2.2.2.3: zero-length value, or ``*`` alone). Choices made 
   sides); only the Alphabetic component group is compared.
 * Wildcards ``*`` and ``?`` (C.2.2.2.4) apply to AE, CS, LO, LT, PN, SH, ST, UC, UR, UT;
   in SQL they become ``LIKE`` with ``\\`` escaping, so ``%`` and ``_`` stay literal. A UI
-  key with a wildcard is invalid; ``*`` alone is universal for every VR.
+  key with a wildcard is invalid; ``*`` alone is universal for every VR. In Python they
+  are matched by :func:`glob_match`, a greedy two-pointer matcher that takes at most
+  ``(len(pattern) + 1) * (len(value) + 2)`` steps whatever the pattern: no backtracking
+  regular expression, so ``*a*a*a*...*b`` against a long value cannot stall the node.
 * Range matching (C.2.2.2.5) on DA, TM and DT: ``a-b``, ``-b``, ``a-``; bounds may be
   partial ("2020-" is from 2020 on, "-2020" up to the end of 2020). DT time zone offsets
   are ignored, so a ``-`` in a DT key always means a range. Date and time keys match
@@ -18,7 +21,14 @@ universal matching (C.2.2.2.3: zero-length value, or ``*`` alone). Choices made 
   VR are alternatives too (e.g. ModalitiesInStudy ``MG\\CT``).
 * Empty value matching: ``""`` matches entities whose value is empty or absent.
 * Multi-valued stored attributes match when any of their values matches.
-* Sequence and binary keys are never matched (return keys only).
+* Sequence matching (C.2.2.2.6): a sequence key holds zero items or one item. Zero items,
+  or an item whose keys are all universal, matches every entity and returns its stored
+  sequence (projected onto the item's keys, if any). An item with matching keys matches
+  an entity when at least one stored item matches every key (recursively for nested
+  sequences), and only the matching items are returned. A sequence key of two or more
+  items is refused (InvalidIdentifierError). Matching runs on the stored header's DICOM
+  JSON, never in SQL.
+* Binary keys (OB, OW, UN, ...) are never matched (return keys only).
 """
 
 from __future__ import annotations
@@ -36,7 +46,7 @@ from latentpacs.errors import InvalidIdentifierError
 WILDCARD_VRS = frozenset({"AE", "CS", "LO", "LT", "PN", "SH", "ST", "UC", "UR", "UT"})
 RANGE_VRS = frozenset({"DA", "TM", "DT"})
 NUMERIC_VRS = frozenset({"IS", "DS", "FL", "FD", "SL", "SS", "UL", "US", "SV", "UV"})
-NOT_MATCHABLE_VRS = frozenset({"SQ", "OB", "OD", "OF", "OL", "OV", "OW", "UN"})
+NOT_MATCHABLE_VRS = frozenset({"OB", "OD", "OF", "OL", "OV", "OW", "UN"})
 
 
 class Kind(StrEnum):
@@ -106,16 +116,31 @@ def json_values(element: dict[str, Any] | None, vr: str) -> list[str]:
 
 
 @dataclass(frozen=True)
+class ItemKey:
+    """One key inside the item of a sequence key (PS3.4 C.2.2.2.6)."""
+
+    tag: str  #: DICOM JSON tag (PS3.18 F.2.1.1), e.g. "00081150"
+    match: KeyMatch
+
+
+@dataclass(frozen=True)
 class KeyMatch:
-    """The matching a request key asks for; no terms means universal matching."""
+    """The matching a request key asks for; no terms means universal matching.
+
+    A sequence key (VR SQ) has no terms; ``item`` holds the keys of its one item, or is
+    None when the request sequence has no item.
+    """
 
     keyword: str
     vr: str
     terms: tuple[Term, ...]
+    item: tuple[ItemKey, ...] | None = None
 
     @property
     def universal(self) -> bool:
-        """True when every entity matches (PS3.4 C.2.2.2.3)."""
+        """True when every entity matches (PS3.4 C.2.2.2.3; C.2.2.2.6 for sequences)."""
+        if self.item is not None:
+            return all(key.match.universal for key in self.item)
         return not self.terms
 
     @classmethod
@@ -123,6 +148,8 @@ class KeyMatch:
         """Read a request key; raises InvalidIdentifierError for values no rule accepts."""
         keyword = element.keyword or str(element.tag)
         vr = element.VR
+        if vr == "SQ":
+            return cls._parse_sequence(keyword, element)
         if vr in NOT_MATCHABLE_VRS:
             return cls(keyword, vr, ())
         values = element_values(element)
@@ -132,6 +159,44 @@ class KeyMatch:
         if not values or values == ["*"]:
             return cls(keyword, vr, ())
         return cls(keyword, vr, tuple(_term(keyword, vr, value) for value in values))
+
+    @classmethod
+    def _parse_sequence(cls, keyword: str, element: DataElement) -> KeyMatch:
+        items = list(element.value or [])
+        if not items:
+            return cls(keyword, "SQ", ())
+        if len(items) > 1:
+            raise InvalidIdentifierError(
+                f"{keyword}: a sequence key holds one item, not {len(items)} (PS3.4 C.2.2.2.6)")
+        keys = tuple(ItemKey(f"{sub.tag:08X}", cls.parse(sub)) for sub in items[0]
+                     if sub.tag.group >= 0x0008 and sub.keyword != "SpecificCharacterSet")
+        return cls(keyword, "SQ", (), keys)
+
+    def matching_items(self, stored: dict[str, Any] | None) -> list[dict[str, Any]] | None:
+        """The items of a stored sequence (DICOM JSON element) this sequence key matches.
+
+        Returns None when the entity does not match: the key has matching keys and no
+        stored item matches all of them (PS3.4 C.2.2.2.6).
+        """
+        items = [item for item in ((stored or {}).get("Value") or []) if isinstance(item, dict)]
+        if self.universal:
+            return items
+        found = [item for item in items if all(_item_key_matches(key, item)
+                                               for key in self.item or ())]
+        return found or None
+
+    def answer(self, stored: dict[str, Any] | None) -> dict[str, Any]:
+        """The DICOM JSON element a C-FIND answer carries for this sequence key.
+
+        The matching stored items, each reduced to the item's keys (a key the item lacks
+        comes back zero-length); the whole stored sequence when the request had no item
+        or an empty one.
+        """
+        items = self.matching_items(stored) or []
+        if not self.item:
+            return {"vr": "SQ", "Value": items} if items else {"vr": "SQ"}
+        answered = [{key.tag: _item_answer(key, item) for key in self.item} for item in items]
+        return {"vr": "SQ", "Value": answered} if answered else {"vr": "SQ"}
 
     def sql(self, column: Any) -> ColumnElement[bool] | None:
         """The SQL condition on an indexed column holding normalised values; None if universal."""
@@ -144,6 +209,18 @@ class KeyMatch:
     def matches(self, stored: list[str]) -> bool:
         """Whether an entity with these (normalised) values matches."""
         return self.universal or any(_term_matches(term, stored, self.vr) for term in self.terms)
+
+
+def _item_key_matches(key: ItemKey, item: dict[str, Any]) -> bool:
+    if key.match.vr == "SQ":
+        return key.match.matching_items(item.get(key.tag)) is not None
+    return key.match.matches(json_values(item.get(key.tag), key.match.vr))
+
+
+def _item_answer(key: ItemKey, item: dict[str, Any]) -> dict[str, Any]:
+    if key.match.vr == "SQ":
+        return key.match.answer(item.get(key.tag))
+    return item.get(key.tag) or {"vr": key.match.vr}
 
 
 def _term(keyword: str, vr: str, value: str) -> Term:
@@ -194,11 +271,7 @@ def _term_matches(term: Term, stored: list[str], vr: str) -> bool:
     if term.kind is Kind.EMPTY:
         return not stored
     if term.kind is Kind.WILDCARD:
-        regex = re.compile(
-            "".join(".*" if c == "*" else "." if c == "?" else re.escape(c) for c in term.value),
-            re.DOTALL,
-        )
-        return any(regex.fullmatch(value) for value in stored)
+        return any(glob_match(term.value, value) for value in stored)
     if term.kind is Kind.RANGE:
         return any(
             (not term.low or value >= term.low) and (not term.high or value <= term.high)
@@ -207,6 +280,43 @@ def _term_matches(term: Term, stored: list[str], vr: str) -> bool:
     if vr in NUMERIC_VRS:
         return any(_same_number(value, term.value) for value in stored)
     return term.value in stored
+
+
+def glob_steps(pattern: str, text: str) -> tuple[bool, int]:
+    """Whether ``text`` matches the DICOM wildcard ``pattern`` (PS3.4 C.2.2.2.4), and the steps taken.
+
+    ``*`` matches any run of characters (also none), ``?`` exactly one. Greedy two-pointer
+    matching: after a mismatch it resumes just past the most recent ``*``, one character
+    further into ``text``; an earlier ``*`` never needs revisiting, because the later one
+    can absorb whatever the earlier one would have. Each step advances through ``text``
+    or restarts the rest of ``pattern`` one position on: at most ``len(text)`` restarts,
+    each followed by at most ``len(pattern) + 1`` steps, so at most
+    ``(len(pattern) + 1) * (len(text) + 2)`` steps in all: no exponential backtracking.
+    """
+    p = t = steps = 0
+    star, resume = -1, 0
+    while t < len(text):
+        steps += 1
+        if p < len(pattern) and pattern[p] == "*":
+            star, resume = p, t
+            p += 1
+        elif p < len(pattern) and pattern[p] in ("?", text[t]):
+            p += 1
+            t += 1
+        elif star >= 0:
+            resume += 1
+            p, t = star + 1, resume
+        else:
+            return False, steps
+    while p < len(pattern) and pattern[p] == "*":
+        steps += 1
+        p += 1
+    return p == len(pattern), steps
+
+
+def glob_match(pattern: str, text: str) -> bool:
+    """Whether ``text`` matches the DICOM wildcard ``pattern``; linear-time per restart, see :func:`glob_steps`."""
+    return glob_steps(pattern, text)[0]
 
 
 def _same_number(left: str, right: str) -> bool:

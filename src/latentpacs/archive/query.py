@@ -11,8 +11,15 @@ room, documented for the conformance statement:
 * Every answer carries each key of the request, Query/Retrieve Level and the unique
   keys of its level and the levels above; Specific Character Set is ISO_IR 192 when a
   value is not ASCII. Instance Availability, when asked, is ONLINE.
+* Answers carry Retrieve AE Title (0008,0054), the node's own AE title, when
+  the request asks for it. Sequence keys follow C.2.2.2.6 (see
+  :mod:`latentpacs.archive.matching`).
+* Answers are read in chunks, each in its own short database session closed before the
+  chunk is handed on: no transaction stays open while answers go to the network.
 * Retrieve (C.4.2.2.1, C.4.3.2.1) needs the unique key of the retrieve level; unique keys
   of higher levels present in the identifier narrow the selection; others are ignored.
+  Every unique key present must be a single value or a list of UIDs: universal, empty
+  and wildcard values are refused (A900).
 """
 
 from __future__ import annotations
@@ -20,6 +27,7 @@ from __future__ import annotations
 import json
 import logging
 from collections.abc import Callable, Iterator
+from contextlib import AbstractContextManager
 from dataclasses import dataclass
 from typing import Any
 
@@ -28,11 +36,11 @@ from sqlalchemy import ColumnElement, Select, exists, func, select
 from sqlalchemy.orm import Session, aliased
 
 from latentpacs.archive.keys import (
-    NOT_KEYS, SQL_KEYS, UNIQUE_KEYS, check_level, key_level,
+    NOT_KEYS, SQL_KEYS, UNIQUE_KEYS, check_level, key_level, retrieve_unique_values,
 )
-from latentpacs.archive.matching import KeyMatch, json_values
+from latentpacs.archive.matching import KeyMatch, json_values, normalise
 from latentpacs.archive.schema import Instance, Patient, Series, Study
-from latentpacs.errors import InvalidIdentifierError
+from latentpacs.errors import LimitExceededError
 
 logger = logging.getLogger(__name__)
 CHUNK = 500
@@ -133,8 +141,16 @@ def _set_exists(keyword: str, match: KeyMatch) -> ColumnElement[bool]:
     return found.where(condition) if condition is not None else found
 
 
-def find(session: Session, level_name: str, identifier: Dataset, root: str) -> Iterator[Dataset]:
-    """C-FIND answers, one per matching entity (see the module docstring)."""
+def find(open_session: Callable[[], AbstractContextManager[Session]], level_name: str,
+         identifier: Dataset, root: str, *, retrieve_aet: str = "") -> Iterator[Dataset]:
+    """C-FIND answers, one per matching entity (see the module docstring).
+
+    Candidates are read ``CHUNK`` at a time (keyset pagination on the level's row id),
+    each chunk in its own short session from ``open_session``; the session is closed
+    before the chunk's answers are yielded, so a caller that writes each answer to the
+    network (or is paused between answers) holds no database transaction or connection.
+    ``retrieve_aet`` is the Retrieve AE Title (0008,0054) an answer carries when asked.
+    """
     level = check_level(level_name, identifier, root)
     keys = request_keys(identifier, level, root)
     active = [key for key in keys if key.level <= level and not key.match.universal]
@@ -150,26 +166,39 @@ def find(session: Session, level_name: str, identifier: Dataset, root: str) -> I
         elif key.keyword in _SETS:
             statement = statement.where(_set_exists(key.keyword, key.match))
     in_python = [key for key in active if key.keyword not in SQL_KEYS and key.keyword not in _SETS]
-    rows = session.execute(statement.order_by(columns[-1])).all()
-    logger.debug("C-FIND %s root %s: %d candidates from SQL", level_name, root, len(rows))
-    for start in range(0, len(rows), CHUNK):
-        chunk = rows[start : start + CHUNK]
-        headers = _effective_headers(session, [row.representative for row in chunk])
-        sets = _study_sets(session, [row.study for row in chunk], wanted) if level else {}
-        for row in chunk:
+    fixed: dict[str, list[Any]] = {}
+    if "InstanceAvailability" in wanted:
+        fixed["InstanceAvailability"] = ["ONLINE"]
+    if "RetrieveAETitle" in wanted:
+        fixed["RetrieveAETitle"] = [retrieve_aet] if retrieve_aet else []
+    last = 0
+    while True:
+        with open_session() as session:
+            rows = session.execute(statement.where(entities[level].id > last)
+                                   .order_by(columns[-1]).limit(CHUNK)).all()
+            if not rows:
+                return
+            headers = _effective_headers(session, [row.representative for row in rows])
+            sets = _study_sets(session, [row.study for row in rows], wanted) if level else {}
+        logger.debug("C-FIND %s root %s: %d candidates from SQL", level_name, root, len(rows))
+        answers = []
+        for row in rows:
             header = headers.get(row.representative)
             if header is None:
                 continue
             computed: dict[str, list[Any]] = {name: [getattr(row, name)] for name in _COUNTS
                                               if name in row._fields}
             computed.update(sets.get(row.study, {}) if level else {})
-            if "InstanceAvailability" in wanted:
-                computed["InstanceAvailability"] = ["ONLINE"]
+            computed.update(fixed)
             if all(_python_match(key, header, computed) for key in in_python):
-                yield _answer(keys, header, computed, level, level_name)
+                answers.append(_answer(keys, header, computed, level, level_name))
+        last = getattr(rows[-1], _LABELS[level])
+        yield from answers
 
 
 def _python_match(key: RequestKey, header: dict[str, Any], computed: dict[str, list[Any]]) -> bool:
+    if key.vr == "SQ":
+        return key.match.matching_items(header.get(key.tag)) is not None
     if key.keyword in computed:
         return key.match.matches([str(value) for value in computed[key.keyword]])
     return key.match.matches(json_values(header.get(key.tag), key.vr))
@@ -182,6 +211,8 @@ def _answer(keys: list[RequestKey], header: dict[str, Any], computed: dict[str, 
     for key in keys:
         if key.level > level:
             data[key.tag] = {"vr": key.vr}
+        elif key.vr == "SQ":
+            data[key.tag] = key.match.answer(header.get(key.tag))
         elif key.keyword in computed:
             values = computed[key.keyword]
             data[key.tag] = {"vr": key.vr, "Value": values} if values else {"vr": key.vr}
@@ -219,19 +250,29 @@ def _study_sets(session: Session, study_ids: list[int], wanted: set[str]
 
 
 def matching_instance_ids(session: Session, level_name: str, identifier: Dataset,
-                          root: str) -> list[int]:
-    """Instance rows under every entity the identifier's unique keys select (retrieve)."""
+                          root: str, *, limit: int | None = None) -> list[int]:
+    """Instance row ids under every entity the identifier's unique keys select (retrieve).
+
+    The unique keys are checked by :func:`~latentpacs.archive.keys.retrieve_unique_values`
+    (single values or UID lists, never universal or wildcards). Only ids are read: the
+    caller loads each instance when its sub-operation comes.
+
+    Raises
+    ------
+    InvalidIdentifierError
+        For an invalid level, root or unique key (A900).
+    LimitExceededError
+        When more than ``limit`` instances match (A700); nothing has been sent yet.
+    """
     level = check_level(level_name, identifier, root)
-    unique = UNIQUE_KEYS[level]
-    if not str(identifier.get(unique, "") or "").strip():
-        raise InvalidIdentifierError(f"a {level_name} level retrieve needs {unique}")
     statement = _joined(3, Instance.id)
-    for index in range(1 if root == "STUDY" else 0, level + 1):
-        keyword = UNIQUE_KEYS[index]
-        element = identifier.get(keyword)
-        if element is None:
-            continue
-        match = KeyMatch.parse(identifier[keyword])
-        condition = match.sql(SQL_KEYS[keyword][1])
-        statement = statement.where(condition) if condition is not None else statement
+    for keyword, values in retrieve_unique_values(identifier, level, root).items():
+        column = SQL_KEYS[keyword][1]
+        wanted = [normalise("UI" if keyword != "PatientID" else "LO", value) for value in values]
+        statement = statement.where(column.in_(wanted) if len(wanted) > 1 else column == wanted[0])
+    if limit is not None:
+        count = session.scalar(select(func.count()).select_from(statement.subquery())) or 0
+        if count > limit:
+            raise LimitExceededError(
+                f"{count} instances match, more than the limit of {limit} per retrieve")
     return list(session.scalars(statement.order_by(Instance.id)))

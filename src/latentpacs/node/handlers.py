@@ -99,7 +99,8 @@ def handle_find(event: evt.Event, service: Service) -> Iterator[tuple[Any, Datas
     """C-FIND SCP (PS3.4 C.4.1.3): one Pending answer per matching entity, then Success."""
     try:
         level, root, identifier = _level_and_root(event)
-        for answer in service.find(level, identifier, root=root):
+        answers = service.find(level, identifier, root=root, retrieve_aet=str(event.assoc.ae.ae_title))
+        for answer in answers:
             if event.is_cancelled:
                 yield Status.CANCEL, None
                 return
@@ -116,27 +117,44 @@ def handle_find(event: evt.Event, service: Service) -> Iterator[tuple[Any, Datas
 
 
 def _send(
-    event: evt.Event, service: Service, matches: list, sendable: frozenset[tuple[str, str]]
-) -> Iterator[tuple[Any, Dataset | None]]:
+    event: evt.Event, service: Service, matches: list[int], sendable: frozenset[tuple[str, str]]
+) -> Iterator[tuple[Any, Any]]:
     """Yield each matched instance as a Pending sub-operation (PS3.4 C.4.2.3/C.4.3.3).
 
-    The next instances are decoded on a worker thread while this one is being sent.
+    Each instance is loaded and decoded on a worker thread while the previous one is
+    being sent. An instance that cannot be loaded or decoded fails its sub-operation only:
+    a Pending response carrying its ErrorComment, counted as failed, and the others are
+    still sent; the final response is then Warning B000 (or A702 when every one failed)
+    with the failed count. pynetdicom 3.0.4 lists such a sub-operation in Failed SOP
+    Instance UID List as an empty value (its UID was never known to it) and keeps the
+    last ErrorComment on the responses that follow; the node logs the archive row.
     """
     with closing(service.returned_ahead(matches, sendable=sendable)) as decoded:
-        for archived, future in decoded:
+        for match, future in decoded:
             if event.is_cancelled:
                 yield Status.CANCEL, None
                 return
             try:
                 ds = future.result()
             except LatentPacsError as exc:
-                logger.warning("cannot decode %s: %s", archived.sop_instance_uid, exc.message)
-                yield _from_error(exc), None
-                return
+                logger.warning("sub-operation for archive row %s failed: %s", match, exc.message)
+                yield failure(Status.PENDING, exc.error_comment), SUB_OPERATION_FAILED
+                continue
+            except Exception as exc:
+                logger.exception("sub-operation for archive row %s failed", match)
+                yield (failure(Status.PENDING, f"internal error: {exc.__class__.__name__}"),
+                       SUB_OPERATION_FAILED)
+                continue
             yield Status.PENDING, ds
 
 
 def _retrieve(event: evt.Event, service: Service, service_name: str) -> Iterator[Any]:
+#: What a handler yields in place of a data set for a sub-operation that failed before its
+#: C-STORE: pynetdicom counts a Pending result whose data set is not a Dataset as one failed
+#: sub-operation and goes on with the next (PS3.4 C.4.2.3.1, C.4.3.3.1).
+SUB_OPERATION_FAILED = "sub-operation failed"
+
+
     """The sub-operation count, then one C-STORE per matched instance (C-GET and C-MOVE).
 
     A refused identifier is answered with its failure status and ErrorComment. pynetdicom
