@@ -265,10 +265,18 @@ def cmd_serve(args: argparse.Namespace) -> int:
     from latentpacs.node.app import start_node
 
     config = _config(args)
-    node = start_node(config)
+    # SIGTERM or SIGINT (also one that arrives while the node starts): a graceful stop,
+    # Node.stop, bounded by node.shutdown_grace; then exit 0.
     stop = threading.Event()
+    received: list[str] = []
+
+    def request_stop(signum: int, _frame: object) -> None:
+        received.append(signal.Signals(signum).name)
+        stop.set()
+
     for signum in (signal.SIGTERM, signal.SIGINT):
-        signal.signal(signum, lambda *_: stop.set())
+        signal.signal(signum, request_stop)
+    node = start_node(config)
     card = node.service.engines.primary.loaded.card
     print(
         f"{config['node.aet']} listening on {config['node.host']}:{node.port} "
@@ -282,8 +290,11 @@ def cmd_serve(args: argparse.Namespace) -> int:
         partial.replace(args.port_file)
     try:
         stop.wait()
+        print(f"{received[0] if received else 'stop'}: accepting no new associations; "
+              f"in-flight ones may finish for {config['node.shutdown_grace']:g} s", flush=True)
     finally:
         node.stop()
+    print("stopped", flush=True)
     return EXIT_OK
 
 

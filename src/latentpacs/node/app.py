@@ -4,13 +4,19 @@ Services (PS3.4): Verification SCP (Annex A), Storage SCP for Digital Mammograph
 Image Storage For Presentation and For Processing plus configured grayscale classes
 (Annex B), Query/Retrieve SCP (Annex C) in Patient Root and Study Root, FIND, GET (with
 SCP/SCU role selection, PS3.7 D.3.3.4) and MOVE to configured destinations.
+
+Who may use which service is :class:`~latentpacs.node.peers.PeerPolicy`'s decision, asked
+by every handler; an association is refused (A-ASSOCIATE-RJ, PS3.8 7.1.1.3) only for a
+called AE title other than ``node.aet``. :meth:`Node.stop` is a graceful stop.
 """
 
 from __future__ import annotations
 
 import logging
+import time
 from collections.abc import Sequence
 from dataclasses import dataclass
+from typing import Any
 
 from pydicom.uid import (
     DeflatedExplicitVRLittleEndian,
@@ -43,7 +49,8 @@ from pynetdicom.sop_class import (  # type: ignore[attr-defined]  # names genera
 from latentpacs.config import Config
 from latentpacs.errors import ConfigError
 from latentpacs.node import handlers
-from latentpacs.node.tls import server_context
+from latentpacs.node.peers import MoveDestinations, PeerPolicy
+from latentpacs.node.tls import client_context, handshake_on_open, server_context
 from latentpacs.service import Service, open_service
 
 logger = logging.getLogger(__name__)
@@ -103,9 +110,9 @@ def build_ae(config: Config, storage_classes: Sequence[str]) -> AE:
         ae.add_requested_context(sop_class, SEND_TRANSFER_SYNTAXES)
     for sop_class in QUERY_RETRIEVE_CLASSES:
         ae.add_supported_context(sop_class)
-    allowed = config["security.allowed_calling_aets"]
-    if allowed:
-        ae.require_calling_aet = list(allowed)
+    # Any calling AE title may associate (unknown peers may still echo and store); the
+    # called AE title must be the node's (A-ASSOCIATE-RJ "called AE title not recognized").
+    ae.require_called_aet = True
     ae.maximum_associations = config["node.max_associations"]
     ae.maximum_pdu_size = config["node.max_pdu_size"]
     ae.network_timeout = config["node.network_timeout"]
@@ -114,22 +121,52 @@ def build_ae(config: Config, storage_classes: Sequence[str]) -> AE:
     return ae
 
 
+#: Seconds to wait for aborted associations to end before the service is closed.
+ABORT_WAIT_S = 10.0
+
+
 @dataclass
 class Node:
-    """A running node: the server and the service it answers from."""
+    """A running node: the server, the service it answers from, and its stop grace."""
 
     service: Service
     server: object
+    shutdown_grace: float = 30.0
 
     @property
     def port(self) -> int:
         """The TCP port the node listens on (the OS's choice when configured as 0)."""
         return int(self.server.server_address[1])  # type: ignore[attr-defined]
 
-    def stop(self) -> None:
-        """Stop accepting associations, then release the engines and the database."""
-        self.server.shutdown()  # type: ignore[attr-defined]
+    def stop(self, grace: float | None = None) -> None:
+        """Stop gracefully: accept nothing new, let in-flight associations finish, close.
+
+        The listening socket is closed first, so a new connection is refused. Associations
+        already accepted may finish for up to ``grace`` seconds (``node.shutdown_grace``
+        by default); any still open then is aborted (A-ABORT, PS3.8 7.3). The engines and
+        the database are released last, once no handler runs. A C-STORE answered Success
+        was committed; one aborted before its response was not acknowledged, so the
+        peer sends it again.
+        """
+        grace = self.shutdown_grace if grace is None else grace
+        deadline = time.monotonic() + max(grace, 0.0)
+        server: Any = self.server
+        server.shutdown()  # ends the accept loop, closes the socket, joins connection threads
+        in_flight = list(server.active_associations)
+        if in_flight:
+            logger.info("stopping: waiting up to %.0f s for %d association(s)", grace,
+                        len(in_flight))
+        for association in in_flight:
+            association.join(max(deadline - time.monotonic(), 0.0))
+        left = [association for association in in_flight if association.is_alive()]
+        for association in left:
+            logger.warning("stopping: aborting the association with %s after %.0f s",
+                           association.requestor.address, grace)
+            association.abort()
+        for association in left:
+            association.join(ABORT_WAIT_S)
         self.service.close()
+        logger.info("stopped")
 
 
 def start_node(config: Config) -> Node:
@@ -143,31 +180,32 @@ def start_node(config: Config) -> Node:
     # A C-STORE data set is received into a temporary file, not memory (pynetdicom's
     # chunked receive), so concurrent large images keep the node's memory bounded.
     pynetdicom_config.STORE_RECV_CHUNKED_DATASET = True
+    policy = PeerPolicy.from_config(config)  # settings first: they fail fast
+    ssl_context = server_context(config)
+    destinations = MoveDestinations(config.destinations, client_context(config))
     service = open_service(config)
     storage_classes = (*MAMMOGRAPHY_CLASSES, *config["node.extra_storage_classes"])
     ae = build_ae(config, storage_classes)
     bound: list[EventHandlerType] = [
-        (evt.EVT_C_ECHO, handlers.handle_echo),
-        (evt.EVT_C_STORE, handlers.handle_store, [service]),
-        (evt.EVT_C_FIND, handlers.handle_find, [service]),
-        (evt.EVT_C_GET, handlers.handle_get, [service]),
-        (evt.EVT_C_MOVE, handlers.handle_move, [service, config.destinations]),
+        (evt.EVT_C_ECHO, handlers.handle_echo, [policy]),
+        (evt.EVT_C_STORE, handlers.handle_store, [service, policy]),
+        (evt.EVT_C_FIND, handlers.handle_find, [service, policy]),
+        (evt.EVT_C_GET, handlers.handle_get, [service, policy]),
+        (evt.EVT_C_MOVE, handlers.handle_move, [service, destinations, policy]),
     ]
+    if ssl_context is not None:
+        bound.append((evt.EVT_CONN_OPEN, handshake_on_open))
     try:
-        ssl_context = server_context(config)
         server = ae.start_server(
             (config["node.host"], config["node.port"]), block=False, evt_handlers=bound,
             ssl_context=ssl_context,
         )
-    except ConfigError:
-        service.close()
-        raise
     except OSError as exc:
         service.close()
         raise ConfigError(
             f"cannot listen on {config['node.host']}:{config['node.port']}: {exc.strerror}"
         ) from exc
-    node = Node(service, server)
+    node = Node(service, server, config["node.shutdown_grace"])
     card = service.engines.primary.loaded.card
     logger.info(
         "%s listening on %s:%d, model %s (sha256 %s), tier %s",

@@ -8,15 +8,15 @@ lets an exception reach pynetdicom (which would answer with a bare, comment-less
 from __future__ import annotations
 
 import logging
-from collections.abc import Iterator, Mapping
+from collections.abc import Iterator
 from contextlib import closing
 from typing import Any
 
 from pydicom.dataset import Dataset
 from pynetdicom import events as evt
 
-from latentpacs.config import Destination
 from latentpacs.errors import InvalidIdentifierError, LatentPacsError, Status
+from latentpacs.node.peers import DimseService, MoveDestinations, PeerPolicy, refuse_move
 from latentpacs.service import Service
 
 logger = logging.getLogger(__name__)
@@ -59,13 +59,22 @@ def _level_and_root(event: evt.Event) -> tuple[str, str, Dataset]:
     return level, root, identifier
 
 
-def handle_echo(event: evt.Event) -> int:
-    """C-ECHO (PS3.4 A.4): always Success."""
+def handle_echo(event: evt.Event, policy: PeerPolicy) -> int | Dataset:
+    """C-ECHO (PS3.4 A.4): Success, for a peer that may echo (0124H otherwise)."""
+    refused = policy.refusal(event, DimseService.ECHO)
+    if refused is not None:
+        return refused
     return int(Status.SUCCESS)
 
 
-def handle_store(event: evt.Event, service: Service) -> int | Dataset:
-    """C-STORE SCP (PS3.4 B.2.2): Success only after the archive committed the instance."""
+def handle_store(event: evt.Event, service: Service, policy: PeerPolicy) -> int | Dataset:
+    """C-STORE SCP (PS3.4 B.2.2): Success only after the archive committed the instance.
+
+    A peer that may not store is refused with 0124H before its data set is read.
+    """
+    refused = policy.refusal(event, DimseService.STORE)
+    if refused is not None:
+        return refused
     try:
         ds = event.dataset
         ds.file_meta = event.file_meta
@@ -95,8 +104,21 @@ def handle_store(event: evt.Event, service: Service) -> int | Dataset:
     return int(Status.SUCCESS)
 
 
-def handle_find(event: evt.Event, service: Service) -> Iterator[tuple[Any, Dataset | None]]:
-    """C-FIND SCP (PS3.4 C.4.1.3): one Pending answer per matching entity, then Success."""
+def handle_find(
+    event: evt.Event, service: Service, policy: PeerPolicy
+) -> Iterator[tuple[Any, Dataset | None]]:
+    """C-FIND SCP (PS3.4 C.4.1.3): one Pending answer per matching entity, then Success.
+
+    A peer that may not query is refused with 0124H before anything is matched.
+
+    The answers beyond ``limits.max_find_answers`` are replaced by one A700 failure with
+    an ErrorComment, after the answers already sent. Retrieve AE Title, when asked, is
+    this node's AE title.
+    """
+    refused = policy.refusal(event, DimseService.FIND)
+    if refused is not None:
+        yield refused, None
+        return
     try:
         level, root, identifier = _level_and_root(event)
         answers = service.find(level, identifier, root=root, retrieve_aet=str(event.assoc.ae.ae_title))
@@ -114,6 +136,12 @@ def handle_find(event: evt.Event, service: Service) -> Iterator[tuple[Any, Datas
         yield failure(Status.UNABLE_TO_PROCESS, f"internal error: {exc.__class__.__name__}"), None
         return
     yield Status.SUCCESS, None
+
+
+#: What a handler yields in place of a data set for a sub-operation that failed before its
+#: C-STORE: pynetdicom counts a Pending result whose data set is not a Dataset as one failed
+#: sub-operation and goes on with the next (PS3.4 C.4.2.3.1, C.4.3.3.1).
+SUB_OPERATION_FAILED = "sub-operation failed"
 
 
 def _send(
@@ -149,12 +177,6 @@ def _send(
 
 
 def _retrieve(event: evt.Event, service: Service, service_name: str) -> Iterator[Any]:
-#: What a handler yields in place of a data set for a sub-operation that failed before its
-#: C-STORE: pynetdicom counts a Pending result whose data set is not a Dataset as one failed
-#: sub-operation and goes on with the next (PS3.4 C.4.2.3.1, C.4.3.3.1).
-SUB_OPERATION_FAILED = "sub-operation failed"
-
-
     """The sub-operation count, then one C-STORE per matched instance (C-GET and C-MOVE).
 
     A refused identifier is answered with its failure status and ErrorComment. pynetdicom
@@ -182,19 +204,38 @@ SUB_OPERATION_FAILED = "sub-operation failed"
     yield from _send(event, service, matches, sendable)
 
 
-def handle_get(event: evt.Event, service: Service) -> Iterator[Any]:
-    """C-GET SCP (PS3.4 C.4.3.3): the sub-operation count, then one C-STORE per instance."""
+def handle_get(event: evt.Event, service: Service, policy: PeerPolicy) -> Iterator[Any]:
+    """C-GET SCP (PS3.4 C.4.3.3): the sub-operation count, then one C-STORE per instance.
+
+    A peer that may not retrieve is refused with 0124H before anything is matched, as one
+    announced sub-operation that fails (pynetdicom answers a count of 0 with Success); no
+    C-STORE is sent.
+    """
+    refused = policy.refusal(event, DimseService.GET)
+    if refused is not None:
+        yield 1
+        yield refused, None
+        return
     yield from _retrieve(event, service, "C-GET")
 
 
 def handle_move(
-    event: evt.Event, service: Service, destinations: Mapping[str, Destination]
+    event: evt.Event, service: Service, destinations: MoveDestinations, policy: PeerPolicy
 ) -> Iterator[Any]:
-    """C-MOVE SCP (PS3.4 C.4.2.3): only to configured destinations, then one C-STORE per instance."""
-    destination = destinations.get(str(event.move_destination).strip())
-    if destination is None:
+    """C-MOVE SCP (PS3.4 C.4.2.3): only to configured destinations, then one C-STORE per instance.
+
+    A peer that may not retrieve is refused with 0124H before the destination is looked
+    up: no sub-association is opened. A destination marked ``tls = true`` is reached over
+    DICOM TLS.
+    """
+    refused = policy.refusal(event, DimseService.MOVE)
+    if refused is not None:
+        yield refuse_move(event, refused)
+        return
+    address = destinations.address(str(event.move_destination))
+    if address is None:
         logger.warning("C-MOVE to unknown destination %r refused", event.move_destination)
         yield None, None  # pynetdicom answers Move Destination Unknown (0xA801)
         return
-    yield destination.host, destination.port
+    yield address
     yield from _retrieve(event, service, "C-MOVE")
