@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import sqlite3
 from collections.abc import Iterator
+from dataclasses import dataclass
 from pathlib import Path
 
 import pydicom
@@ -30,6 +31,7 @@ from latentpacs.errors import LimitExceededError, Status
 from latentpacs.service import Service, open_service
 from netpeers import (
     NodeProcess,
+    StoreSCP,
     final_response,
     findscu,
     getscu,
@@ -58,28 +60,34 @@ def _config(directory: Path, extra: str = "") -> Path:
     return config
 
 
-@pytest.fixture
-def node_with(tmp_path: Path, images: list[Path]) -> Iterator[object]:
-    """Start a node with extra TOML, holding the 4 phantoms; stopped by PID afterwards."""
-    started: list[NodeProcess] = []
+@dataclass(frozen=True)
+class Served:
+    """A node holding the 4 phantoms, with a storescp as its C-MOVE destination VIEWER."""
 
-    def start(extra: str = "") -> NodeProcess:
-        node = start_node(_config(tmp_path, extra))
-        started.append(node)
-        assert final_response(storescu(node.port, node.aet, images)).status == Status.SUCCESS
-        return node
+    node: NodeProcess
+    viewer: StoreSCP
+    database: Path
 
-    yield start
-    for node in started:
-        node.stop()
+
+@pytest.fixture(scope="module")
+def served(tmp_path_factory: pytest.TempPathFactory, images: list[Path]) -> Iterator[Served]:
+    directory = tmp_path_factory.mktemp("node")
+    with start_storescp(directory / "received", aet="VIEWER") as viewer:
+        node = start_node(_config(directory, f'[destinations.VIEWER]\nhost = "127.0.0.1"\n'
+                                             f"port = {viewer.port}\n"))
+        try:
+            assert final_response(storescu(node.port, node.aet, images)).status == Status.SUCCESS
+            yield Served(node, viewer, directory / "a.db")
+        finally:
+            node.stop()
 
 
 def _study(images: list[Path], index: int = 0) -> str:
     return str(pydicom.dcmread(images[index], stop_before_pixels=True).StudyInstanceUID)
 
 
-def test_wildcard_and_universal_unique_keys_are_refused(node_with, images, tmp_path) -> None:
-    node = node_with()
+def test_wildcard_and_universal_unique_keys_are_refused(served: Served, images, tmp_path) -> None:
+    node = served.node
     for level, root, keys in (
         ("PATIENT", "PATIENT", {"PatientID": "*"}),
         ("PATIENT", "PATIENT", {"PatientID": "LP*"}),
@@ -91,74 +99,16 @@ def test_wildcard_and_universal_unique_keys_are_refused(node_with, images, tmp_p
         assert got.final.status == Status.IDENTIFIER_DOES_NOT_MATCH_SOP_CLASS, keys
         assert got.final.error_comment, keys
         assert got.files == [], keys
-    with start_storescp(tmp_path / "received", aet="VIEWER") as viewer:
-        (tmp_path / "mover").mkdir()
-        mover = start_node(_config(tmp_path / "mover", f'[destinations.VIEWER]\nhost = "127.0.0.1"\n'
-                                                       f"port = {viewer.port}\n"))
-        try:
-            storescu(mover.port, mover.aet, images)
-            moved = final_response(movescu(mover.port, mover.aet, "PATIENT", {"PatientID": "*"},
-                                           "VIEWER", root="PATIENT"))
-            assert moved.status == Status.IDENTIFIER_DOES_NOT_MATCH_SOP_CLASS
-            assert moved.error_comment
-            assert viewer.files() == []
-        finally:
-            mover.stop()
+    before = served.viewer.files()
+    moved = final_response(movescu(node.port, node.aet, "PATIENT", {"PatientID": "*"},
+                                   "VIEWER", root="PATIENT"))
+    assert moved.status == Status.IDENTIFIER_DOES_NOT_MATCH_SOP_CLASS
+    assert moved.error_comment
+    assert served.viewer.files() == before
 
 
-def test_retrieve_and_find_limits_refuse_with_a700(node_with, images, tmp_path) -> None:
-    node = node_with("[limits]\nmax_retrieve_instances = 1\nmax_find_answers = 3\n")
-    got = getscu(node.port, node.aet, "STUDY", {"StudyInstanceUID": _study(images)}, tmp_path / "g")
-    assert got.final.status == Status.OUT_OF_RESOURCES
-    assert "2" in (got.final.error_comment or "") and "1" in (got.final.error_comment or "")
-    assert got.files == []
-    found = findscu(node.port, node.aet, "IMAGE", {"SOPInstanceUID": ""})
-    assert len(found.datasets) == 3
-    assert found.final.status == Status.OUT_OF_RESOURCES and found.final.error_comment
-
-
-def _corrupt_latent(database: Path, sop_instance_uid: str) -> None:
-    """Overwrite one archived latent in the SQLite file so that it cannot be decoded."""
-    with sqlite3.connect(database) as connection:
-        changed = connection.execute(
-            "UPDATE latents SET latent = x'00' WHERE instance_fk = "
-            "(SELECT id FROM instances WHERE original_sop_instance_uid = ?)",
-            (sop_instance_uid,)).rowcount
-    assert changed == 1
-
-
-def test_one_undecodable_instance_fails_only_its_sub_operation(node_with, images, tmp_path) -> None:
-    node = node_with()
-    broken = pydicom.dcmread(images[0], stop_before_pixels=True)
-    _corrupt_latent(tmp_path / "a.db", str(broken.SOPInstanceUID))
-    got = getscu(node.port, node.aet, "STUDY", {"StudyInstanceUID": broken.StudyInstanceUID},
-                 tmp_path / "get")
-    assert got.final.status == Status.SUB_OPERATIONS_WARNING
-    assert (got.final.completed, got.final.failed) == (1, 1)
-    assert len(got.files) == 1
-    assert pydicom.dcmread(got.files[0]).SourceImageSequence[0].ReferencedSOPInstanceUID != \
-        broken.SOPInstanceUID
-
-
-def test_move_with_an_undecodable_instance_sends_the_rest(tmp_path, images) -> None:
-    with start_storescp(tmp_path / "received", aet="VIEWER") as viewer:
-        node = start_node(_config(tmp_path, f'[destinations.VIEWER]\nhost = "127.0.0.1"\n'
-                                             f"port = {viewer.port}\n"))
-        try:
-            storescu(node.port, node.aet, images)
-            broken = pydicom.dcmread(images[1], stop_before_pixels=True)
-            _corrupt_latent(tmp_path / "a.db", str(broken.SOPInstanceUID))
-            moved = final_response(movescu(node.port, node.aet, "STUDY",
-                                           {"StudyInstanceUID": broken.StudyInstanceUID}, "VIEWER"))
-            assert moved.status == Status.SUB_OPERATIONS_WARNING
-            assert (moved.completed, moved.failed) == (1, 1)
-            assert len(viewer.files()) == 1
-        finally:
-            node.stop()
-
-
-def test_find_returns_retrieve_ae_title_and_matches_sequences(node_with, images) -> None:
-    node = node_with()
+def test_find_returns_retrieve_ae_title_and_matches_sequences(served: Served) -> None:
+    node = served.node
     studies = findscu(node.port, node.aet, "STUDY", {"StudyInstanceUID": "", "RetrieveAETitle": ""})
     assert len(studies.datasets) == 2
     assert all(ds.RetrieveAETitle == "LATENTPACS" for ds in studies.datasets)
@@ -169,6 +119,55 @@ def test_find_returns_retrieve_ae_title_and_matches_sequences(node_with, images)
     other = findscu(node.port, node.aet, "IMAGE",
                     {"SOPInstanceUID": "", "AnatomicRegionSequence[0].CodeValue": "T-D0050"})
     assert other.final.status == Status.SUCCESS and other.datasets == []
+
+
+def _corrupt_latent(database: Path, sop_instance_uid: str) -> None:
+    """Overwrite one archived latent in the SQLite file so that it cannot be decoded."""
+    with sqlite3.connect(database) as connection:
+        changed = connection.execute(
+            "UPDATE latents SET latent = x'00' WHERE instance_fk = "
+            "(SELECT id FROM instances WHERE original_sop_instance_uid = ?)",
+            (sop_instance_uid,)).rowcount
+    connection.close()
+    assert changed == 1
+
+
+def test_one_undecodable_instance_fails_only_its_sub_operation(served: Served, images,
+                                                                tmp_path) -> None:
+    """Runs last on the shared node: it breaks one latent of the first study for good."""
+    node = served.node
+    broken = pydicom.dcmread(images[0], stop_before_pixels=True)
+    _corrupt_latent(served.database, str(broken.SOPInstanceUID))
+    got = getscu(node.port, node.aet, "STUDY", {"StudyInstanceUID": broken.StudyInstanceUID},
+                 tmp_path / "get")
+    assert got.final.status == Status.SUB_OPERATIONS_WARNING
+    assert (got.final.completed, got.final.failed) == (1, 1)
+    assert len(got.files) == 1
+    sent = pydicom.dcmread(got.files[0])
+    assert sent.SourceImageSequence[0].ReferencedSOPInstanceUID != broken.SOPInstanceUID
+    before = len(served.viewer.files())
+    moved = final_response(movescu(node.port, node.aet, "STUDY",
+                                   {"StudyInstanceUID": broken.StudyInstanceUID}, "VIEWER"))
+    assert moved.status == Status.SUB_OPERATIONS_WARNING
+    assert (moved.completed, moved.failed) == (1, 1)
+    assert len(served.viewer.files()) == before + 1
+
+
+def test_retrieve_and_find_limits_refuse_with_a700(images, tmp_path) -> None:
+    node = start_node(_config(tmp_path, "[limits]\nmax_retrieve_instances = 1\n"
+                                        "max_find_answers = 3\n"))
+    try:
+        storescu(node.port, node.aet, images)
+        got = getscu(node.port, node.aet, "STUDY", {"StudyInstanceUID": _study(images)},
+                     tmp_path / "g")
+        assert got.final.status == Status.OUT_OF_RESOURCES
+        assert "2" in (got.final.error_comment or "") and "1" in (got.final.error_comment or "")
+        assert got.files == []
+        found = findscu(node.port, node.aet, "IMAGE", {"SOPInstanceUID": ""})
+        assert len(found.datasets) == 3
+        assert found.final.status == Status.OUT_OF_RESOURCES and found.final.error_comment
+    finally:
+        node.stop()
 
 
 @pytest.fixture
