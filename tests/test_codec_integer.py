@@ -64,9 +64,12 @@ def tiny(tmp_path_factory: pytest.TempPathFactory) -> LoadedModel:
     model = build_model("ae", image_size=128)
     for module in model.modules():
         if isinstance(module, nn.BatchNorm2d):
+            mean, var = module.running_mean, module.running_var
+            if mean is None or var is None:
+                raise AssertionError("BatchNorm without running statistics")
             with torch.no_grad():
-                module.running_mean.uniform_(-0.2, 0.2)
-                module.running_var.uniform_(0.5, 2.0)
+                mean.uniform_(-0.2, 0.2)
+                var.uniform_(0.5, 2.0)
                 module.weight.uniform_(0.5, 1.5)
                 module.bias.uniform_(-0.1, 0.1)
     model.eval()
