@@ -248,30 +248,67 @@ def test_calling_ae_title_access_control(node_factory, tmp_path) -> None:
     assert echoscu(node.port, "NOTTHENODE", calling="FRIEND").returncode != 0
 
 
-def test_move_cancel_stops_the_sub_operations(node_factory, phantoms, tmp_path) -> None:
+def test_move_cancel_stops_the_sub_operations(node_factory, tmp_path) -> None:
     """A C-CANCEL (PS3.7 9.3.2.3) during a C-MOVE ends it with FE00 and the counts so far.
 
-    movescu cancels after the first Pending response; each remaining sub-operation (decode
-    a 1024x832 reconstruction, send it) takes far longer than the cancel takes to arrive.
+    Ordered by the peers, not by the machine's speed: the destination (a pynetdicom
+    Storage SCP in this process) answers the first C-STORE at once and holds the second
+    one's response until the requestor (pynetdicom, same process) has sent its C-CANCEL,
+    which it does on the first Pending response. So the cancel is on the node's socket
+    before sub-operation 2 can complete, and the node, which checks for a cancel before
+    each sub-operation, stops there (or, if it reads the cancel a moment after the
+    store response, after sub-operation 3), never running all ten.
     """
-    images = phantom.generate(tmp_path / "big", 10, seed=13, size=(1024, 832), images_per_study=10)
-    with start_storescp(tmp_path / "received", aet="VIEWER") as viewer:
+    import threading
+
+    from pynetdicom import AE, ALL_TRANSFER_SYNTAXES, StoragePresentationContexts, evt
+    from pynetdicom.sop_class import StudyRootQueryRetrieveInformationModelMove as MOVE
+
+    images = phantom.generate(tmp_path / "ten", 10, seed=13, size=(128, 104), images_per_study=10)
+    cancel_sent = threading.Event()
+    stored: list[str] = []
+
+    def on_store(event: evt.Event) -> int:
+        stored.append(str(event.request.AffectedSOPInstanceUID))
+        if len(stored) == 2:
+            cancel_sent.wait(timeout=60)
+        return 0x0000
+
+    destination = AE(ae_title="VIEWER")
+    for context in StoragePresentationContexts:
+        destination.add_supported_context(context.abstract_syntax, ALL_TRANSFER_SYNTAXES)
+    server = destination.start_server(("127.0.0.1", 0), block=False,
+                                      evt_handlers=[(evt.EVT_C_STORE, on_store)])
+    try:
         node = node_factory(
             f"sqlite:///{tmp_path / 'a.db'}",
-            **{"destinations.VIEWER": {"host": "127.0.0.1", "port": viewer.port}},
+            **{"destinations.VIEWER": {"host": "127.0.0.1", "port": server.server_address[1]}},
         )
         assert final_response(storescu(node.port, node.aet, images)).status == Status.SUCCESS
-        from dicomtools import require
-        from netpeers import HOST, _run
-
-        study_uid = pydicom.dcmread(images[0]).StudyInstanceUID
-        proc = _run([require("movescu"), "-d", "-S", "--cancel", "1", "-k", "QueryRetrieveLevel=STUDY",
-                     "-k", f"StudyInstanceUID={study_uid}", "-aem", "VIEWER", "-aec", node.aet,
-                     HOST, str(node.port)], 120)
-        final = final_response(proc)
-        assert final.status == Status.CANCEL
-        assert final.completed is not None and final.completed < 10
-        assert len(viewer.files()) == final.completed
+        requestor = AE(ae_title="MOVESCU")
+        requestor.add_requested_context(MOVE)
+        assoc = requestor.associate("127.0.0.1", node.port, ae_title=node.aet)
+        assert assoc.is_established
+        context_id = next(cx.context_id for cx in assoc.accepted_contexts
+                          if cx.abstract_syntax == MOVE)
+        identifier = pydicom.Dataset()
+        identifier.QueryRetrieveLevel = "STUDY"
+        identifier.StudyInstanceUID = pydicom.dcmread(images[0]).StudyInstanceUID
+        responses = []
+        for status, _ in assoc.send_c_move(identifier, "VIEWER", MOVE, msg_id=7):
+            responses.append(status)
+            if status and status.Status == Status.PENDING and not cancel_sent.is_set():
+                assoc.send_c_cancel(7, context_id)
+                cancel_sent.set()
+        assoc.release()
+    finally:
+        cancel_sent.set()
+        server.shutdown()
+    final = responses[-1]
+    assert final.Status == Status.CANCEL
+    assert final.NumberOfCompletedSuboperations in (2, 3)
+    assert final.NumberOfRemainingSuboperations == 10 - final.NumberOfCompletedSuboperations
+    assert len(stored) == final.NumberOfCompletedSuboperations
     assert echoscu(node.port, node.aet).returncode == 0
 
 
