@@ -282,3 +282,20 @@ def test_the_canonical_image_is_the_16_bit_image_over_65535(tmp_path: Path) -> N
     for c, v in zip(canonical, sixteen):
         assert c.dtype == np.float32 and c.shape == v.shape
         np.testing.assert_array_equal(c, v.astype(np.float32) / np.float32(65535))
+
+
+@pytest.mark.parametrize("arch", ["ae", "vae", "paper-ae", "paper-vae"])
+def test_every_architecture_decodes_within_one_logit_step_of_float(arch: str) -> None:
+    """Error bound: half a logit step (2**-11) times the sigmoid's slope 1/4, plus 16-bit rounding."""
+    torch.manual_seed(1)
+    model = build_model(arch, image_size=64).eval()
+    with torch.no_grad():
+        calibrate(model, model.encode(torch.rand(8, 1, 64, 64)).numpy())
+    fmt = LatentFormat.from_model(model)
+    codes = np.random.default_rng(0).integers(0, 1 << fmt.bits, (4, fmt.latent_dim))
+    exact = IntegerDecoder(build_integer_decoder(model, fmt)).decode_indices(codes)
+    z = torch.from_numpy((np.asarray(fmt.low) + (codes + 0.5) * fmt.step).astype(np.float32))
+    with torch.no_grad():
+        floats = model.decode(z)[:, 0].double().numpy()
+    assert exact.shape == (4, 64, 64) and exact.dtype == np.uint16
+    assert np.max(np.abs(exact / 65535.0 - floats)) < 2.0**-11 / 4 + 1 / 65535

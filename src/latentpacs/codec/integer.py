@@ -44,8 +44,9 @@ the input bound (2**bits - 1 for latent indices, 2**ACTIVATION_BITS otherwise). 
 product and every partial sum is then an integer of magnitude below 2**53, which float64
 represents exactly, so any summation order, blocking or fused multiply-add gives the same
 result; division by a power of two and ``floor`` are exact too. With the defaults
-(18-bit weights, 20-bit activations) a layer may sum up to 2**14 full-scale weights per
-output channel; the shipped decoders sum at most 1024.
+(18-bit weights, 20-bit activations) a layer may sum a little under 2**15 full-scale
+weights per output channel; the shipped decoders sum at most 64 x 4 x 4 = 1024, whose
+bound is about 2**48.
 
 Resizing the 16-bit model output back to rows x cols (:func:`resize_uint16`) is integer
 too (numpy int64, separable, weights of :data:`RESIZE_FRAC_BITS` bits that sum exactly to
