@@ -163,6 +163,8 @@ class CachedImageDataset(torch.utils.data.Dataset[torch.Tensor]):
         files are read instead of decoding, missing ones are written.
     progress:
         Show a tqdm bar while decoding.
+    desc:
+        The bar's label.
 
     Attributes
     ----------
@@ -181,6 +183,7 @@ class CachedImageDataset(torch.utils.data.Dataset[torch.Tensor]):
         *,
         cache_dir: Path | None = None,
         progress: bool = False,
+        desc: str = "decoding",
     ) -> None:
         self.image_size = image_size
         self.cache_dir = None if cache_dir is None else Path(cache_dir) / str(image_size)
@@ -189,7 +192,7 @@ class CachedImageDataset(torch.utils.data.Dataset[torch.Tensor]):
         kept: list[ImageRecord] = []
         self.skipped: list[tuple[Path, str]] = []
         images: list[torch.Tensor] = []
-        for record in tqdm(records, desc="decoding", unit="image", disable=not progress):
+        for record in tqdm(records, desc=desc, unit="image", disable=not progress):
             try:
                 image = self._load(record)
             except LatentPacsError as exc:

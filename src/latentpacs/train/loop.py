@@ -1,14 +1,19 @@
 """The training loop: DICOM folders in, a calibrated model file and its card out.
 
-One call of :func:`train` scans the folders, splits by patient (80/20, seeded), trains
-with Adam on the model's own loss (the paper's: MSE for the AE, BCE + KL for the VAE),
-keeps a checkpoint at the lowest validation loss, and at the end reloads that
-checkpoint, calibrates the latent quantisation range on the training images, measures
-the validation MSE through the stored latent bytes and exports safetensors + card with
-:func:`latentpacs.codec.modelfile.save_model`.
+One call of :func:`train` scans the folders, splits by patient into training, validation
+and test sets (seeded; or takes a given test set, e.g. the official CBIS-DDSM test set,
+and splits only the rest), trains with Adam on the model's own loss (the paper's: MSE for
+the AE, BCE + KL for the VAE), keeps a checkpoint at the lowest validation loss, and at
+the end reloads that checkpoint, calibrates the latent quantisation range on the training
+images, measures the MSE through the stored latent bytes on the validation set and on
+the held-out test set, and exports safetensors + card with
+:func:`latentpacs.codec.modelfile.save_model`. The test set never trains and never
+chooses the checkpoint: it is decoded only after the last epoch, so the card's
+``test_mse`` is a figure on images that chose nothing.
 
-``out = models/NAME`` gives ``models/NAME.safetensors``, ``models/NAME.json`` and the
-checkpoints ``models/NAME.checkpoints/{last,best}.pt``.
+``out = models/NAME`` gives ``models/NAME.safetensors``, ``models/NAME.json``, the
+checkpoints ``models/NAME.checkpoints/{last,best}.pt`` and the split actually used,
+``models/NAME.checkpoints/split.json`` (path and SOP Instance UID of every image of each set).
 
 Launched by ``torchrun`` the same call trains data-parallel (:mod:`.distributed`): the
 model in DistributedDataParallel, each rank on its shard of a seeded DistributedSampler,
@@ -20,6 +25,7 @@ from __future__ import annotations
 
 import dataclasses
 import hashlib
+import json
 import logging
 import math
 import random
@@ -51,7 +57,7 @@ from latentpacs.train.checkpoint import (
 from latentpacs.train.data import CachedImageDataset, ImageRecord, scan_dicom_folders
 from latentpacs.train.distributed import DistContext
 from latentpacs.train.evaluation import autocast_for, evaluate_reconstruction, latents_of
-from latentpacs.train.split import split_by_patient
+from latentpacs.train.split import PatientSplit, split_train_val_test
 
 logger = logging.getLogger(__name__)
 
@@ -71,13 +77,17 @@ class TrainConfig:
     learning_rate: float = 1e-3
     seed: int = 0
     val_fraction: float = 0.2
+    test_fraction: float = 0.1  # share of patients held out as the test set (unused with test_records)
     resume: bool = False
     device: str | None = None
     command: str = ""
     cache_dir: Path | None = None
     data_note: str = ""          # where the data came from, e.g. the demo-data command
     records: tuple[ImageRecord, ...] | None = None  # explicit images, used instead of scanning data_dirs
-    split: tuple[tuple[ImageRecord, ...], tuple[ImageRecord, ...]] | None = None  # given (train, val), e.g. official
+    # A given held-out test set (e.g. the official CBIS-DDSM test set): measured once at the end, never
+    # trained on nor used to choose the checkpoint; validation then comes from the other images.
+    test_records: tuple[ImageRecord, ...] | None = None
+    test_note: str = ""          # what the given test set is, for the card
 
     def __post_init__(self) -> None:
         for name in ("epochs", "batch_size", "image_size", "latent_dim", "latent_bits"):
@@ -85,8 +95,11 @@ class TrainConfig:
                 raise ConfigError(f"{name} must be at least 1, got {getattr(self, name)}")
         if not self.learning_rate > 0.0:
             raise ConfigError(f"learning rate must be positive, got {self.learning_rate}")
-        if not self.data_dirs and self.records is None and self.split is None:
+        if not self.data_dirs and self.records is None:
             raise ConfigError("no training data folder given")
+        for what, value in (("validation", self.val_fraction), ("test", self.test_fraction)):
+            if not 0.0 <= value < 1.0:
+                raise ConfigError(f"{what} fraction must be in [0, 1), got {value}")
 
     @property
     def checkpoint_dir(self) -> Path:
@@ -98,7 +111,9 @@ class TrainConfig:
 class TrainResult:
     """What a run produced: the exported card, the best epoch and the per-epoch losses.
 
-    ``rank`` and ``world_size`` say which torchrun process returned it (0 and 1 for a single process).
+    ``split`` holds the images each set used (training and validation as decoded; the
+    test set as held out). ``rank`` and ``world_size`` say which torchrun process
+    returned it (0 and 1 for a single process).
     """
 
     card: ModelCard
@@ -106,6 +121,7 @@ class TrainResult:
     best_val_loss: float
     epochs_run: int
     history: tuple[dict[str, Any], ...]
+    split: PatientSplit
     rank: int = 0
     world_size: int = 1
 
@@ -167,11 +183,13 @@ def _run_epoch(
     return total, count
 
 
-def _fingerprint(config: TrainConfig, train_ds: CachedImageDataset, val_ds: CachedImageDataset) -> dict[str, Any]:
+def _fingerprint(
+    config: TrainConfig, train_ds: CachedImageDataset, val_ds: CachedImageDataset, test: tuple[ImageRecord, ...]
+) -> dict[str, Any]:
     """The settings and data a resumed run must share with the run it continues."""
     digest = hashlib.sha256()
-    for side, dataset in (("train", train_ds), ("val", val_ds)):
-        for record in dataset.records:
+    for side, records in (("train", train_ds.records), ("val", val_ds.records), ("test", test)):
+        for record in records:
             digest.update(f"{side}:{record.sop_instance_uid}\n".encode())
     return {
         "arch": config.arch,
@@ -182,32 +200,77 @@ def _fingerprint(config: TrainConfig, train_ds: CachedImageDataset, val_ds: Cach
         "learning_rate": config.learning_rate,
         "seed": config.seed,
         "val_fraction": config.val_fraction,
+        "test_fraction": None if config.test_records is not None else config.test_fraction,
         "data_sha256": digest.hexdigest(),
     }
 
 
-def _datasets(config: TrainConfig, progress: bool) -> tuple[CachedImageDataset, CachedImageDataset, int]:
-    """Scan, split by patient and decode; returns (train, validation, files skipped).
+def _refuse_overlap(pool: list[ImageRecord], test: tuple[ImageRecord, ...]) -> None:
+    """A given test set must share no image (SOP Instance UID or file) with the training data."""
+    uids = {record.sop_instance_uid for record in test}
+    paths = {Path(record.path).resolve() for record in test}
+    for record in pool:
+        if record.sop_instance_uid in uids or Path(record.path).resolve() in paths:
+            raise ConfigError(f"{record.path} is both in the held-out test set and in the training data")
 
-    ``config.split`` replaces scanning and the patient split; ``config.records`` replaces scanning.
+
+def plan_split(config: TrainConfig) -> tuple[PatientSplit, int]:
+    """The training, validation and test records of a run, and how many files the scan skipped.
+
+    Without ``config.test_records`` the images (``config.records``, or those scanned in
+    ``config.data_dirs``) are split by patient three ways with ``val_fraction`` and
+    ``test_fraction``. With it, that set is the test set and the other images are split
+    by patient into training and validation with ``val_fraction``.
+
+    Raises
+    ------
+    ConfigError
+        When an image of the given test set is also among the training data.
     """
     skipped: list[tuple[Path, str]] = []
-    if config.split is not None:
-        train_records, val_records = list(config.split[0]), list(config.split[1])
+    if config.records is not None:
+        records = list(config.records)
     else:
-        if config.records is not None:
-            records = list(config.records)
-        else:
-            records, skipped = scan_dicom_folders(config.data_dirs)
-        for path, reason in skipped:
-            logger.warning("skipped %s: %s", path, reason)
-        train_records, val_records = split_by_patient(records, val_fraction=config.val_fraction, seed=config.seed)
-    train_ds = CachedImageDataset(train_records, config.image_size, cache_dir=config.cache_dir, progress=progress)
-    val_ds = CachedImageDataset(val_records, config.image_size, cache_dir=config.cache_dir, progress=progress)
+        records, skipped = scan_dicom_folders(config.data_dirs)
+    for path, reason in skipped:
+        logger.warning("skipped %s: %s", path, reason)
+    if config.test_records is None:
+        split = split_train_val_test(
+            records, val_fraction=config.val_fraction, test_fraction=config.test_fraction, seed=config.seed
+        )
+    else:
+        test = tuple(config.test_records)
+        _refuse_overlap(records, test)
+        pool = split_train_val_test(records, val_fraction=config.val_fraction, test_fraction=0.0, seed=config.seed)
+        split = PatientSplit(pool.train, pool.validation, test)
+    return split, len(skipped)
+
+
+def _datasets(config: TrainConfig, progress: bool) -> tuple[CachedImageDataset, CachedImageDataset, PatientSplit, int]:
+    """Split and decode the training and validation sets; returns them, the split and files skipped.
+
+    The test set is only planned here; it is decoded after training (:func:`_export`).
+    """
+    split, n_skipped = plan_split(config)
+    train_ds = CachedImageDataset(split.train, config.image_size, cache_dir=config.cache_dir, progress=progress)
+    val_ds = CachedImageDataset(split.validation, config.image_size, cache_dir=config.cache_dir, progress=progress)
     if len(train_ds) < 2:
         folders = ", ".join(str(d) for d in config.data_dirs) or "the given records"
         raise ConfigError(f"need at least 2 usable training images in {folders}, found {len(train_ds)}")
-    return train_ds, val_ds, len(skipped) + len(train_ds.skipped) + len(val_ds.skipped)
+    return train_ds, val_ds, split, n_skipped + len(train_ds.skipped) + len(val_ds.skipped)
+
+
+def _write_manifest(path: Path, train_ds: CachedImageDataset, val_ds: CachedImageDataset,
+                    test: tuple[ImageRecord, ...]) -> None:
+    """Record which images trained, validated (chose the epoch) and were held out for the test."""
+    def rows(records: tuple[ImageRecord, ...]) -> list[dict[str, str]]:
+        return [{"path": str(r.path), "sop_instance_uid": r.sop_instance_uid} for r in records]
+
+    path.parent.mkdir(parents=True, exist_ok=True)
+    manifest = {"train": rows(train_ds.records), "validation": rows(val_ds.records), "test": rows(test)}
+    partial = path.with_suffix(".tmp")
+    partial.write_text(json.dumps(manifest, indent=1) + "\n", encoding="utf-8")
+    partial.replace(path)
 
 
 def _loaders(
@@ -285,7 +348,7 @@ def _train(config: TrainConfig, ctx: DistContext, progress: bool) -> TrainResult
     shared_cache = ctx.distributed and config.cache_dir is not None
     if shared_cache and not ctx.is_main:
         distributed.barrier(ctx)  # rank 0 fills the decoded-image cache, the others read it
-    train_ds, val_ds, n_skipped = _datasets(config, progress)
+    train_ds, val_ds, split, n_skipped = _datasets(config, progress)
     if shared_cache and ctx.is_main:
         distributed.barrier(ctx)
     forward: torch.nn.Module = model
@@ -293,8 +356,10 @@ def _train(config: TrainConfig, ctx: DistContext, progress: bool) -> TrainResult
         forward = DistributedDataParallel(model, device_ids=[ctx.local_rank] if ctx.backend == "nccl" else None)
     optimizer = torch.optim.Adam(model.parameters(), lr=config.learning_rate)
     train_loader, val_loader, sampler = _loaders(config, ctx, (train_ds, val_ds), generator)
-    fingerprint = _fingerprint(config, train_ds, val_ds)
+    fingerprint = _fingerprint(config, train_ds, val_ds, split.test)
     last_path, best_path = config.checkpoint_dir / "last.pt", config.checkpoint_dir / "best.pt"
+    if ctx.is_main:
+        _write_manifest(config.checkpoint_dir / "split.json", train_ds, val_ds, split.test)
 
     state = Checkpoint(0, 0, float("inf"), {}, {}, {}, (), fingerprint, 0.0)
     if config.resume:
@@ -340,14 +405,29 @@ def _train(config: TrainConfig, ctx: DistContext, progress: bool) -> TrainResult
 
     if ctx.is_main:
         best = load_checkpoint(best_path)
-        card = _export(config, model, best, tuple(history), (train_ds, val_ds), n_skipped, ctx, state.duration_s)
+        card = _export(config, model, best, tuple(history), (train_ds, val_ds, split.test), n_skipped, ctx,
+                       state.duration_s, progress)
     distributed.barrier(ctx)  # the other ranks read the card rank 0 has just written
     if not ctx.is_main:
         card_path = config.out.parent / f"{config.out.name}{CARD_SUFFIX}"
         card = ModelCard.from_json(card_path.read_text(encoding="utf-8"))
+    used = PatientSplit(train_ds.records, val_ds.records, split.test)
     return TrainResult(
-        card, best_epoch, best_loss, state.epoch, tuple(dict(h) for h in history), ctx.rank, ctx.world_size
+        card, best_epoch, best_loss, state.epoch, tuple(dict(h) for h in history), used, ctx.rank, ctx.world_size
     )
+
+
+def _test_set_note(config: TrainConfig, test_ds: CachedImageDataset) -> str:
+    """What the held-out test set is, for the card."""
+    if config.test_records is not None:
+        source = config.test_note or "given with the data"
+    elif len(test_ds):
+        source = f"by Patient ID, {config.test_fraction:g} of patients, seed {config.seed}"
+    elif config.test_fraction > 0.0:
+        return "none: too few patients to hold one out for a test (it takes 3: training, validation, test)"
+    else:
+        return "none: test fraction 0"
+    return f"{source}; disjoint from training and validation, measured once after the last epoch"
 
 
 def _export(
@@ -355,25 +435,50 @@ def _export(
     model: LatentAutoencoder,
     best: Checkpoint,
     history: tuple[Mapping[str, float], ...],
-    datasets: tuple[CachedImageDataset, CachedImageDataset],
+    datasets: tuple[CachedImageDataset, CachedImageDataset, tuple[ImageRecord, ...]],
     n_skipped: int,
     ctx: DistContext,
     duration_s: float,
+    progress: bool,
 ) -> ModelCard:
-    """Reload the best weights, calibrate on the training latents, evaluate and save the model file."""
-    train_ds, val_ds = datasets
+    """Reload the best weights, calibrate on the training latents, evaluate and save the model file.
+
+    The validation set (which chose the epoch) and the held-out test set are measured
+    separately; the test set is decoded here, after training, for the first time.
+    """
+    train_ds, val_ds, test_records = datasets
     device = ctx.device
     model.load_state_dict(best.model_state)
     model.eval()
     calibrate(model, latents_of(model, train_ds, device, config.batch_size))
     has_val = len(val_ds) > 0
+    chooser = "val" if has_val else "train"
     measured = evaluate_reconstruction(model, val_ds if has_val else train_ds, device, config.batch_size)
     metrics: dict[str, object] = {
-        **measured,
+        "latent_bytes": measured.pop("latent_bytes"),
+        "latent_bits": measured.pop("latent_bits"),
+        **{f"{chooser}_{key}": value for key, value in measured.items()},
         "best_epoch": best.best_epoch,
         "best_val_loss": best.best_val_loss,
-        "evaluated_on": "validation set" if has_val else "training set (no validation patient)",
+        "epoch_chosen_by": f"lowest validation loss (the model's loss on the {len(val_ds)} validation images "
+        f"of {len(val_ds.patients)} patients)" if has_val
+        else "lowest training loss (no validation patient)",
     }
+    test_ds = CachedImageDataset(test_records, config.image_size, cache_dir=config.cache_dir, progress=progress,
+                                 desc="decoding test set")
+    if len(test_ds):
+        tested = evaluate_reconstruction(model, test_ds, device, config.batch_size)
+        metrics.update({f"test_{key}": value for key, value in tested.items() if not key.startswith("latent_")})
+    else:
+        metrics["test_images"] = 0
+    metrics["test_patients"] = len(test_ds.patients)
+    metrics["test_set"] = _test_set_note(config, test_ds)
+    if config.test_records is not None:
+        split_note = (f"validation: by Patient ID, {config.val_fraction:g} of the training data's patients, "
+                      f"seed {config.seed}; test: {config.test_note or 'given with the data'}")
+    else:
+        split_note = (f"by Patient ID, seed {config.seed}: {config.val_fraction:g} of patients for validation, "
+                      f"{config.test_fraction:g} for the test")
     training = {
         "command": config.command,
         "data_dirs": [str(d) for d in config.data_dirs],
@@ -382,9 +487,12 @@ def _export(
         "train_patients": len(train_ds.patients),
         "val_images": len(val_ds),
         "val_patients": len(val_ds.patients),
-        "files_skipped": n_skipped,
-        "split": "given with the data (e.g. the official CBIS-DDSM train/test sets)" if config.split is not None
-        else f"by Patient ID, {config.val_fraction:g} of patients held out, seed {config.seed}",
+        "test_images": len(test_ds),
+        "test_patients": len(test_ds.patients),
+        "files_skipped": n_skipped + len(test_ds.skipped),
+        "split": split_note,
+        "val_fraction": config.val_fraction,
+        "test_fraction": None if config.test_records is not None else config.test_fraction,
         "validation_loss": "loss on the validation set" if has_val
         else "no validation patient: validation loss is the training loss",
         "epochs": len(history),
