@@ -1,17 +1,26 @@
 """Durability: a C-STORE Success means the instance is committed (PS3.4 B.2.3).
 
-The node is killed with SIGKILL in the middle of an ingest (``storescu`` still sending),
-restarted on the same archive, and then every image ``storescu`` saw acknowledged must be
-retrievable by C-GET, while the database holds no half-written record: every instance has
-its latent, every series its instances. Re-sending the whole batch afterwards completes
-the archive. SQLite (WAL, synchronous=FULL) and PostgreSQL both.
+The node (``lossless`` tier) is killed with SIGKILL in the middle of an ingest
+(``storescu`` still sending), restarted on the same archive, and then every image
+``storescu`` saw acknowledged must be retrievable by C-GET with its original pixels,
+while the database holds no half-written record: every instance has its latent, every
+series its instances. The images are large enough (512 x 416, JPEG-LS streams well above
+the 64 KiB inline limit) that every stream is a blob in ``data_dir/blobs``: each
+acknowledged image's blob exists and matches its SHA-256, ``latentpacs archive verify``
+passes, and the restart's sweep has left exactly the blobs that rows name (none of the
+killed store's, no ``.incoming-*``). Re-sending the whole batch afterwards completes the
+archive. SQLite (WAL, synchronous=FULL) and PostgreSQL both.
 """
 
 from __future__ import annotations
 
+import hashlib
 import re
 import subprocess
+import sys
 from pathlib import Path
+
+import numpy as np
 
 import pydicom
 import pytest
@@ -19,19 +28,21 @@ from sqlalchemy import create_engine, text
 
 from dicomtools import require
 from latentpacs import phantom
+from latentpacs.archive.blobs import BLOB_NAME, INLINE_LIMIT
 from latentpacs.errors import Status
 from netpeers import HOST, SCU_TIMEOUT_S, dimse_responses, findscu, getscu, storescu
 from test_node import node_factory  # noqa: F401 (fixture)
 
-COUNT = 60
+COUNT = 12
+SIZE = (512, 416)
 #: The node is killed once storescu has seen this many Success responses.
-KILL_AFTER = 6
+KILL_AFTER = 4
 _SUCCESS = re.compile(r"DIMSE Status\s+: 0x0000")
 
 
 @pytest.fixture(scope="module")
 def batch(tmp_path_factory: pytest.TempPathFactory) -> list[Path]:
-    return phantom.generate(tmp_path_factory.mktemp("batch"), COUNT, seed=31, size=(64, 52),
+    return phantom.generate(tmp_path_factory.mktemp("batch"), COUNT, seed=31, size=SIZE,
                             images_per_study=1)
 
 
@@ -71,8 +82,20 @@ def _half_written(url: str) -> dict[str, int]:
         engine.dispose()
 
 
+def _blobs_named(url: str) -> dict[str, tuple[str, str]]:
+    """Original SOP Instance UID -> (blob path, SHA-256) of every archived instance."""
+    engine = create_engine(url)
+    try:
+        with engine.connect() as connection:
+            return {uid: (path, digest) for uid, path, digest in connection.execute(text(
+                "SELECT i.original_sop_instance_uid, l.residual_path, l.residual_sha256 "
+                "FROM instances i JOIN latents l ON l.instance_fk = i.id"))}
+    finally:
+        engine.dispose()
+
+
 def test_acknowledged_images_survive_sigkill(archive_url, node_factory, batch, tmp_path) -> None:
-    node = node_factory(archive_url)
+    node = node_factory(archive_url, codec={"tier": "lossless"})
     interrupted = _store_until_killed(node, batch)
     statuses = [r.status for r in dimse_responses(interrupted)]
     assert statuses[:KILL_AFTER] == [Status.SUCCESS] * KILL_AFTER
@@ -80,22 +103,43 @@ def test_acknowledged_images_survive_sigkill(archive_url, node_factory, batch, t
                     for path, status in zip(batch, statuses) if status == Status.SUCCESS}
     assert KILL_AFTER <= len(acknowledged) < COUNT, "the kill must land in the middle of the ingest"
 
-    again = node_factory(archive_url)
+    again = node_factory(archive_url, codec={"tier": "lossless"})
     assert _half_written(archive_url) == dict.fromkeys(
         ("instance without latent", "series without instance", "study without series"), 0)
     found = findscu(again.port, again.aet, "IMAGE", {"SOPInstanceUID": ""}).datasets
     assert len(found) >= len(acknowledged)
 
-    studies = "\\".join(pydicom.dcmread(p).StudyInstanceUID for p in batch
-                        if pydicom.dcmread(p).SOPInstanceUID in acknowledged)
+    # Every acknowledged stream is a blob that survived the kill intact; the restart's
+    # sweep left exactly the blobs rows name.
+    blob_dir = tmp_path / "data" / "blobs"
+    named = _blobs_named(archive_url)
+    assert acknowledged <= set(named)
+    for uid in acknowledged:
+        path, digest = named[uid]
+        assert path is not None and BLOB_NAME.fullmatch(path), f"{uid} was stored inline"
+        data = (blob_dir / path).read_bytes()
+        assert len(data) > INLINE_LIMIT and hashlib.sha256(data).hexdigest() == digest == path
+    assert sorted(p.name for p in blob_dir.iterdir()) == sorted(path for path, _ in named.values())
+    verify = subprocess.run([str(Path(sys.executable).parent / "latentpacs"), "--config",
+                             str(tmp_path / "node.toml"), "archive", "verify"],
+                            capture_output=True, text=True, timeout=SCU_TIMEOUT_S)
+    assert verify.returncode == 0, verify.stderr
+    assert f"verified {len(named)} of {len(named)}" in verify.stdout
+
+    originals = {pydicom.dcmread(p).SOPInstanceUID: pydicom.dcmread(p) for p in batch}
+    studies = "\\".join(originals[uid].StudyInstanceUID for uid in sorted(acknowledged))
     got = getscu(again.port, again.aet, "STUDY", {"StudyInstanceUID": studies}, tmp_path / "get")
     assert got.final.status == Status.SUCCESS and got.final.failed == 0
-    sources = {pydicom.dcmread(f).SourceImageSequence[0].ReferencedSOPInstanceUID for f in got.files}
-    assert sources == acknowledged
+    returned = {ds.SOPInstanceUID: ds for ds in map(pydicom.dcmread, got.files)}
+    assert set(returned) == acknowledged  # lossless: the original UIDs
+    for uid, ds in returned.items():
+        np.testing.assert_array_equal(ds.pixel_array, originals[uid].pixel_array)
 
     # The interrupted batch can simply be sent again: everything ends up archived once.
     resent = storescu(again.port, again.aet, batch)
     assert [r.status for r in dimse_responses(resent)] == [Status.SUCCESS] * COUNT
     assert len(findscu(again.port, again.aet, "IMAGE", {"SOPInstanceUID": ""}).datasets) == COUNT
+    assert len({path for path, _ in _blobs_named(archive_url).values()}) == COUNT
+    assert len([p for p in blob_dir.iterdir() if BLOB_NAME.fullmatch(p.name)]) == COUNT
     assert _half_written(archive_url) == dict.fromkeys(
         ("instance without latent", "series without instance", "study without series"), 0)
