@@ -31,6 +31,7 @@ from pydicom.uid import (
 )
 
 from latentpacs.archive import Archive, ArchivedImage, DuplicatePolicy, StoreResult
+from latentpacs.archive.records import AS_RECEIVED_VR, dataset_from_json
 from latentpacs.codec.engine import Engine
 from latentpacs.codec.modelfile import find_model_by_sha256, load_model
 from latentpacs.codec.residual import decode_residual, encode_residual, stream_precision
@@ -158,47 +159,50 @@ class EncodedImage:
 
     def dataset_header(self) -> Dataset:
         """The archived header as a pydicom Dataset."""
-        return Dataset.from_json(self.header)
+        return dataset_from_json(self.header)
 
 
 def header_json(ds: Dataset) -> dict[str, Any]:
     """The data set without Pixel Data as a DICOM JSON object (PS3.18 F.2).
 
     The header is kept as received: an element whose value pydicom cannot convert (an IS
-    of ``abc``, a DS of ``x.y``) is kept byte for byte as VR UN with its raw value
-    (PS3.5 6.2.2), never dropped and never a reason to refuse the image.
+    of ``abc``, a DS of ``x.y``), at any depth, is kept byte for byte as VR UN with its
+    raw value (PS3.5 6.2.2), never dropped and never a reason to refuse the image.
+    :func:`~latentpacs.archive.records.dataset_from_json` reads it back.
     """
-    result: dict[str, Any] = {}
-    for tag in ds.keys():
-        if tag in _PIXEL_TAGS or tag.group == 0x0002:
-            continue
-        result[f"{tag:08X}"] = _element_json(ds, tag)
-    return result
+    return _json_object(ds, top=True)
 
 
 #: Pixel Data, Float Pixel Data and Double Float Pixel Data (PS3.3 C.7.6.3, C.7.6.24).
 _PIXEL_TAGS = frozenset({0x7FE00010, 0x7FE00008, 0x7FE00009})
 
 
+def _json_object(ds: Dataset, *, top: bool = False) -> dict[str, Any]:
+    result: dict[str, Any] = {}
+    for tag in ds.keys():
+        if top and (tag in _PIXEL_TAGS or tag.group == 0x0002):
+            continue
+        result[f"{tag:08X}"] = _element_json(ds, tag)
+    return result
+
+
 def _element_json(ds: Dataset, tag: Any) -> dict[str, Any]:
     """One element as DICOM JSON; a value that does not convert becomes UN InlineBinary."""
-    raw = ds.get_item(tag)
+    key = f"{tag:08X}"
     try:
         element = ds[tag]
         if element.VR == "SQ":
-            return {
-                "vr": "SQ",
-                "Value": [
-                    {f"{inner:08X}": _element_json(item, inner) for inner in item.keys()}
-                    for item in element.value
-                ],
-            }
-        return element.to_json_dict(None, 1 << 62)
+            return {"vr": "SQ", "Value": [_json_object(item) for item in element.value]}
+        converted = element.to_json_dict(None, 1 << 62)
+        Dataset.from_json({key: converted})  # what every retrieval will do with it
+        return converted
     except Exception:
+        raw = ds.get_item(tag)
         value = getattr(raw, "value", b"")
         data = value if isinstance(value, bytes | bytearray) else str(value).encode("latin-1", "replace")
-        logger.warning("element %s is malformed; kept as received (UN)", tag)
-        return {"vr": "UN", "InlineBinary": base64.b64encode(bytes(data)).decode("ascii")}
+        logger.warning("element %s is malformed; kept as received", tag)
+        return {"vr": "UN", "InlineBinary": base64.b64encode(bytes(data)).decode("ascii"),
+                AS_RECEIVED_VR: str(getattr(raw, "VR", "UN"))}
 
 
 def check_identity(ds: Dataset) -> None:
@@ -643,13 +647,9 @@ class Service:
             photometric_interpretation=archived.photometric_interpretation,
         )
         tier = Tier.parse(archived.tier)
-        header = Dataset.from_json(archived.header)
-        overrides = Dataset.from_json(archived.overrides)
+        header = dataset_from_json(archived.header)
+        overrides = dataset_from_json(archived.overrides)
         accepted = {ts for sop_class, ts in sendable if sop_class == str(header.SOPClassUID)}
-        if tier.has_residual:
-            syntax = JPEGLSLossless if tier.near == 0 else JPEGLSNearLossless
-            if syntax in accepted:
-                return assemble_encapsulated(header, overrides, archived.residual, module, syntax)
         engine = None if tier.has_residual else self.engines.for_sha256(archived.model_sha256)
         # The JPEG-LS tiers decode without the model: only its hash is carried along.
         model = model_ref(engine) if engine else ModelRef("", archived.model_sha256, "", 0, 0)
@@ -662,8 +662,24 @@ class Service:
             header=archived.header,
             latent=archived.latent,
             residual=archived.residual,
+            pixel_sha256=archived.pixel_sha256,
+            returned_sha256=archived.returned_sha256,
+            lossy_on_arrival=archived.lossy_on_arrival,
         )
-        returned = assemble(header, overrides, decode_stored(image, engine), module)
+        if tier.has_residual:
+            syntax = JPEGLSLossless if tier.near == 0 else JPEGLSNearLossless
+            if syntax in accepted and stream_sendable(image):
+                # The stream's hash was checked when it was read; it was proven to decode
+                # to ``returned_sha256`` before it was archived.
+                return assemble_encapsulated(header, overrides, archived.residual, module, syntax)
+        cells = decode_stored(image, engine)
+        returned = assemble(header, overrides, cells, module)
+        if int(cells.max(initial=0)) > module.max_value and not _NATIVE.intersection(accepted):
+            if accepted:
+                raise UnsupportedImageError(
+                    "pixels carry bits above High Bit: they go out native only, "
+                    "and the peer accepted no native transfer syntax"
+                )
         return _in_accepted_syntax(returned, accepted)
 
     def returned_ahead(

@@ -39,6 +39,7 @@ from latentpacs.archive.keys import (
     NOT_KEYS, SQL_KEYS, UNIQUE_KEYS, check_level, key_level, retrieve_unique_values,
 )
 from latentpacs.archive.matching import KeyMatch, json_values, normalise
+from latentpacs.archive.records import dataset_from_json
 from latentpacs.archive.schema import Instance, Patient, Series, Study
 from latentpacs.errors import LimitExceededError
 
@@ -220,7 +221,7 @@ def _answer(keys: list[RequestKey], header: dict[str, Any], computed: dict[str, 
             data[key.tag] = header.get(key.tag) or {"vr": key.vr}
     if not json.dumps(data, ensure_ascii=False).isascii():
         data["00080005"] = {"vr": "CS", "Value": ["ISO_IR 192"]}
-    return Dataset.from_json(data)
+    return dataset_from_json(data)
 
 
 def _effective_headers(session: Session, ids: list[int]) -> dict[int, dict[str, Any]]:

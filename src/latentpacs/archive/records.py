@@ -9,9 +9,14 @@ decoder needs to rebuild the original matrix.
 
 from __future__ import annotations
 
+import base64
 import re
 from dataclasses import dataclass, field
 from typing import Any
+
+from pydicom.dataelem import DataElement, RawDataElement
+from pydicom.dataset import Dataset
+from pydicom.tag import Tag
 
 from latentpacs.errors import InvalidDicomError, TierError
 
@@ -39,6 +44,53 @@ def first_value(header: dict[str, Any], tag: str) -> str:
     if isinstance(value, dict):
         return str(value.get("Alphabetic", ""))
     return str(value)
+
+
+#: Key of an archived raw element's JSON object holding the VR it arrived with.
+AS_RECEIVED_VR = "latentpacsVR"
+
+
+def dataset_from_json(data: dict[str, Any]) -> Dataset:
+    """An archived DICOM JSON object (PS3.18 F.2) as a pydicom Dataset.
+
+    Elements archived as received because their value did not convert (VR UN with
+    InlineBinary and the VR they arrived with, see ``latentpacs.service.header_json``) are
+    rebuilt as raw elements of that VR holding those bytes, so a retrieval writes them
+    back exactly as received; pydicom's own JSON reader would re-type them by the
+    dictionary and fail on the very value that made them raw.
+    """
+    kept: dict[str, Any] = {}
+    raw: list[RawDataElement] = []
+    sequences: dict[str, list[Dataset]] = {}
+    for key, element in data.items():
+        if element.get("vr") == "UN" and "InlineBinary" in element:
+            value = base64.b64decode(element["InlineBinary"])
+            vr = str(element.get(AS_RECEIVED_VR, "UN"))
+            raw.append(RawDataElement(Tag(int(key, 16)), vr, len(value), value, 0, False, True))
+        elif element.get("vr") == "SQ" and any(
+            isinstance(item, dict) and _has_raw(item) for item in element.get("Value") or []
+        ):
+            sequences[key] = [dataset_from_json(item) for item in element["Value"]]
+        else:
+            kept[key] = element
+    ds = Dataset.from_json(kept)
+    for element in raw:
+        ds[element.tag] = element  # kept raw: written back byte for byte, never converted
+    for key, items in sequences.items():
+        ds.add(DataElement(int(key, 16), "SQ", items))
+    return ds
+
+
+def _has_raw(data: dict[str, Any]) -> bool:
+    """Whether a DICOM JSON object holds an element archived as raw UN bytes, at any depth."""
+    for element in data.values():
+        if element.get("vr") == "UN" and "InlineBinary" in element:
+            return True
+        if element.get("vr") == "SQ" and any(
+            isinstance(item, dict) and _has_raw(item) for item in element.get("Value") or []
+        ):
+            return True
+    return False
 
 
 @dataclass(frozen=True)
