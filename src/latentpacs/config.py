@@ -145,8 +145,10 @@ def _flatten(table: Mapping[str, Any], path: Path) -> tuple[dict[str, Any], dict
             for aet, dest in body.items():
                 if not isinstance(dest, dict) or "host" not in dest or "port" not in dest:
                     raise ConfigError(f"{path}: [destinations.{aet}] needs host and port")
+                if not isinstance(dest.get("tls", False), bool):  # "false" would be truthy
+                    raise ConfigError(f"{path}: [destinations.{aet}] tls must be true or false")
                 destinations[aet] = Destination(
-                    aet, str(dest["host"]), int(dest["port"]), bool(dest.get("tls", False))
+                    aet, str(dest["host"]), int(dest["port"]), dest.get("tls", False)
                 )
             continue
         for key, value in body.items():

@@ -141,18 +141,23 @@ class Node:
     def stop(self, grace: float | None = None) -> None:
         """Stop gracefully: accept nothing new, let in-flight associations finish, close.
 
-        The listening socket is closed first, so a new connection is refused. Associations
-        already accepted may finish for up to ``grace`` seconds (``node.shutdown_grace``
-        by default); any still open then is aborted (A-ABORT, PS3.8 7.3). The engines and
-        the database are released last, once no handler runs. A C-STORE answered Success
-        was committed; one aborted before its response was not acknowledged, so the
-        peer sends it again.
+        The listening socket is closed first, so a new connection is refused, and a
+        connection that has not associated yet is closed (its ARTIM timer expires at once,
+        PS3.8 9.1.5). Established associations may finish for up to ``grace`` seconds
+        (``node.shutdown_grace`` by default); any still open then is aborted (A-ABORT,
+        PS3.8 7.3). The engines and the database are released last, once no handler runs.
+        A C-STORE answered Success was committed; one aborted before its response was not
+        acknowledged, so the peer sends it again.
         """
         grace = self.shutdown_grace if grace is None else grace
         deadline = time.monotonic() + max(grace, 0.0)
         server: Any = self.server
         server.shutdown()  # ends the accept loop, closes the socket, joins connection threads
-        in_flight = list(server.active_associations)
+        associations = list(server.active_associations)
+        in_flight = [association for association in associations if association.is_established]
+        unassociated = [association for association in associations if association not in in_flight]
+        for association in unassociated:
+            association.acse_timeout = 0
         if in_flight:
             logger.info("stopping: waiting up to %.0f s for %d association(s)", grace,
                         len(in_flight))
@@ -165,8 +170,21 @@ class Node:
             association.abort()
         for association in left:
             association.join(ABORT_WAIT_S)
+        for association in unassociated:
+            _end_closed(association)
         self.service.close()
         logger.info("stopped")
+
+
+def _end_closed(association: Any) -> None:
+    """End an association whose transport is closing: once its state machine is idle
+    (Sta1, PS3.8 9.2), stop its DUL thread instead of waiting out the ACSE timeout."""
+    deadline = time.monotonic() + ABORT_WAIT_S
+    while association.dul.state_machine.current_state != "Sta1":
+        if time.monotonic() > deadline:
+            return
+        time.sleep(0.01)
+    association.kill()
 
 
 def start_node(config: Config) -> Node:

@@ -94,9 +94,10 @@ def handshake_on_open(event: evt.Event) -> None:
 
     pynetdicom runs this in the thread that serves the new connection, before the
     association starts. The socket timeout set by :class:`DeferredHandshakeContext` bounds
-    the handshake; when it fails or times out the connection is shut down, and the
-    association ends at once on its closed transport (PS3.8 9.2, Evt17). Plain TCP
-    connections are left alone.
+    the handshake. When it fails or times out, the association's ACSE timeout is set to
+    zero, so the connection ends at once the way PS3.8 9.1.5 ends any connection that does
+    not associate in time (ARTIM expiry: the transport is closed, no A-ASSOCIATE-RQ is
+    awaited). Plain TCP connections are left alone.
     """
     sock = event.assoc.dul.socket.socket if event.assoc.dul.socket else None
     if not isinstance(sock, ssl.SSLSocket):
@@ -107,10 +108,7 @@ def handshake_on_open(event: evt.Event) -> None:
         reason = "timed out" if isinstance(exc, TimeoutError) else str(exc)
         logger.warning("TLS handshake with %s failed (%s); connection closed",
                        event.assoc.requestor.address, reason)
-        try:
-            sock.shutdown(socket.SHUT_RDWR)
-        except OSError:
-            pass
+        event.assoc.acse_timeout = 0
 
 
 def client_context(config: Config) -> ssl.SSLContext | None:
