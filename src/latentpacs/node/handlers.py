@@ -87,7 +87,7 @@ def handle_store(event: evt.Event, service: Service, policy: PeerPolicy) -> int 
             Status.DATASET_DOES_NOT_MATCH_SOP_CLASS,
             f"SOP Class UID {ds.get('SOPClassUID', '(none)')} differs from the request's",
         )
-    affected = str(event.request.AffectedSOPInstanceUID or "").strip()
+    affected = str(getattr(event.request, "AffectedSOPInstanceUID", "") or "").strip()
     if affected != str(ds.get("SOPInstanceUID", "")).strip():
         return failure(
             Status.CANNOT_UNDERSTAND,
