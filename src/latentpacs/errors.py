@@ -155,6 +155,12 @@ class ConstraintViolationError(ArchiveError):
     status = Status.CANNOT_UNDERSTAND
 
 
+class StreamHashError(ArchiveError):
+    """An archived stream (inline or blob) no longer matches the SHA-256 archived with it."""
+
+    status = Status.PROCESSING_FAILURE
+
+
 class DuplicateInstanceError(LatentPacsError):
     """A re-sent SOP Instance was refused under the ``reject`` duplicate policy."""
 

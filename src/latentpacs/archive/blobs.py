@@ -28,7 +28,7 @@ import tempfile
 from collections.abc import Iterator
 from pathlib import Path
 
-from latentpacs.errors import ArchiveError
+from latentpacs.errors import ArchiveError, StreamHashError
 
 logger = logging.getLogger(__name__)
 
@@ -152,7 +152,7 @@ class BlobStore:
         except OSError as exc:
             raise ArchiveError(f"residual blob {path} is unreadable: {exc}") from exc
         if hashlib.sha256(data).hexdigest() != sha256:
-            raise ArchiveError(f"residual blob {path} does not match its SHA-256")
+            raise StreamHashError(f"residual blob {path.name} does not match its SHA-256")
         return data
 
     def names(self) -> Iterator[str]:

@@ -33,7 +33,7 @@ from latentpacs.archive.records import ArchivedImage, ArchiveStats, TierStats
 from latentpacs.archive.schema import Instance, Latent, Model, Patient, Series, Study
 from latentpacs.errors import (
     ArchiveError, ConfigError, ConstraintViolationError, DuplicateInstanceError, ModelError,
-    NotFoundError,
+    NotFoundError, StreamHashError,
 )
 
 logger = logging.getLogger(__name__)
@@ -408,7 +408,10 @@ class Archive:
 
     def _residual(self, latent: Latent) -> bytes:
         if latent.residual_path is None:
-            return bytes(latent.residual or b"")
+            data = bytes(latent.residual or b"")
+            if latent.residual_sha256 and hashlib.sha256(data).hexdigest() != latent.residual_sha256:
+                raise StreamHashError("archived stream does not match its SHA-256")
+            return data
         if self._blobs is None:
             raise ArchiveError(f"residual blob {latent.residual_path} needs a blob directory")
         return self._blobs.get(latent.residual_path, latent.residual_sha256 or "")
