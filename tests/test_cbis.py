@@ -1,4 +1,7 @@
-"""CBIS-DDSM: selection, deduplication and path resolution on a miniature tree in the TCIA layout."""
+"""CBIS-DDSM: selection, deduplication, path resolution and the held-out official test set.
+
+On a miniature tree in the TCIA layout.
+"""
 
 from __future__ import annotations
 
@@ -12,7 +15,7 @@ import pytest
 
 from latentpacs.cli import main
 from latentpacs.errors import ConfigError
-from latentpacs.train import split_by_patient
+from latentpacs.train import TrainConfig, split_by_patient, train
 from latentpacs.train.cbis import CSV_NAMES, select_cbis, write_miniature_cbis
 
 SIZE = (96, 80)
@@ -171,17 +174,45 @@ def test_the_miniature_is_reproducible(tmp_path: Path) -> None:
     assert len(files) == 2 + 2 * 3  # 2 full images; 3 abnormalities with a crop and a mask each
 
 
-def test_train_cli_uses_the_official_split(tree: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+def test_the_official_test_set_never_trains_nor_chooses_the_checkpoint(
+    tree: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """Validation comes from the official training set; the test set is only measured, at the end."""
+    selection = select_cbis(tree, view=None, abnormality=None)
+    official_train = {r.sop_instance_uid for r in selection.records("train")}
+    official_test = {r.sop_instance_uid for r in selection.records("test")}
+    assert len(official_train) == len(official_test) == 6 and not official_train & official_test
     out = tmp_path / "models" / "cbis-ae"
-    code = main(["train", "--cbis-ddsm", str(tree), "--arch", "ae", "--image-size", "64", "--epochs", "1",
-                 "--batch-size", "2", "--out", str(out)])
+    code = main(["train", "--cbis-ddsm", str(tree), "--view", "", "--abnormality", "", "--arch", "ae",
+                 "--image-size", "64", "--epochs", "2", "--batch-size", "2", "--out", str(out)])
     assert code == 0
-    assert "official train/test split" in capsys.readouterr().out
-    training = json.loads(out.with_suffix(".json").read_text())["training"]
-    assert (training["train_images"], training["val_images"]) == (2, 2)
-    assert (training["train_patients"], training["val_patients"]) == (1, 1)
-    assert training["split"].startswith("given with the data")
-    assert "CBIS-DDSM MLO mass" in training["data_note"]
+    printed = capsys.readouterr().out
+    assert "official test set held out, validation split by patient from the training set" in printed
+    assert "held-out test MSE" in printed
+    manifest = json.loads((out.parent / "cbis-ae.checkpoints" / "split.json").read_text())
+    sides = {side: {row["sop_instance_uid"] for row in rows} for side, rows in manifest.items()}
+    assert sides["test"] == official_test
+    assert sides["train"] and sides["validation"]  # one training patient validates, one trains
+    assert sides["train"] | sides["validation"] == official_train
+    assert not (sides["train"] | sides["validation"]) & official_test
+    card = json.loads(out.with_suffix(".json").read_text())
+    training, metrics = card["training"], card["metrics"]
+    assert (training["train_patients"], training["val_patients"], training["test_patients"]) == (1, 1, 2)
+    assert (training["train_images"], training["val_images"], training["test_images"]) == (3, 3, 6)
+    assert "official CBIS-DDSM test set" in training["split"] and "official CBIS-DDSM test set" in metrics["test_set"]
+    assert metrics["test_images"] == 6 and metrics["test_mse"] > 0 and metrics["val_images"] == 3
+    assert "validation loss" in metrics["epoch_chosen_by"]
+    assert "CBIS-DDSM all views all abnormalities" in training["data_note"]
+
+
+def test_a_test_image_among_the_training_data_is_refused(tree: Path, tmp_path: Path) -> None:
+    selection = select_cbis(tree, view=None, abnormality=None)
+    leaked = selection.records("train") + selection.records("test")[:1]
+    config = TrainConfig(data_dirs=(tree,), records=leaked, test_records=selection.records("test"), arch="ae",
+                         out=tmp_path / "leak", epochs=1, batch_size=2, image_size=64)
+    with pytest.raises(ConfigError, match="held-out test set"):
+        train(config, progress=False)
+    assert not (tmp_path / "leak.json").exists()
 
 
 def test_train_cli_without_test_csvs_splits_by_patient(copy: Path, tmp_path: Path,
@@ -196,6 +227,7 @@ def test_train_cli_without_test_csvs_splits_by_patient(copy: Path, tmp_path: Pat
     training = json.loads(out.with_suffix(".json").read_text())["training"]
     assert training["train_images"] + training["val_images"] == 6
     assert (training["train_patients"], training["val_patients"]) == (1, 1)
+    assert training["test_images"] == 0  # two patients: one trains, one validates, none is left for a test
 
 
 def test_train_cli_needs_exactly_one_data_source(tree: Path, tmp_path: Path,

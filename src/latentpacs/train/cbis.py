@@ -117,7 +117,12 @@ class CbisSelection:
         )
 
     def official_split(self) -> tuple[tuple[ImageRecord, ...], tuple[ImageRecord, ...]] | None:
-        """(train, test) records of the official split, or None when one side is absent."""
+        """(train, test) records of the official split, or None when one side is absent.
+
+        Training uses the test records only as its held-out test set (``TrainConfig.test_records``):
+        never trained on and never used to choose the checkpoint; validation is a split by
+        patient of the training records.
+        """
         if not self.has_official_split:
             return None
         train, test = self.records("train"), self.records("test")
