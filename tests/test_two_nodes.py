@@ -5,30 +5,53 @@ on one machine behind distinct ports would. Half of the images go to each node; 
 node then finds all of them (PS3.4 C.4.1) and retrieves by C-GET (PS3.4 C.4.3) what the
 other one stored, bit-exact at the ``lossless`` tier. Then both nodes receive the same
 images at the same time: every C-STORE succeeds and the archive keeps one copy of each.
+The images (512 x 416) are large enough that every JPEG-LS stream is a blob in the
+shared ``blobs`` directory (above the 64 KiB inline limit): one blob per image, each
+named by its row and matching its SHA-256, whichever node wrote it.
 """
 
 from __future__ import annotations
 
+import hashlib
 import subprocess
 from pathlib import Path
 
 import numpy as np
 import pydicom
 import pytest
+from sqlalchemy import create_engine, text
 
 from dicomtools import require
 from latentpacs import phantom
+from latentpacs.archive.blobs import BLOB_NAME, INLINE_LIMIT
 from latentpacs.errors import Status
 from netpeers import HOST, SCU_TIMEOUT_S, dimse_responses, findscu, getscu, start_node, storescu
 from test_node import write_config
 
 COUNT = 8
+SIZE = (512, 416)
 
 
 @pytest.fixture(scope="module")
 def phantoms(tmp_path_factory: pytest.TempPathFactory) -> list[Path]:
-    return phantom.generate(tmp_path_factory.mktemp("phantoms"), COUNT, seed=17, size=(64, 52),
+    return phantom.generate(tmp_path_factory.mktemp("phantoms"), COUNT, seed=17, size=SIZE,
                             images_per_study=2)
+
+
+def _check_blobs(url: str, blob_dir: Path, count: int) -> None:
+    """Every instance's stream is a blob on disk, intact; no other blob is there."""
+    engine = create_engine(url)
+    try:
+        with engine.connect() as connection:
+            rows = connection.execute(text("SELECT residual_path, residual_sha256 FROM latents")).all()
+    finally:
+        engine.dispose()
+    assert len(rows) == count
+    for path, digest in rows:
+        assert path is not None and BLOB_NAME.fullmatch(path), "a stream was stored inline"
+        data = (blob_dir / path).read_bytes()
+        assert len(data) > INLINE_LIMIT and hashlib.sha256(data).hexdigest() == digest
+    assert sorted(p.name for p in blob_dir.iterdir()) == sorted(path for path, _ in rows)
 
 
 def _images(node) -> set[str]:
@@ -52,6 +75,7 @@ def test_two_nodes_on_one_postgresql_archive(archive_url, phantoms, tmp_path) ->
 
         originals = {pydicom.dcmread(p).SOPInstanceUID: pydicom.dcmread(p) for p in phantoms}
         assert _images(first) == _images(second) == set(originals)
+        _check_blobs(archive_url, tmp_path / "shared-data" / "blobs", COUNT)
 
         # Each node retrieves what the other one stored.
         for node, stored_elsewhere in ((second, phantoms[:half]), (first, phantoms[half:])):
@@ -64,7 +88,7 @@ def test_two_nodes_on_one_postgresql_archive(archive_url, phantoms, tmp_path) ->
                 np.testing.assert_array_equal(ds.pixel_array, originals[ds.SOPInstanceUID].pixel_array)
 
         # The same instances sent to both nodes at once: all acknowledged, kept once.
-        fresh = phantom.generate(tmp_path / "fresh", 4, seed=18, size=(64, 52), images_per_study=2)
+        fresh = phantom.generate(tmp_path / "fresh", 4, seed=18, size=SIZE, images_per_study=2)
         senders = [subprocess.Popen([require("storescu"), "-d", "-to", "10", "-aec", node.aet,
                                      HOST, str(node.port), *map(str, fresh)],
                                     stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
@@ -75,3 +99,4 @@ def test_two_nodes_on_one_postgresql_archive(archive_url, phantoms, tmp_path) ->
             result = subprocess.CompletedProcess(sender.args, sender.returncode, output, "")
             assert [r.status for r in dimse_responses(result)] == [Status.SUCCESS] * 4, output[-2000:]
         assert len(_images(first)) == len(_images(second)) == COUNT + 4
+        _check_blobs(archive_url, tmp_path / "shared-data" / "blobs", COUNT + 4)
