@@ -254,6 +254,16 @@ def test_archive_verify_proves_correct_decoding(tmp_path: Path, sources: list[Pa
     assert damaged.returncode == 1
     assert "checksum" in damaged.stderr
     assert "verified 1 of 2" in damaged.stdout
+    # A retrieval fails that sub-operation with an ErrorComment and sends the other image.
+    with start_node(config) as started:
+        patient = str(pydicom.dcmread(sources[0]).PatientID)
+        got = getscu(started.port, started.aet, "PATIENT", {"PatientID": patient},
+                     tmp_path / "get", root="PATIENT")
+    assert (got.final.completed, got.final.failed) == (1, 1)
+    assert got.final.status == Status.SUB_OPERATIONS_WARNING
+    assert len(got.files) == 1
+    assert "checksum" in (got.proc.stdout + got.proc.stderr) or "checksum" in (
+        started.log.read_text())
 
 
 def test_a_lossy_original_is_named_a_lossy_predecessor() -> None:
