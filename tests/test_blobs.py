@@ -13,12 +13,16 @@ import fcntl
 import hashlib
 import logging
 import os
+import threading
+import time
 from pathlib import Path
 
+import psycopg
 import pytest
 from archive_data import MODEL, S1, S3, archived, phantom
 
 from latentpacs.archive import Archive, DuplicatePolicy, StoreResult
+from latentpacs.archive.ingest import add_instance
 from latentpacs.errors import ArchiveError, ConstraintViolationError, Status
 
 JANE = ("P1", "Doe^Jane", "19600101", S1, "20240115", "090000", "Screening mammogram")
@@ -122,3 +126,35 @@ def test_a_permanent_constraint_violation_fails_clearly_after_one_retry(
         stats = archive.stats()
         assert stats.instances == 1  # nothing of the clash was committed
         assert archive.get(first.sop_instance_uid) == first
+
+
+@pytest.mark.parametrize("archive_url", ["postgresql"], indirect=True)
+def test_on_postgresql_a_blob_clean_up_waits_for_the_store_holding_the_blob(
+        archive_url: str, tmp_path: Path) -> None:
+    """The advisory lock: a deletion that starts while a store holds the blob waits for its
+    commit, then sees the new row and keeps the file (the SQLite write lock does this for
+    SQLite by construction)."""
+    blobs = tmp_path / "blobs"
+    shared = os.urandom(BIG)
+    digest = hashlib.sha256(shared).hexdigest()
+    second = archived(phantom(*JANE, 2), residual=shared)
+    server = archive_url.replace("postgresql+psycopg://", "postgresql://")
+    with _open(archive_url, blobs) as a, _open(archive_url, blobs) as b, \
+            psycopg.connect(server, autocommit=True) as observer:
+        assert a._place_residual(shared)[1] == digest  # on disk, named by no row yet
+        with b._session(write=True) as session:
+            b._lock_blob(session, digest, exclusive=False)
+            assert b._blobs is not None and b._blobs.present(digest, len(shared))
+            deleter = threading.Thread(target=a._drop_blob_if_unused, args=(digest,))
+            deleter.start()
+            deadline = time.monotonic() + 60
+            while not observer.execute("SELECT count(*) FROM pg_locks WHERE locktype = "
+                                       "'advisory' AND NOT granted").fetchone()[0]:
+                if not deleter.is_alive() or time.monotonic() > deadline:
+                    pytest.fail("the clean-up did not wait for the blob's lock")
+                time.sleep(0.02)
+            add_instance(session, second, None, digest, digest)
+        deleter.join(timeout=60)
+        assert not deleter.is_alive()
+        assert (blobs / digest).read_bytes() == shared
+        assert b.get(second.sop_instance_uid).residual == shared
