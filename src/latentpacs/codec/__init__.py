@@ -5,7 +5,10 @@ Submodules:
 ``models``     paper and compact AE/VAE architectures and their registry
 ``latent``     quantisation of latents to bytes (what every bit count counts)
 ``modelfile``  safetensors weights + JSON card, identity = SHA-256 of the weights
-``engine``     the thread-safe batching inference engine (CUDA with mixed precision, or CPU)
+``engine``     the thread-safe batching inference engine (CUDA or CPU; mixed precision
+               for encoding only)
+``integer``    the integer-valued decoder: the same latent gives the same pixels on any
+               device, thread count or batch size
 ``residual``   JPEG-LS streams of the lossless and near-lossless tiers
 ``tiers``      the fidelity tiers
 
