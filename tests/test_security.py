@@ -157,8 +157,10 @@ def test_a_stranger_may_echo_and_store_but_not_query_or_retrieve(
 
     before, files = _associations(viewer), viewer.files()
     for destination in ("VIEWER", "NOWHERE"):  # refused before the destination is looked up
-        moved = final_response(movescu(node.port, node.aet, "STUDY", {"StudyInstanceUID": study},
-                                       destination, calling="STRANGER"))
+        proc = movescu(node.port, node.aet, "STUDY", {"StudyInstanceUID": study}, destination,
+                       calling="STRANGER")
+        assert len(dimse_responses(proc)) == 1  # one final response, nothing before or after
+        moved = final_response(proc)
         assert (moved.status, moved.error_comment) == (Status.NOT_AUTHORIZED, REFUSED.format("C-MOVE"))
         assert moved.completed in (None, 0)
     assert viewer.files() == files
