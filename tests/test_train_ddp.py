@@ -40,9 +40,9 @@ def test_torchrun_exports_one_verified_model(ddp_run: tuple[Path, subprocess.Com
     training = loaded.card.training
     assert training["world_size"] == 2
     assert "gloo" in str(training["distributed"])
-    assert training["train_images"] + training["val_images"] == 12
+    assert training["train_images"] + training["val_images"] + training["test_images"] == 12
     assert [h["epoch"] for h in training["history"]] == [1, 2]  # type: ignore[union-attr,index]
-    assert sorted(p.name for p in (out.parent / "ddp-ae.checkpoints").iterdir()) == ["best.pt", "last.pt"]
+    assert sorted(p.name for p in (out.parent / "ddp-ae.checkpoints").iterdir()) == ["best.pt", "last.pt", "split.json"]
 
 
 def test_torchrun_reports_once(ddp_run: tuple[Path, subprocess.CompletedProcess[str]]) -> None:
