@@ -23,7 +23,7 @@ from archive_data import MODEL, S1, S3, archived, phantom
 
 from latentpacs.archive import Archive, DuplicatePolicy, StoreResult
 from latentpacs.archive.ingest import add_instance
-from latentpacs.errors import ArchiveError, ConstraintViolationError, Status
+from latentpacs.errors import ArchiveError, ConstraintViolationError, DuplicateInstanceError, Status
 
 JANE = ("P1", "Doe^Jane", "19600101", S1, "20240115", "090000", "Screening mammogram")
 ANNA = ("P2", "SMITH^Anna", "19751231", S3, "20220601", "080000", "Screening mammogram")
@@ -158,3 +158,20 @@ def test_on_postgresql_a_blob_clean_up_waits_for_the_store_holding_the_blob(
         assert not deleter.is_alive()
         assert (blobs / digest).read_bytes() == shared
         assert b.get(second.sop_instance_uid).residual == shared
+
+
+def test_a_refused_or_kept_re_send_leaves_no_orphan_blob(archive_url: str, tmp_path: Path) -> None:
+    blobs = tmp_path / "blobs"
+    image = archived(phantom(*JANE, 1), residual=os.urandom(BIG))
+    kept = hashlib.sha256(image.residual).hexdigest()
+    with _open(archive_url, blobs) as archive:
+        archive.store(image)
+        for policy in (DuplicatePolicy.KEEP, DuplicatePolicy.REJECT):
+            other_pixels = dataclasses.replace(image, residual=os.urandom(BIG))
+            try:
+                assert archive.store(other_pixels, duplicates=policy) is StoreResult.KEPT_EXISTING
+            except DuplicateInstanceError:
+                assert policy is DuplicatePolicy.REJECT
+            assert [p.name for p in blobs.iterdir()] == [kept]
+        assert archive.store(image) is StoreResult.KEPT_EXISTING  # same content: still there
+        assert archive.get(image.sop_instance_uid).residual == image.residual

@@ -32,8 +32,8 @@ from latentpacs.archive.keys import check_level
 from latentpacs.archive.records import ArchivedImage, ArchiveStats, TierStats
 from latentpacs.archive.schema import Instance, Latent, Model, Patient, Series, Study
 from latentpacs.errors import (
-    ArchiveError, ConfigError, ConstraintViolationError, DuplicateInstanceError, ModelError,
-    NotFoundError, StreamHashError,
+    ArchiveError, ConfigError, ConstraintViolationError, DuplicateInstanceError, LatentPacsError,
+    ModelError, NotFoundError, StreamHashError,
 )
 
 logger = logging.getLogger(__name__)
@@ -200,10 +200,18 @@ class Archive:
                                 uid, constraint)
                     continue
                 logger.warning("store of %s violates %s: %s", uid, constraint, exc.orig)
+                if path is not None:
+                    self._drop_blob_if_unused(path)
                 raise ConstraintViolationError(
                     f"archive constraint {constraint} violated; not stored") from exc
+            except LatentPacsError:
+                if path is not None:  # refused (duplicate, identity conflict...): no orphan
+                    self._drop_blob_if_unused(path)
+                raise
             if old_blob and old_blob != path:
                 self._drop_blob_if_unused(old_blob)
+            if result is StoreResult.KEPT_EXISTING and path is not None:
+                self._drop_blob_if_unused(path)  # a re-send with other pixels: not kept
             logger.debug("%s %s", result, uid)
             return result
         raise ArchiveError(f"cannot store {uid}")  # not reached: the loop returns or raises
