@@ -178,7 +178,9 @@ def refuse_move(event: evt.Event, refusal: Dataset) -> tuple[None, None]:
     before it reads a status. To refuse before any destination is looked up or contacted,
     the handler yields ``(None, None)`` (what this returns) and the one response that
     pynetdicom then sends for this request is given ``refusal``'s Status and ErrorComment
-    on its way out: one final C-MOVE-RSP (PS3.7 9.3.4.2), no sub-operation.
+    on its way out: one final C-MOVE-RSP (PS3.7 9.3.4.2), no sub-operation. pynetdicom
+    still logs "Unknown Move Destination" for it, after the node's own WARNING that names
+    the refusal.
     """
     dimse = event.assoc.dimse
     message_id = event.request.MessageID
