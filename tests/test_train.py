@@ -288,6 +288,7 @@ def test_resume_reaches_the_uninterrupted_result(phantom_dir: Path, short: Train
         train(_config(phantom_dir, out, epochs=4, resume=True, test_fraction=0.0), progress=False)
     with pytest.raises(ConfigError, match="nothing to resume"):
         train(_config(phantom_dir, tmp_path / "never", resume=True), progress=False)
+    assert not (tmp_path / "never.checkpoints").exists()
 
 
 def test_vae_trains_and_exports(phantom_dir: Path, tmp_path: Path) -> None:

@@ -358,8 +358,6 @@ def _train(config: TrainConfig, ctx: DistContext, progress: bool) -> TrainResult
     train_loader, val_loader, sampler = _loaders(config, ctx, (train_ds, val_ds), generator)
     fingerprint = _fingerprint(config, train_ds, val_ds, split.test)
     last_path, best_path = config.checkpoint_dir / "last.pt", config.checkpoint_dir / "best.pt"
-    if ctx.is_main:
-        _write_manifest(config.checkpoint_dir / "split.json", train_ds, val_ds, split.test)
 
     state = Checkpoint(0, 0, float("inf"), {}, {}, {}, (), fingerprint, 0.0)
     if config.resume:
@@ -369,6 +367,8 @@ def _train(config: TrainConfig, ctx: DistContext, progress: bool) -> TrainResult
         optimizer.load_state_dict(dict(state.optimizer_state))
         restore_rng(state.rng, generator)
         logger.info("resuming from %s after epoch %d", last_path, state.epoch)
+    if ctx.is_main:
+        _write_manifest(config.checkpoint_dir / "split.json", train_ds, val_ds, split.test)
 
     history = list(state.history)
     best_epoch, best_loss = state.best_epoch, state.best_val_loss
