@@ -461,7 +461,7 @@ def _export(
         "best_epoch": best.best_epoch,
         "best_val_loss": best.best_val_loss,
         "epoch_chosen_by": f"lowest validation loss (the model's loss on the {len(val_ds)} validation images "
-        f"of {len(val_ds.patients)} patients)" if has_val
+        f"of {len(val_ds.patients)} patient{'s' if len(val_ds.patients) != 1 else ''})" if has_val
         else "lowest training loss (no validation patient)",
     }
     test_ds = CachedImageDataset(test_records, config.image_size, cache_dir=config.cache_dir, progress=progress,
