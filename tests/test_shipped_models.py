@@ -47,6 +47,10 @@ def test_reconstruction_error_is_well_below_image_variance(name: str, fraction: 
     errors = [paper_mse(img, rec) for img, rec in zip(fresh_images, recons)]
     variances = [float(np.var(resize_bilinear(img, PAPER_SIZE))) for img in fresh_images]
     assert median(errors) < fraction * median(variances), (errors, variances)
+    # The card's held-out figure is this very measurement (integer decoding: exact).
+    metrics = load_model(name).card.metrics
+    assert metrics["test_images"] == len(fresh_images)
+    assert median(errors) == pytest.approx(metrics["test_mse_median"], rel=1e-4)
 
 
 def test_a_tampered_shipped_model_is_refused(tmp_path: Path) -> None:

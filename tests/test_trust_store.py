@@ -70,6 +70,15 @@ def node(tmp_path_factory: pytest.TempPathFactory) -> Iterator[NodeProcess]:
         yield started
 
 
+def get_image(node: NodeProcess, ds: pydicom.Dataset, out_dir: Path) -> Path:
+    """C-GET one instance by its unique keys with getscu; the one file it delivered."""
+    got = getscu(node.port, node.aet, "IMAGE", {"StudyInstanceUID": ds.StudyInstanceUID,
+                                                "SeriesInstanceUID": ds.SeriesInstanceUID,
+                                                "SOPInstanceUID": ds.SOPInstanceUID}, out_dir)
+    (path,) = got.files
+    return path
+
+
 def _association(node: NodeProcess, syntaxes: list[str]):  # noqa: ANN202 - pynetdicom types
     ae = AE(ae_title="CARELESS")
     ae.requested_contexts = [build_context(MAMMO, syntaxes)]
@@ -120,11 +129,7 @@ def test_image_that_arrived_lossy_says_so_at_the_lossless_tier(node: NodeProcess
         assert assoc.send_c_store(sent).Status == Status.SUCCESS
     finally:
         assoc.release()
-    got = getscu(node.port, node.aet, "IMAGE", {"StudyInstanceUID": sent.StudyInstanceUID,
-                                                "SeriesInstanceUID": sent.SeriesInstanceUID,
-                                                "SOPInstanceUID": sent.SOPInstanceUID},
-                 tmp_path / "get")
-    (path,) = got.files
+    path = get_image(node, sent, tmp_path / "get")
     back = pydicom.dcmread(path)
     assert back.SOPInstanceUID == sent.SOPInstanceUID  # lossless tier: original identity
     assert back.LossyImageCompression == "01"
@@ -145,11 +150,7 @@ def test_unused_high_bits_come_back_byte_for_byte(node: NodeProcess, sources: li
     ds.save_as(path)
     assert [r.status for r in dimse_responses(storescu(node.port, node.aet, [path]))] == [
         Status.SUCCESS]
-    got = getscu(node.port, node.aet, "IMAGE", {"StudyInstanceUID": ds.StudyInstanceUID,
-                                                "SeriesInstanceUID": ds.SeriesInstanceUID,
-                                                "SOPInstanceUID": ds.SOPInstanceUID},
-                 tmp_path / "get")
-    (returned,) = got.files
+    returned = get_image(node, ds, tmp_path / "get")
     back = pydicom.dcmread(returned)
     assert back.SOPInstanceUID == ds.SOPInstanceUID
     assert hashlib.sha256(bytes(back.PixelData)).digest() == hashlib.sha256(sent_bytes).digest()
@@ -165,11 +166,7 @@ def test_malformed_optional_attribute_is_kept_as_received(node: NodeProcess, sou
     ds.save_as(path)
     assert [r.status for r in dimse_responses(storescu(node.port, node.aet, [path]))] == [
         Status.SUCCESS]
-    got = getscu(node.port, node.aet, "IMAGE", {"StudyInstanceUID": ds.StudyInstanceUID,
-                                                "SeriesInstanceUID": ds.SeriesInstanceUID,
-                                                "SOPInstanceUID": ds.SOPInstanceUID},
-                 tmp_path / "get")
-    (returned,) = got.files
+    returned = get_image(node, ds, tmp_path / "get")
     back = pydicom.dcmread(returned)
     assert back.get_item(0x00181164).value.rstrip(b" ") == b"x.y"
     assert back.get_item(0x00200012).value.rstrip(b" ") == b"abc"
