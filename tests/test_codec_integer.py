@@ -299,3 +299,27 @@ def test_every_architecture_decodes_within_one_logit_step_of_float(arch: str) ->
         floats = model.decode(z)[:, 0].double().numpy()
     assert exact.shape == (4, 64, 64) and exact.dtype == np.uint16
     assert np.max(np.abs(exact / 65535.0 - floats)) < 2.0**-11 / 4 + 1 / 65535
+
+
+#: SHA-256 of what the shipped models decode a fixed latent to. A derived SOP Instance UID
+#: is fixed when an image is stored, so the pixels a latent decodes to must never change
+#: for an archived model: a change to the integer decoder or its resize that alters them
+#: fails here, on any machine (the arithmetic is exact). Such a change needs a new
+#: decoder revision that keeps decoding old latents as before.
+GOLDEN = {
+    ("ae", (1100, 873)): "c2b84be7a9466421e132ee2b6ace2f8b5e13167983a3fc3d8cf7c0e98afee214",
+    ("ae", (700, 600)): "c06e37d3dd80cb39da54bc06f48ba2dc9217d49f37598d33de613215051f9aec",
+    ("vae", (1100, 873)): "7683924889b607166b53dc2626452072748cca9564dd226fb9f94f00adc5b6a6",
+    ("vae", (700, 600)): "0bbeaf9892d6b12d2a78193c6a7f278830aeea091f0e01a0377c572102850c1b",
+}
+
+
+@pytest.mark.parametrize("name", ["ae", "vae"])
+def test_a_latent_decodes_to_the_same_pixels_in_every_release(name: str) -> None:
+    from latentpacs.codec.modelfile import load_model
+
+    with Engine(load_model(name)) as engine:
+        for shape in ((1100, 873), (700, 600)):
+            (image,) = engine.decode_uint16([bytes(range(0, 256, 16))], [shape])
+            digest = hashlib.sha256(image.astype("<u2").tobytes()).hexdigest()
+            assert digest == GOLDEN[(name, shape)], (name, shape)

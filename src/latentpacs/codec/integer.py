@@ -49,10 +49,10 @@ weights per output channel; the shipped decoders sum at most 64 x 4 x 4 = 1024, 
 bound is about 2**48.
 
 Resizing the 16-bit model output back to rows x cols (:func:`resize_uint16`) is integer
-too (numpy int64, separable, weights of :data:`RESIZE_FRAC_BITS` bits that sum exactly to
+too (numpy int32, separable, weights of :data:`RESIZE_FRAC_BITS` bits that sum exactly to
 2**RESIZE_FRAC_BITS): bilinear with ``align_corners=False`` for an enlargement, and a
 triangle (antialiased bilinear) filter of support ``in / out`` for a shrink, the kernels
-of :func:`~latentpacs.codec.engine.resize_bilinear`, with round half up at the end. The
+of :func:`~latentpacs.codec.engine.resize_bilinear`, each pass rounded half up to 16 bits. The
 canonical image handed to callers is then ``v / 65535`` in float32, an exact function of
 the 16-bit image.
 """
@@ -542,21 +542,30 @@ def _axis_weights(n_in: int, n_out: int) -> tuple[np.ndarray, np.ndarray]:
     return taps, weights
 
 
-def _resize_axis(values: np.ndarray, n_out: int, axis: int) -> np.ndarray:
-    taps, weights = _axis_weights(values.shape[axis], n_out)
-    moved = np.moveaxis(values, axis, 0)
-    out = np.zeros((n_out,) + moved.shape[1:], np.int64)
+def _resize_rows(values: np.ndarray, n_out: int) -> np.ndarray:
+    """Resize a C-contiguous int32 image along its rows; the result is rounded back to 16 bits.
+
+    Every product is at most 65535 x 2**RESIZE_FRAC_BITS and the weights of a row sum to
+    2**RESIZE_FRAC_BITS, so each sum stays below 2**31: int32 is exact. Rows are
+    gathered whole (contiguous copies), which keeps the pass memory-bound.
+    """
+    taps, weights = _axis_weights(values.shape[0], n_out)
+    out = np.zeros((n_out, values.shape[1]), np.int32)
+    scratch = np.empty_like(out)
     for t in range(taps.shape[1]):
-        out += weights[:, t, None] * moved[taps[:, t]]
-    return np.moveaxis(out, 0, axis)
+        np.multiply(values[taps[:, t]], weights[:, t, None].astype(np.int32), out=scratch)
+        out += scratch
+    out += 1 << (RESIZE_FRAC_BITS - 1)  # round half up
+    out >>= RESIZE_FRAC_BITS
+    return out
 
 
 def resize_uint16(image: np.ndarray, shape: tuple[int, int]) -> np.ndarray:
-    """Resize a 2-D uint16 image to ``shape`` in exact integer arithmetic (numpy int64).
+    """Resize a 2-D uint16 image to ``shape`` in exact integer arithmetic (numpy int32).
 
-    Rows first, then columns, each with weights summing to 2**RESIZE_FRAC_BITS;
-    the result is divided by 2**(2 RESIZE_FRAC_BITS), rounding half up. Values stay in
-    the input's range (the weights are non-negative), so a constant image stays constant.
+    Rows first, then columns (on the transposed, contiguous image), each pass with weights
+    summing to 2**RESIZE_FRAC_BITS and rounded half up back to 16 bits. Values stay in the
+    input's range (the weights are non-negative), so a constant image stays constant.
 
     Raises
     ------
@@ -566,19 +575,12 @@ def resize_uint16(image: np.ndarray, shape: tuple[int, int]) -> np.ndarray:
     rows, cols = int(shape[0]), int(shape[1])
     if rows < 1 or cols < 1 or image.ndim != 2:
         raise ValueError(f"cannot resize an image of shape {image.shape} to {shape}")
-    values = np.asarray(image, dtype=np.int64)
-    if values.shape == (rows, cols):
-        return values.astype(np.uint16)
+    values = np.ascontiguousarray(image, dtype=np.int32)
     if values.shape[0] != rows:
-        values = _resize_axis(values, rows, 0)
-    else:
-        values = values << RESIZE_FRAC_BITS
+        values = _resize_rows(values, rows)
     if values.shape[1] != cols:
-        values = _resize_axis(values, cols, 1)
-    else:
-        values = values << RESIZE_FRAC_BITS
-    half = 1 << (2 * RESIZE_FRAC_BITS - 1)
-    return ((values + half) >> (2 * RESIZE_FRAC_BITS)).astype(np.uint16)
+        values = np.ascontiguousarray(_resize_rows(np.ascontiguousarray(values.T), cols).T)
+    return values.astype(np.uint16)
 
 
 def to_canonical(image: np.ndarray) -> np.ndarray:
