@@ -170,31 +170,39 @@ def header_json(ds: Dataset) -> dict[str, Any]:
     raw value (PS3.5 6.2.2), never dropped and never a reason to refuse the image.
     :func:`~latentpacs.archive.records.dataset_from_json` reads it back.
     """
-    return _json_object(ds, top=True)
+    fast = _json_object(ds, top=True, checked=False)
+    try:
+        Dataset.from_json(fast)  # what every retrieval does with it
+    except Exception:
+        return _json_object(ds, top=True, checked=True)
+    return fast
 
 
 #: Pixel Data, Float Pixel Data and Double Float Pixel Data (PS3.3 C.7.6.3, C.7.6.24).
 _PIXEL_TAGS = frozenset({0x7FE00010, 0x7FE00008, 0x7FE00009})
 
 
-def _json_object(ds: Dataset, *, top: bool = False) -> dict[str, Any]:
+def _json_object(ds: Dataset, *, top: bool = False, checked: bool = True) -> dict[str, Any]:
+    """DICOM JSON of a data set; ``checked``: each element is read back to prove it loads."""
     result: dict[str, Any] = {}
     for tag in ds.keys():
         if top and (tag in _PIXEL_TAGS or tag.group == 0x0002):
             continue
-        result[f"{tag:08X}"] = _element_json(ds, tag)
+        result[f"{tag:08X}"] = _element_json(ds, tag, checked)
     return result
 
 
-def _element_json(ds: Dataset, tag: Any) -> dict[str, Any]:
+def _element_json(ds: Dataset, tag: Any, checked: bool) -> dict[str, Any]:
     """One element as DICOM JSON; a value that does not convert becomes UN InlineBinary."""
     key = f"{tag:08X}"
     try:
         element = ds[tag]
         if element.VR == "SQ":
-            return {"vr": "SQ", "Value": [_json_object(item) for item in element.value]}
+            return {"vr": "SQ", "Value": [_json_object(item, checked=checked)
+                                          for item in element.value]}
         converted = element.to_json_dict(None, 1 << 62)
-        Dataset.from_json({key: converted})  # what every retrieval will do with it
+        if checked:
+            Dataset.from_json({key: converted})
         return converted
     except Exception:
         raw = ds.get_item(tag)

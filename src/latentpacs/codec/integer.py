@@ -49,7 +49,7 @@ weights per output channel; the shipped decoders sum at most 64 x 4 x 4 = 1024, 
 bound is about 2**48.
 
 Resizing the 16-bit model output back to rows x cols (:func:`resize_uint16`) is integer
-too (numpy int32, separable, weights of :data:`RESIZE_FRAC_BITS` bits that sum exactly to
+too (int32, separable, weights of :data:`RESIZE_FRAC_BITS` bits that sum exactly to
 2**RESIZE_FRAC_BITS): bilinear with ``align_corners=False`` for an enlargement, and a
 triangle (antialiased bilinear) filter of support ``in / out`` for a shrink, the kernels
 of :func:`~latentpacs.codec.engine.resize_bilinear`, each pass rounded half up to 16 bits. The
@@ -542,26 +542,26 @@ def _axis_weights(n_in: int, n_out: int) -> tuple[np.ndarray, np.ndarray]:
     return taps, weights
 
 
-def _resize_rows(values: np.ndarray, n_out: int) -> np.ndarray:
-    """Resize a C-contiguous int32 image along its rows; the result is rounded back to 16 bits.
+def _resize_rows(values: Tensor, n_out: int) -> Tensor:
+    """Resize a contiguous int32 image along its rows; the result is rounded back to 16 bits.
 
     Every product is at most 65535 x 2**RESIZE_FRAC_BITS and the weights of a row sum to
-    2**RESIZE_FRAC_BITS, so each sum stays below 2**31: int32 is exact. Rows are
-    gathered whole (contiguous copies), which keeps the pass memory-bound.
+    2**RESIZE_FRAC_BITS, so each sum stays below 2**31: int32 is exact, and integer
+    addition gives the same result in any order or thread split. Rows are gathered whole
+    (contiguous copies) with torch's threaded kernels.
     """
-    taps, weights = _axis_weights(values.shape[0], n_out)
-    out = np.zeros((n_out, values.shape[1]), np.int32)
-    scratch = np.empty_like(out)
+    taps, weights = _axis_weights(int(values.shape[0]), n_out)
+    out = torch.zeros((n_out, int(values.shape[1])), dtype=torch.int32)
     for t in range(taps.shape[1]):
-        np.multiply(values[taps[:, t]], weights[:, t, None].astype(np.int32), out=scratch)
-        out += scratch
-    out += 1 << (RESIZE_FRAC_BITS - 1)  # round half up
-    out >>= RESIZE_FRAC_BITS
-    return out
+        index = torch.from_numpy(np.ascontiguousarray(taps[:, t]))
+        weight = torch.from_numpy(weights[:, t].astype(np.int32))[:, None]
+        out.add_(values.index_select(0, index).mul_(weight))
+    out.add_(1 << (RESIZE_FRAC_BITS - 1))  # round half up
+    return out.bitwise_right_shift_(RESIZE_FRAC_BITS)
 
 
 def resize_uint16(image: np.ndarray, shape: tuple[int, int]) -> np.ndarray:
-    """Resize a 2-D uint16 image to ``shape`` in exact integer arithmetic (numpy int32).
+    """Resize a 2-D uint16 image to ``shape`` in exact integer arithmetic (int32).
 
     Rows first, then columns (on the transposed, contiguous image), each pass with weights
     summing to 2**RESIZE_FRAC_BITS and rounded half up back to 16 bits. Values stay in the
@@ -575,12 +575,12 @@ def resize_uint16(image: np.ndarray, shape: tuple[int, int]) -> np.ndarray:
     rows, cols = int(shape[0]), int(shape[1])
     if rows < 1 or cols < 1 or image.ndim != 2:
         raise ValueError(f"cannot resize an image of shape {image.shape} to {shape}")
-    values = np.ascontiguousarray(image, dtype=np.int32)
+    values = torch.from_numpy(np.ascontiguousarray(image, dtype=np.int32))
     if values.shape[0] != rows:
         values = _resize_rows(values, rows)
     if values.shape[1] != cols:
-        values = np.ascontiguousarray(_resize_rows(np.ascontiguousarray(values.T), cols).T)
-    return values.astype(np.uint16)
+        values = _resize_rows(values.t().contiguous(), cols).t().contiguous()
+    return values.numpy().astype(np.uint16)
 
 
 def to_canonical(image: np.ndarray) -> np.ndarray:
