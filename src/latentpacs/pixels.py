@@ -63,14 +63,15 @@ _ENDS_WITH_EOI = frozenset(
 _EOI = b"\xff\xd9"
 
 #: Transfer syntaxes whose pixel data may have lost information (PS3.5 A.4), with the
-#: Lossy Image Compression Method (0028,2114) term of each (PS3.3 C.7.6.1.1.5.1).
-#: JPEG 2000 (.91) may carry a reversible wavelet, but nothing in the transfer syntax
-#: says so: it counts as lossy.
+#: Lossy Image Compression Method (0028,2114) term of each (PS3.3 C.7.6.1.1.5.1), in the
+#: order the Storage SCP prefers them when a context offers nothing else (bounded error
+#: first). JPEG 2000 (.91) may carry a reversible wavelet, but nothing in the transfer
+#: syntax says so: it counts as lossy.
 LOSSY_TRANSFER_SYNTAXES: dict[str, str] = {
-    JPEGBaseline8Bit: "ISO_10918_1",
-    JPEGExtended12Bit: "ISO_10918_1",
     JPEGLSNearLossless: "ISO_14495_1",
     JPEG2000: "ISO_15444_1",
+    JPEGBaseline8Bit: "ISO_10918_1",
+    JPEGExtended12Bit: "ISO_10918_1",
 }
 
 

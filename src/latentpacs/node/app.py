@@ -19,18 +19,15 @@ from dataclasses import dataclass
 from typing import Any
 
 from pydicom.uid import (
+    UID,
     DeflatedExplicitVRLittleEndian,
     ExplicitVRBigEndian,
     ExplicitVRLittleEndian,
     ImplicitVRLittleEndian,
-    JPEG2000,
     JPEG2000Lossless,
-    JPEGBaseline8Bit,
-    JPEGExtended12Bit,
     JPEGLossless,
     JPEGLosslessSV1,
     JPEGLSLossless,
-    JPEGLSNearLossless,
     RLELossless,
 )
 from pynetdicom import AE, evt
@@ -51,6 +48,7 @@ from latentpacs.errors import ConfigError
 from latentpacs.node import handlers
 from latentpacs.node.peers import MoveDestinations, PeerPolicy
 from latentpacs.node.tls import client_context, handshake_on_open, server_context
+from latentpacs.pixels import LOSSY_TRANSFER_SYNTAXES
 from latentpacs.service import Service, open_service
 
 logger = logging.getLogger(__name__)
@@ -79,12 +77,7 @@ STORE_NATIVE = (
     ExplicitVRBigEndian,
 )
 #: Lossy transfer syntaxes (PS3.5 A.4): JPEG-LS near-lossless, JPEG 2000, JPEG baseline/extended.
-STORE_LOSSY = (
-    JPEGLSNearLossless,
-    JPEG2000,
-    JPEGBaseline8Bit,
-    JPEGExtended12Bit,
-)
+STORE_LOSSY = tuple(UID(syntax) for syntax in LOSSY_TRANSFER_SYNTAXES)
 STORE_TRANSFER_SYNTAXES = (*STORE_LOSSLESS_COMPRESSED, *STORE_NATIVE, *STORE_LOSSY)
 
 #: Transfer syntaxes the node sends in (reconstructions are built uncompressed).
