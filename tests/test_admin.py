@@ -14,7 +14,7 @@ from latentpacs import phantom
 from latentpacs.cli import main
 from latentpacs.codec.modelfile import default_models_dir
 from latentpacs.config import load_config
-from latentpacs.pixels import read_file
+from latentpacs.image.pixels import read_file
 from latentpacs.service import open_service
 
 

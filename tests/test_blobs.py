@@ -22,7 +22,7 @@ import pytest
 from archive_data import MODEL, S1, S3, archived, phantom
 
 from latentpacs.archive import Archive, DuplicatePolicy, StoreResult
-from latentpacs.archive.ingest import add_instance
+from latentpacs.archive.rows import add_instance
 from latentpacs.errors import ArchiveError, ConstraintViolationError, DuplicateInstanceError, Status
 
 JANE = ("P1", "Doe^Jane", "19600101", S1, "20240115", "090000", "Screening mammogram")

@@ -34,7 +34,7 @@ from latentpacs.codec.modelfile import LoadedModel, load_model, save_model
 from latentpacs.codec.models import build_model
 from latentpacs.errors import ModelError
 from latentpacs.phantom import PhantomSpec, render_image
-from latentpacs.pixels import PixelModule, canonical_to_stored
+from latentpacs.image.pixels import PixelModule, canonical_to_stored
 
 FRESH_SEED = 515151
 ODD_SHAPE = (1100, 873)  # neither side a multiple of the model's 1024

@@ -25,7 +25,7 @@ from latentpacs.codec.modelfile import load_model
 from latentpacs.evaluate import baselines, plots
 from latentpacs.evaluate.metrics import paper_mse
 from latentpacs.evaluate.run import EvaluationConfig, EvaluationResult, evaluate
-from latentpacs.pixels import read_file, to_canonical
+from latentpacs.image.pixels import read_file, to_canonical
 
 CODECS = {"ae", "vae", "jpeg-q85", "ae+near-lossless:2", "ae+lossless", "jpeg-ls", "jpeg2000-lossless",
           "jpeg-xl-lossless"}

@@ -21,8 +21,8 @@ from latentpacs import phantom
 from latentpacs.cli import main
 from latentpacs.codec.models import build_model
 from latentpacs.codec.modelfile import save_model
-from latentpacs.derive import METHOD_LATENT
-from latentpacs.pixels import stored_values
+from latentpacs.image.derive import METHOD_LATENT
+from latentpacs.image.pixels import stored_values
 
 SIZE = (160, 128)
 

@@ -15,7 +15,7 @@ import pytest
 
 from dicomtools import dciodvfy_errors
 from latentpacs import phantom
-from latentpacs.derive import METHOD_LATENT
+from latentpacs.image.derive import METHOD_LATENT
 from latentpacs.errors import Status
 from netpeers import (
     NodeProcess,

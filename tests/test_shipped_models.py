@@ -15,7 +15,7 @@ from latentpacs import phantom
 from latentpacs.codec.engine import Engine, resize_bilinear
 from latentpacs.codec.modelfile import default_models_dir, list_models, load_model, sha256_file
 from latentpacs.evaluate.metrics import PAPER_SIZE, paper_mse
-from latentpacs.pixels import read_file, to_canonical
+from latentpacs.image.pixels import read_file, to_canonical
 
 FRESH_SEED = 424242
 

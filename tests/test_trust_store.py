@@ -38,7 +38,7 @@ from dicomtools import require
 from latentpacs import phantom as phantoms_module
 from latentpacs.archive import Archive
 from latentpacs.codec.residual import encode_residual
-from latentpacs.derive import Derivation, returned_overrides
+from latentpacs.image.derive import Derivation, returned_overrides
 from latentpacs.codec.tiers import Tier
 from latentpacs.errors import IdentityConflictError, Status
 from netpeers import NodeProcess, dimse_responses, findscu, getscu, start_node, storescu

@@ -101,7 +101,7 @@ def cmd_demo_data(args: argparse.Namespace) -> int:
 
 
 def cmd_encode(args: argparse.Namespace) -> int:
-    from latentpacs import lpz
+    from latentpacs.image import lpz
 
     config = _config(args)
     paths = _expand(args.inputs, "*")
@@ -113,7 +113,7 @@ def cmd_encode(args: argparse.Namespace) -> int:
 
 
 def cmd_decode(args: argparse.Namespace) -> int:
-    from latentpacs import lpz
+    from latentpacs.image import lpz
     from latentpacs.codec.engine import Engine
     from latentpacs.codec.modelfile import find_model_by_sha256, load_model
 
@@ -139,7 +139,7 @@ def cmd_decode(args: argparse.Namespace) -> int:
 
 
 def cmd_inspect(args: argparse.Namespace) -> int:
-    from latentpacs import lpz
+    from latentpacs.image import lpz
 
     status = EXIT_OK
     for path in args.files:

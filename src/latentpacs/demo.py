@@ -19,7 +19,7 @@ from latentpacs import phantom, service
 from latentpacs.codec.engine import Engine, resize_bilinear
 from latentpacs.codec.tiers import Tier
 from latentpacs.evaluate.metrics import PAPER_SIZE, paper_mse
-from latentpacs.pixels import read_file, stored_to_canonical, stored_values
+from latentpacs.image.pixels import read_file, stored_to_canonical, stored_values
 
 TIERS = (Tier("latent"), Tier("near-lossless", 2), Tier("lossless"))
 

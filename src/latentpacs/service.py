@@ -1,6 +1,6 @@
 """Where the layers meet: image in -> pixels -> codec -> record; record -> codec -> derive -> image out.
 
-The encode and decode chains here are shared by the ``.lpz`` files (:mod:`latentpacs.lpz`)
+The encode and decode chains here are shared by the ``.lpz`` files (:mod:`latentpacs.image.lpz`)
 and the node's archive (:class:`Service`), so a file and a C-GET of the same image give
 the same pixels and the same derived identity.
 """
@@ -37,7 +37,7 @@ from latentpacs.codec.modelfile import find_model_by_sha256, load_model
 from latentpacs.codec.residual import decode_residual, encode_residual, stream_precision
 from latentpacs.codec.tiers import Tier
 from latentpacs.config import Config
-from latentpacs.derive import (
+from latentpacs.image.derive import (
     Derivation,
     assemble,
     assemble_encapsulated,
@@ -52,7 +52,7 @@ from latentpacs.errors import (
     PixelChecksumError,
     UnsupportedImageError,
 )
-from latentpacs.pixels import (
+from latentpacs.image.pixels import (
     PixelModule,
     arrival_lossy_method,
     canonical_to_stored,
@@ -110,12 +110,12 @@ class EncodedImage:
         sent for ``lossless`` (unused high bits included), the stored values for
         ``near-lossless``.
     pixel_sha256:
-        SHA-256 of the original pixel cells (:func:`~latentpacs.pixels.cells_sha256`).
+        SHA-256 of the original pixel cells (:func:`~latentpacs.image.pixels.cells_sha256`).
     returned_sha256:
         SHA-256 of the cells the stream decodes to, checked at store time and on every
         decode of the stream; ``""`` for the latent tier.
     lossy_on_arrival:
-        The original had already lost information (:func:`~latentpacs.pixels.lossy_on_arrival`).
+        The original had already lost information (:func:`~latentpacs.image.pixels.lossy_on_arrival`).
     arrival_method:
         Lossy Image Compression Method of the lossy transfer syntax it arrived in, or None.
     """

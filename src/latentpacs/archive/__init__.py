@@ -5,7 +5,7 @@ SQLAlchemy, Alembic and :mod:`latentpacs.errors` only.
 """
 
 from latentpacs.archive.db import Archive, DuplicatePolicy, StoreResult
-from latentpacs.archive.engine import upgrade
+from latentpacs.archive.database import upgrade
 from latentpacs.archive.records import ArchivedImage, ArchiveStats, TierStats
 
 __all__ = [

@@ -26,8 +26,8 @@ from sqlalchemy.orm import Session
 
 from latentpacs.archive import query
 from latentpacs.archive.blobs import INLINE_LIMIT, BlobStore
-from latentpacs.archive.engine import IMMEDIATE, make_engine, migrate as run_migrations
-from latentpacs.archive.ingest import add_instance, prune, remove_instance, to_image
+from latentpacs.archive.database import IMMEDIATE, make_engine, migrate as run_migrations
+from latentpacs.archive.rows import add_instance, prune, remove_instance, to_image
 from latentpacs.archive.keys import check_level
 from latentpacs.archive.records import ArchivedImage, ArchiveStats, TierStats
 from latentpacs.archive.schema import Instance, Latent, Model, Patient, Series, Study

@@ -3,8 +3,8 @@
 Each object is the original data set with JPEG Baseline pixel data (PS3.5 A.4.1,
 transfer syntax 1.2.840.10008.1.2.4.50, one fragment per frame) holding exactly the
 stream the evaluator measured, and the lossy-compression conventions of
-:mod:`latentpacs.derive`: new deterministic SOP Instance and Series Instance UIDs
-(:func:`~latentpacs.derive.derived_uid`), Image Type DERIVED\\SECONDARY, Lossy Image
+:mod:`latentpacs.image.derive`: new deterministic SOP Instance and Series Instance UIDs
+(:func:`~latentpacs.image.derive.derived_uid`), Image Type DERIVED\\SECONDARY, Lossy Image
 Compression 01 with ratio and method ISO_10918_1 (PS3.3 C.7.6.1.1.5), a Derivation
 Description and Code Sequence (DCM 113040) and a Source Image Sequence naming the
 original (DCM 121320; PS3.3 C.7.6.1.1.3-4).
@@ -24,8 +24,8 @@ from pydicom.encaps import encapsulate
 from pydicom.multival import MultiValue
 from pydicom.uid import JPEGBaseline8Bit
 
-from latentpacs.derive import derived_uid, file_meta, lossy_attributes
-from latentpacs.pixels import MONOCHROME1, PixelModule
+from latentpacs.image.derive import derived_uid, file_meta, lossy_attributes
+from latentpacs.image.pixels import MONOCHROME1, PixelModule
 
 logger = logging.getLogger(__name__)
 

@@ -1,6 +1,6 @@
 """``latentpacs evaluate``: every model, JPEG and the classic lossless coders on the same images.
 
-For each image the original is read once through :mod:`latentpacs.pixels`, then
+For each image the original is read once through :mod:`latentpacs.image.pixels`, then
 
 * each model archives it at the ``latent`` tier through the product's own chain
   (:func:`latentpacs.service.encode_datasets` -> :func:`~latentpacs.service.decode_stored`);
@@ -34,7 +34,7 @@ from latentpacs.codec.tiers import Tier
 from latentpacs.errors import ConfigError, LatentPacsError
 from latentpacs.evaluate import baselines, metrics, plots, records, report
 from latentpacs.evaluate.jpeg_series import jpeg_dataset
-from latentpacs.pixels import PixelModule, original_stored_bytes, read_file, stored_to_canonical, stored_values
+from latentpacs.image.pixels import PixelModule, original_stored_bytes, read_file, stored_to_canonical, stored_values
 
 logger = logging.getLogger(__name__)
 

@@ -48,7 +48,7 @@ from latentpacs.errors import ConfigError
 from latentpacs.node import handlers
 from latentpacs.node.peers import MoveDestinations, PeerPolicy
 from latentpacs.node.tls import client_context, handshake_on_open, server_context
-from latentpacs.pixels import LOSSY_TRANSFER_SYNTAXES
+from latentpacs.image.pixels import LOSSY_TRANSFER_SYNTAXES
 from latentpacs.service import Service, open_service
 
 logger = logging.getLogger(__name__)
@@ -57,7 +57,7 @@ logger = logging.getLogger(__name__)
 MAMMOGRAPHY_CLASSES = ("1.2.840.10008.5.1.4.1.1.1.2", "1.2.840.10008.5.1.4.1.1.1.2.1")
 
 #: Transfer syntaxes the Storage SCP accepts: every one whose pixel data
-#: :mod:`latentpacs.pixels` decodes (PS3.5 Section 10 and Annex A), in order of preference.
+#: :mod:`latentpacs.image.pixels` decodes (PS3.5 Section 10 and Annex A), in order of preference.
 #: pynetdicom accepts the first of these that a context proposes, so the order is the policy:
 #: lossless compressed syntaxes first (a peer offering its file's own compressed syntax sends
 #: it unconverted), then native ones, and lossy ones last, accepted only when a context offers

@@ -6,7 +6,7 @@ single-frame grayscale image (PS3.3 C.7.6.3 Image Pixel module: Samples per Pixe
 MONOCHROME1 or MONOCHROME2, Number of Frames absent or 1) that carries Pixel Data
 (7FE0,0010). Everything else is reported back with a one-line reason, never raised.
 
-The dataset decodes each kept file once through :mod:`latentpacs.pixels`, resizes the
+The dataset decodes each kept file once through :mod:`latentpacs.image.pixels`, resizes the
 canonical image to the model's input size with the codec's one bilinear resize, and
 keeps the result in memory as float16; an optional cache directory stores one ``.npy``
 per SOP Instance UID (0008,0018) so a second run skips decoding.
@@ -27,7 +27,7 @@ import torch
 from pydicom.errors import InvalidDicomError
 from tqdm import tqdm
 
-from latentpacs import pixels
+from latentpacs.image import pixels
 from latentpacs.codec.engine import resize_bilinear
 from latentpacs.errors import LatentPacsError
 
@@ -170,7 +170,7 @@ class CachedImageDataset(torch.utils.data.Dataset[torch.Tensor]):
     ----------
     records:
         The records that decoded; a file whose pixels cannot be decoded (a
-        :class:`~latentpacs.errors.LatentPacsError` from :mod:`latentpacs.pixels`) is
+        :class:`~latentpacs.errors.LatentPacsError` from :mod:`latentpacs.image.pixels`) is
         left out and listed in ``skipped`` with the reason.
     skipped:
         ``(path, reason)`` for each left-out record.

@@ -1,6 +1,6 @@
 """Alembic environment of the archive: runs on the connection the caller hands over.
 
-:func:`latentpacs.archive.engine.migrate` opens the connection (with the archive's SQLite
+:func:`latentpacs.archive.database.migrate` opens the connection (with the archive's SQLite
 pragmas) and puts it in ``config.attributes["connection"]``; offline SQL generation runs
 from ``sqlalchemy.url``.
 """

@@ -38,7 +38,7 @@ from latentpacs import __version__, service
 from latentpacs.codec.engine import Engine
 from latentpacs.codec.tiers import Tier
 from latentpacs.errors import LatentFormatError, LatentPacsError
-from latentpacs.pixels import PixelModule, read_file
+from latentpacs.image.pixels import PixelModule, read_file
 from latentpacs.service import EncodedImage, ModelRef
 from latentpacs.uid import uid_file_name
 

@@ -26,7 +26,7 @@ from pydicom.uid import UID, ExplicitVRLittleEndian
 
 from latentpacs import __version__
 from latentpacs.codec.tiers import Tier
-from latentpacs.pixels import PixelModule, set_pixels
+from latentpacs.image.pixels import PixelModule, set_pixels
 
 #: Namespace of latentpacs' name-based UUIDs (a fixed random UUID; never change it:
 #: derived UIDs already handed out depend on it).

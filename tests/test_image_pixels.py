@@ -1,4 +1,4 @@
-"""Tests of latentpacs.pixels: DICOM Pixel Data <-> canonical image (PS3.3 C.7.6.3)."""
+"""Tests of latentpacs.image.pixels: DICOM Pixel Data <-> canonical image (PS3.3 C.7.6.3)."""
 
 from __future__ import annotations
 
@@ -25,7 +25,7 @@ from pydicom.uid import (
 )
 
 from latentpacs.errors import InvalidDicomError, PixelDataError, UnsupportedImageError
-from latentpacs.pixels import (
+from latentpacs.image.pixels import (
     PixelModule,
     canonical_to_stored,
     cells_sha256,
