@@ -51,7 +51,7 @@ def phantom(patient: str, name: str, birth: str, study: str, date: str, time: st
     return ds
 
 
-def archived(ds: pydicom.Dataset, tier: str = "lossless", residual: bytes = b"",
+def archived(ds: pydicom.Dataset, tier: str = "lossless", stream: bytes = b"",
              latent: bytes = bytes(range(32))) -> ArchivedImage:
     """The ArchivedImage the service would make of ``ds`` for ``tier``."""
     header = ds.to_json_dict()
@@ -66,7 +66,7 @@ def archived(ds: pydicom.Dataset, tier: str = "lossless", residual: bytes = b"",
         }
     return ArchivedImage(
         header=header, overrides=overrides, tier=tier, model_sha256=MODEL,
-        latent=latent, residual=residual if tier != "latent" else b"",
+        latent=latent, stream=stream if tier != "latent" else b"",
         rows=ds.Rows, columns=ds.Columns, bits_allocated=ds.BitsAllocated,
         bits_stored=ds.BitsStored, high_bit=ds.HighBit,
         photometric_interpretation=ds.PhotometricInterpretation,
@@ -82,13 +82,13 @@ def catalogue() -> list[ArchivedImage]:
     eva = ("P3", "Müller^Eva", "19820415")
     images = [
         archived(phantom(*jane, S1, "20240115", "090000", "Screening mammogram", n),
-                 "lossless" if n <= 2 else "latent", residual=bytes([n]) * 100)
+                 "lossless" if n <= 2 else "latent", stream=bytes([n]) * 100)
         for n in (1, 2, 3, 4)
     ]
     images.append(archived(phantom(*jane, S2, "20230310", "143000", "Diagnostic mammogram", 1),
-                           "near-lossless:2", residual=b"r" * 50))
+                           "near-lossless:2", stream=b"r" * 50))
     images += [archived(phantom(*anna, S3, "20220601", "080000", "Screening mammogram", n),
-                        residual=b"s" * 10) for n in (1, 2, 3)]
+                        stream=b"s" * 10) for n in (1, 2, 3)]
     images.append(archived(phantom(*eva, S4, "20240220", "120000", "100%_check", 1, "OT")))
     return images
 

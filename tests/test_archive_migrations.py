@@ -29,7 +29,7 @@ def test_migrations_create_exactly_the_orm_tables(archive_url: str) -> None:
             context = MigrationContext.configure(connection, opts={"compare_type": True})
             assert compare_metadata(context, Base.metadata) == []
             assert connection.execute(text("SELECT version_num FROM alembic_version")).all() == [
-                ("0002",)]
+                ("0003",)]
     finally:
         engine.dispose()
 

@@ -38,25 +38,25 @@ def test_stored_images_come_back_identical_after_reopening(archive_url: str) -> 
 
 
 def test_duplicate_policies(archive_url: str) -> None:
-    first = archived(phantom(*JANE, 1), residual=b"first")
-    second = dataclasses.replace(first, residual=b"second")
+    first = archived(phantom(*JANE, 1), stream=b"first")
+    second = dataclasses.replace(first, stream=b"second")
     with Archive(archive_url) as archive:
         archive.register_model(sha256=MODEL, name="test", arch="ae", card={})
         assert archive.store(first) is StoreResult.STORED
         assert archive.store(second) is StoreResult.KEPT_EXISTING
         assert archive.store(second, duplicates="keep") is StoreResult.KEPT_EXISTING
-        assert archive.get(first.sop_instance_uid).residual == b"first"
+        assert archive.get(first.sop_instance_uid).stream == b"first"
         with pytest.raises(DuplicateInstanceError) as caught:
             archive.store(second, duplicates=DuplicatePolicy.REJECT)
         assert caught.value.status == Status.DUPLICATE_REJECTED
-        assert archive.get(first.sop_instance_uid).residual == b"first"
+        assert archive.get(first.sop_instance_uid).stream == b"first"
         assert archive.store(second, duplicates=DuplicatePolicy.REPLACE) is StoreResult.REPLACED
-        assert archive.get(first.sop_instance_uid).residual == b"second"
+        assert archive.get(first.sop_instance_uid).stream == b"second"
         assert archive.stats().instances == 1
 
 
 def test_replacing_with_another_tier_moves_the_instance(archive_url: str) -> None:
-    lossless = archived(phantom(*JANE, 1), "lossless", residual=b"x" * 10)
+    lossless = archived(phantom(*JANE, 1), "lossless", stream=b"x" * 10)
     with Archive(archive_url) as archive:
         archive.register_model(sha256=MODEL, name="test", arch="ae", card={})
         archive.store(lossless)
@@ -87,11 +87,11 @@ def test_models_must_be_registered_and_are_tracked(archive_url: str) -> None:
             archive.register_model(sha256="not-a-hash", name="x", arch="ae", card={})
 
 
-def test_large_residuals_go_to_content_addressed_blobs(archive_url: str, tmp_path: Path) -> None:
+def test_large_streams_go_to_content_addressed_blobs(archive_url: str, tmp_path: Path) -> None:
     blobs = tmp_path / "blobs"
     big = os.urandom(100 * 1024)
-    image = archived(phantom(*JANE, 1), residual=big)
-    small = archived(phantom(*JANE, 2), residual=b"s" * 1024)
+    image = archived(phantom(*JANE, 1), stream=big)
+    small = archived(phantom(*JANE, 2), stream=b"s" * 1024)
     with Archive(archive_url, blob_dir=blobs) as archive:
         archive.register_model(sha256=MODEL, name="test", arch="ae", card={})
         archive.store(image)
@@ -99,12 +99,12 @@ def test_large_residuals_go_to_content_addressed_blobs(archive_url: str, tmp_pat
         digest = hashlib.sha256(big).hexdigest()
         assert [path.name for path in blobs.iterdir()] == [digest]
         assert (blobs / digest).read_bytes() == big
-        assert archive.get(image.sop_instance_uid).residual == big
-        replacement = dataclasses.replace(image, residual=os.urandom(80 * 1024))
+        assert archive.get(image.sop_instance_uid).stream == big
+        replacement = dataclasses.replace(image, stream=os.urandom(80 * 1024))
         archive.store(replacement, duplicates=DuplicatePolicy.REPLACE)
         assert [path.name for path in blobs.iterdir()] == [
-            hashlib.sha256(replacement.residual).hexdigest()]  # the unused blob is removed
-        (blobs / hashlib.sha256(replacement.residual).hexdigest()).write_bytes(b"corrupt")
+            hashlib.sha256(replacement.stream).hexdigest()]  # the unused blob is removed
+        (blobs / hashlib.sha256(replacement.stream).hexdigest()).write_bytes(b"corrupt")
         with pytest.raises(ArchiveError):
             archive.get(image.sop_instance_uid)
 
@@ -119,7 +119,7 @@ def test_stats_count_entities_and_bytes_per_tier(archive_url: str) -> None:
     expected = [image for image in images if image.tier == "lossless"]
     assert lossless.instances == len(expected) == 6
     assert lossless.original_bytes == sum(i.original_stored_bytes for i in expected)
-    assert lossless.archived_bytes == sum(len(i.latent) + len(i.residual) for i in expected)
+    assert lossless.archived_bytes == sum(len(i.latent) + len(i.stream) for i in expected)
     assert stats.ratio == pytest.approx(
         sum(i.original_stored_bytes for i in images) / sum(i.archived_bytes for i in images))
 
@@ -149,7 +149,7 @@ _STORE_THEN_DIE = """
 import json, os, signal, sys
 from latentpacs.archive import Archive, ArchivedImage
 fields = json.load(sys.stdin)
-fields["latent"], fields["residual"] = bytes.fromhex(fields["latent"]), b""
+fields["latent"], fields["stream"] = bytes.fromhex(fields["latent"]), b""
 archive = Archive(sys.argv[1])
 archive.register_model(sha256=fields["model_sha256"], name="m", arch="ae", card={})
 archive.store(ArchivedImage(**fields))
@@ -160,7 +160,7 @@ os.kill(os.getpid(), signal.SIGKILL)
 def test_a_committed_store_survives_sigkill(archive_url: str) -> None:
     image = archived(phantom("P2", "SMITH^Anna", "19751231", S3, "20220601", "080000",
                              "Screening mammogram", 1), "latent")
-    fields = dataclasses.asdict(image) | {"latent": image.latent.hex(), "residual": ""}
+    fields = dataclasses.asdict(image) | {"latent": image.latent.hex(), "stream": ""}
     killed = subprocess.run([sys.executable, "-c", _STORE_THEN_DIE, archive_url],
                             input=json.dumps(fields), text=True, capture_output=True, timeout=120)
     assert killed.returncode == -9, killed.stderr

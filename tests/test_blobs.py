@@ -1,4 +1,4 @@
-"""Residual blobs: no clean-up race on replace, start-up sweep, permanent constraint failures.
+"""Stream blobs: no clean-up race on replace, start-up sweep, permanent constraint failures.
 
 Two :class:`Archive` objects on one database and one blob directory stand for two node
 processes; the interleavings that lose a blob are played out step by step (the blob is
@@ -41,44 +41,44 @@ def test_a_replace_never_deletes_a_blob_a_concurrent_store_reuses(archive_url: s
     blobs = tmp_path / "blobs"
     shared = os.urandom(BIG)
     digest = hashlib.sha256(shared).hexdigest()
-    first = archived(phantom(*JANE, 1), residual=shared)
-    second = archived(phantom(*JANE, 2), residual=shared)  # another instance, same content
+    first = archived(phantom(*JANE, 1), stream=shared)
+    second = archived(phantom(*JANE, 2), stream=shared)  # another instance, same content
     with _open(archive_url, blobs) as a, _open(archive_url, blobs) as b:
         assert a.store(first) is StoreResult.STORED
         # b starts storing `second`: the blob is already there, so it is reused ...
-        placed = b._place_residual(second.residual)
+        placed = b._place_stream(second.stream)
         assert placed[1] == digest
         # ... a replaces `first` with other pixels, leaving the shared blob unnamed ...
-        replacement = dataclasses.replace(first, residual=os.urandom(BIG))
+        replacement = dataclasses.replace(first, stream=os.urandom(BIG))
         assert a.store(replacement, duplicates=DuplicatePolicy.REPLACE) is StoreResult.REPLACED
         # ... and then b's row naming the shared blob commits.
         assert b._store_once(second, DuplicatePolicy.KEEP, *placed)[0] is StoreResult.STORED
-        assert b.get(second.sop_instance_uid).residual == shared
+        assert b.get(second.sop_instance_uid).stream == shared
         assert (blobs / digest).read_bytes() == shared
-        assert a.get(replacement.sop_instance_uid).residual == replacement.residual
+        assert a.get(replacement.sop_instance_uid).stream == replacement.stream
 
 
 def test_the_start_up_sweep_of_another_process_cannot_lose_a_blob_being_stored(
         archive_url: str, tmp_path: Path) -> None:
     blobs = tmp_path / "blobs"
-    image = archived(phantom(*ANNA, 1), residual=os.urandom(BIG))
-    digest = hashlib.sha256(image.residual).hexdigest()
+    image = archived(phantom(*ANNA, 1), stream=os.urandom(BIG))
+    digest = hashlib.sha256(image.stream).hexdigest()
     with _open(archive_url, blobs) as storing:
-        placed = storing._place_residual(image.residual)  # written and fsynced, not committed
+        placed = storing._place_stream(image.stream)  # written and fsynced, not committed
         with Archive(archive_url, blob_dir=blobs):  # a second node starts and sweeps
             pass
         assert not (blobs / digest).exists()  # unnamed at that moment: an orphan
         assert storing._store_once(image, DuplicatePolicy.KEEP, *placed)[0] is StoreResult.STORED
-        assert storing.get(image.sop_instance_uid).residual == image.residual
+        assert storing.get(image.sop_instance_uid).stream == image.stream
     with Archive(archive_url, blob_dir=blobs) as reopened:  # and the next sweep keeps it
-        assert reopened.get(image.sop_instance_uid).residual == image.residual
+        assert reopened.get(image.sop_instance_uid).stream == image.stream
 
 
 def test_orphan_blobs_and_leftover_temporary_files_are_swept_at_open(archive_url: str,
                                                                      tmp_path: Path) -> None:
     blobs = tmp_path / "blobs"
-    image = archived(phantom(*JANE, 1), residual=os.urandom(BIG))
-    named = hashlib.sha256(image.residual).hexdigest()
+    image = archived(phantom(*JANE, 1), stream=os.urandom(BIG))
+    named = hashlib.sha256(image.stream).hexdigest()
     with _open(archive_url, blobs) as archive:
         archive.store(image)
     orphan = hashlib.sha256(b"a store that died before its commit").hexdigest()
@@ -95,7 +95,7 @@ def test_orphan_blobs_and_leftover_temporary_files_are_swept_at_open(archive_url
         with Archive(archive_url, blob_dir=blobs) as reopened:
             assert live.exists()
             assert reopened.sweep() == (0, 0)  # nothing left to do
-            assert reopened.get(image.sop_instance_uid).residual == image.residual
+            assert reopened.get(image.sop_instance_uid).stream == image.stream
     remaining = {path.name for path in blobs.iterdir()}
     assert remaining == {named, live.name, hashlib.sha256(b"a directory").hexdigest(),
                          *untouchable}
@@ -137,11 +137,11 @@ def test_on_postgresql_a_blob_clean_up_waits_for_the_store_holding_the_blob(
     blobs = tmp_path / "blobs"
     shared = os.urandom(BIG)
     digest = hashlib.sha256(shared).hexdigest()
-    second = archived(phantom(*JANE, 2), residual=shared)
+    second = archived(phantom(*JANE, 2), stream=shared)
     server = archive_url.replace("postgresql+psycopg://", "postgresql://")
     with _open(archive_url, blobs) as a, _open(archive_url, blobs) as b, \
             psycopg.connect(server, autocommit=True) as observer:
-        assert a._place_residual(shared)[1] == digest  # on disk, named by no row yet
+        assert a._place_stream(shared)[1] == digest  # on disk, named by no row yet
         with b._session(write=True) as session:
             b._lock_blob(session, digest, exclusive=False)
             assert b._blobs is not None and b._blobs.present(digest, len(shared))
@@ -157,21 +157,21 @@ def test_on_postgresql_a_blob_clean_up_waits_for_the_store_holding_the_blob(
         deleter.join(timeout=60)
         assert not deleter.is_alive()
         assert (blobs / digest).read_bytes() == shared
-        assert b.get(second.sop_instance_uid).residual == shared
+        assert b.get(second.sop_instance_uid).stream == shared
 
 
 def test_a_refused_or_kept_re_send_leaves_no_orphan_blob(archive_url: str, tmp_path: Path) -> None:
     blobs = tmp_path / "blobs"
-    image = archived(phantom(*JANE, 1), residual=os.urandom(BIG))
-    kept = hashlib.sha256(image.residual).hexdigest()
+    image = archived(phantom(*JANE, 1), stream=os.urandom(BIG))
+    kept = hashlib.sha256(image.stream).hexdigest()
     with _open(archive_url, blobs) as archive:
         archive.store(image)
         for policy in (DuplicatePolicy.KEEP, DuplicatePolicy.REJECT):
-            other_pixels = dataclasses.replace(image, residual=os.urandom(BIG))
+            other_pixels = dataclasses.replace(image, stream=os.urandom(BIG))
             try:
                 assert archive.store(other_pixels, duplicates=policy) is StoreResult.KEPT_EXISTING
             except DuplicateInstanceError:
                 assert policy is DuplicatePolicy.REJECT
             assert [p.name for p in blobs.iterdir()] == [kept]
         assert archive.store(image) is StoreResult.KEPT_EXISTING  # same content: still there
-        assert archive.get(image.sop_instance_uid).residual == image.residual
+        assert archive.get(image.sop_instance_uid).stream == image.stream

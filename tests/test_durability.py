@@ -88,7 +88,7 @@ def _blobs_named(url: str) -> dict[str, tuple[str, str]]:
     try:
         with engine.connect() as connection:
             return {uid: (path, digest) for uid, path, digest in connection.execute(text(
-                "SELECT i.original_sop_instance_uid, l.residual_path, l.residual_sha256 "
+                "SELECT i.original_sop_instance_uid, l.stream_path, l.stream_sha256 "
                 "FROM instances i JOIN latents l ON l.instance_fk = i.id"))}
     finally:
         engine.dispose()

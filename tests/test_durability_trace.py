@@ -323,7 +323,7 @@ def test_no_store_response_before_the_blob_fsync_and_the_commit(
     try:
         with engine.connect() as connection:
             blob_of = dict(connection.execute(text(
-                "SELECT i.original_sop_instance_uid, l.residual_path FROM instances i "
+                "SELECT i.original_sop_instance_uid, l.stream_path FROM instances i "
                 "JOIN latents l ON l.instance_fk = i.id")).all())
     finally:
         engine.dispose()

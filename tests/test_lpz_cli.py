@@ -156,14 +156,14 @@ def test_inspect_reports_sizes(sources, models_dir, tmp_path, capsys) -> None:
     (lossless_file,) = (tmp_path / "lossless").glob("*.lpz")
     assert run("inspect", "--json", latent_file) == 0
     info = json.loads(capsys.readouterr().out)
-    assert info["latent_bytes"] == 16 and info["residual_bytes"] == 0
+    assert info["latent_bytes"] == 16 and info["stream_bytes"] == 0
     assert info["tier"] == "latent" and len(info["model"]["sha256"]) == 64
     assert info["geometry"]["rows"] == SIZE[0]
     assert run("inspect", "--json", lossless_file) == 0
     info = json.loads(capsys.readouterr().out)
-    assert info["residual_bytes"] > 0 and info["tier"] == "lossless"
+    assert info["stream_bytes"] > 0 and info["tier"] == "lossless"
     assert run("inspect", lossless_file) == 0
-    assert "residual_bytes" in capsys.readouterr().out
+    assert "stream_bytes" in capsys.readouterr().out
 
 
 def test_bad_inputs_give_one_line_and_the_rest_is_processed(sources, models_dir, tmp_path, capsys) -> None:

@@ -37,7 +37,7 @@ from archive_data import MODEL, archived, phantom, query
 from dicomtools import require
 from latentpacs import phantom as phantoms_module
 from latentpacs.archive import Archive
-from latentpacs.codec.residual import encode_residual
+from latentpacs.codec.jpegls import encode_stream
 from latentpacs.image.derive import Derivation, returned_overrides
 from latentpacs.codec.tiers import Tier
 from latentpacs.errors import IdentityConflictError, Status
@@ -240,12 +240,12 @@ def test_archive_verify_proves_correct_decoding(tmp_path: Path, sources: list[Pa
     # Swap one image's stream for a valid JPEG-LS stream of different pixels, with a
     # matching stream hash: only the pixel checksum can tell.
     other = pydicom.dcmread(sources[1])
-    forged = encode_residual(np.zeros((other.Rows, other.Columns), np.uint16), other.BitsStored, 0)
+    forged = encode_stream(np.zeros((other.Rows, other.Columns), np.uint16), other.BitsStored, 0)
     with sqlite3.connect(database) as connection:
         (instance_fk,) = connection.execute("SELECT MIN(instance_fk) FROM latents").fetchone()
         connection.execute(
-            "UPDATE latents SET residual = ?, residual_path = NULL, residual_sha256 = ?, "
-            "residual_size = ? WHERE instance_fk = ?",
+            "UPDATE latents SET stream = ?, stream_path = NULL, stream_sha256 = ?, "
+            "stream_size = ? WHERE instance_fk = ?",
             (forged, hashlib.sha256(forged).hexdigest(), len(forged), instance_fk))
     damaged = subprocess.run(verify, capture_output=True, text=True, timeout=300)
     assert damaged.returncode == 1

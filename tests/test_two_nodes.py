@@ -43,7 +43,7 @@ def _check_blobs(url: str, blob_dir: Path, count: int) -> None:
     engine = create_engine(url)
     try:
         with engine.connect() as connection:
-            rows = connection.execute(text("SELECT residual_path, residual_sha256 FROM latents")).all()
+            rows = connection.execute(text("SELECT stream_path, stream_sha256 FROM latents")).all()
     finally:
         engine.dispose()
     assert len(rows) == count

@@ -163,7 +163,7 @@ def cmd_inspect(args: argparse.Namespace) -> int:
             f"{geometry['bits_stored']} bits stored, {geometry['photometric_interpretation']}"
         )
         print(f"  latent_bytes     {summary['latent_bytes']} ({summary['latent_bits']} bits)")
-        print(f"  residual_bytes   {summary['residual_bytes']}")
+        print(f"  stream_bytes   {summary['stream_bytes']}")
         print(f"  original bytes   {summary['original']['stored_bytes']}")  # type: ignore[index]
         print(f"  ratio            {summary['compression_ratio']}:1")
         print(f"  SOP Instance UID {summary['header']['sop_instance_uid']}")  # type: ignore[index]

@@ -30,7 +30,7 @@ class DemoRow:
 
     tier: str
     latent_bytes: int
-    residual_bytes: float
+    stream_bytes: float
     ratio: float
     paper_mse: float
     image_variance: float
@@ -66,7 +66,7 @@ def run_demo(out: Path, engine: Engine, *, count: int, size: tuple[int, int], se
             DemoRow(
                 tier=str(tier),
                 latent_bytes=len(encoded[0].latent),
-                residual_bytes=median(len(e.residual) for e in encoded),
+                stream_bytes=median(len(e.stream) for e in encoded),
                 ratio=median(e.ratio for e in encoded),
                 paper_mse=median(mses),
                 image_variance=median(variances),
@@ -108,12 +108,12 @@ def _figure(path: Path, original: tuple[np.ndarray, object], returned: object) -
 def format_table(rows: list[DemoRow]) -> str:
     """A plain-text table of the demo's figures."""
     lines = [
-        f"{'tier':<16} {'latent B':>8} {'residual B':>11} {'ratio':>10} {'MSE@1024':>10} "
+        f"{'tier':<16} {'latent B':>8} {'stream B':>11} {'ratio':>10} {'MSE@1024':>10} "
         f"{'img var':>9} {'max err':>8} {'enc ms':>8} {'dec ms':>8}"
     ]
     for r in rows:
         lines.append(
-            f"{r.tier:<16} {r.latent_bytes:>8} {r.residual_bytes:>11.0f} {r.ratio:>10.1f} "
+            f"{r.tier:<16} {r.latent_bytes:>8} {r.stream_bytes:>11.0f} {r.ratio:>10.1f} "
             f"{r.paper_mse:>10.2e} {r.image_variance:>9.2e} {r.max_abs_error:>8} "
             f"{r.encode_ms:>8.1f} {r.decode_ms:>8.1f}"
         )

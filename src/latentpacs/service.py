@@ -34,7 +34,7 @@ from latentpacs.archive import Archive, ArchivedImage, DuplicatePolicy, StoreRes
 from latentpacs.archive.records import AS_RECEIVED_VR, dataset_from_json
 from latentpacs.codec.engine import Engine
 from latentpacs.codec.modelfile import find_model_by_sha256, load_model
-from latentpacs.codec.residual import decode_residual, encode_residual, stream_precision
+from latentpacs.codec.jpegls import decode_stream, encode_stream, stream_precision
 from latentpacs.codec.tiers import Tier
 from latentpacs.config import Config
 from latentpacs.image.derive import (
@@ -105,7 +105,7 @@ class EncodedImage:
         The original data set without Pixel Data, as DICOM JSON (PS3.18 F.2).
     latent:
         The quantised latent bytes.
-    residual:
+    stream:
         The JPEG-LS stream of the tier (``b""`` for the latent tier): the pixel cells as
         sent for ``lossless`` (unused high bits included), the stored values for
         ``near-lossless``.
@@ -127,7 +127,7 @@ class EncodedImage:
     original_stored_bytes: int
     header: dict[str, Any]
     latent: bytes
-    residual: bytes
+    stream: bytes
     pixel_sha256: str = ""
     returned_sha256: str = ""
     lossy_on_arrival: bool = False
@@ -135,8 +135,8 @@ class EncodedImage:
 
     @property
     def archived_bytes(self) -> int:
-        """Bytes that carry the image: latent plus residual."""
-        return len(self.latent) + len(self.residual)
+        """Bytes that carry the image: latent plus stream."""
+        return len(self.latent) + len(self.stream)
 
     @property
     def ratio(self) -> float:
@@ -268,9 +268,9 @@ def encode_datasets(datasets: Sequence[Dataset], engine: Engine, tier: Tier) -> 
     encoded = []
     for ds, (cells, module), stored, latent in zip(datasets, decoded, values, latents):
         pixel_sha256 = cells_sha256(cells, module)
-        residual, returned_sha256 = b"", ""
-        if tier.has_residual:
-            residual, returned_sha256 = _coded_stream(cells, stored, module, tier, pixel_sha256)
+        stream, returned_sha256 = b"", ""
+        if tier.has_stream:
+            stream, returned_sha256 = _coded_stream(cells, stored, module, tier, pixel_sha256)
         encoded.append(
             EncodedImage(
                 tier=tier,
@@ -280,7 +280,7 @@ def encode_datasets(datasets: Sequence[Dataset], engine: Engine, tier: Tier) -> 
                 original_stored_bytes=original_stored_bytes(ds),
                 header=header_json(ds),
                 latent=latent,
-                residual=residual,
+                stream=stream,
                 pixel_sha256=pixel_sha256,
                 returned_sha256=returned_sha256,
                 lossy_on_arrival=lossy_on_arrival(ds),
@@ -296,16 +296,16 @@ def _coded_stream(
     """The tier's JPEG-LS stream and the SHA-256 of what it decodes to, verified once."""
     if tier.near == 0:
         exact = stored is cells  # no bit above High Bit is set
-        stream = encode_residual(cells, module.bits_stored if exact else module.bits_allocated, 0)
-        back = decode_residual(stream)
+        stream = encode_stream(cells, module.bits_stored if exact else module.bits_allocated, 0)
+        back = decode_stream(stream)
         returned = cells_sha256(back, module) if back.shape == module.shape else ""
         if returned != pixel_sha256:
             raise PixelChecksumError(
                 "the lossless stream does not decode to the original pixels; nothing stored"
             )
         return stream, returned
-    stream = encode_residual(stored, module.bits_stored, tier.near)
-    back = decode_residual(stream)
+    stream = encode_stream(stored, module.bits_stored, tier.near)
+    back = decode_stream(stream)
     if back.shape != module.shape or int(
         np.abs(back.astype(np.int32) - stored.astype(np.int32)).max()
     ) > tier.near:
@@ -332,11 +332,11 @@ def decode_stored(image: EncodedImage, engine: Engine | None) -> np.ndarray:
         When the stream's geometry is wrong or the engine's model is not the image's.
     """
     module = image.module
-    if image.tier.has_residual:
-        stored = decode_residual(image.residual)
+    if image.tier.has_stream:
+        stored = decode_stream(image.stream)
         if stored.shape != (module.rows, module.columns):
             raise LatentFormatError(
-                f"residual is {stored.shape[0]}x{stored.shape[1]}, "
+                f"stream is {stored.shape[0]}x{stored.shape[1]}, "
                 f"geometry says {module.rows}x{module.columns}"
             )
         if image.returned_sha256 and cells_sha256(stored, module) != image.returned_sha256:
@@ -356,7 +356,7 @@ def stream_sendable(image: EncodedImage) -> bool:
     Only when its precision equals Bits Stored (PS3.5 8.2.3): a ``lossless`` stream that
     carries bits above High Bit is decoded and sent native instead.
     """
-    return bool(image.residual) and stream_precision(image.residual) == image.module.bits_stored
+    return bool(image.stream) and stream_precision(image.stream) == image.module.bits_stored
 
 
 def returned_dataset(image: EncodedImage, engine: Engine | None) -> Dataset:
@@ -536,7 +536,7 @@ class Service:
             tier=str(image.tier),
             model_sha256=image.model.sha256,
             latent=image.latent,
-            residual=image.residual,
+            stream=image.stream,
             rows=module.rows,
             columns=module.columns,
             bits_allocated=module.bits_allocated,
@@ -658,7 +658,7 @@ class Service:
         header = dataset_from_json(archived.header)
         overrides = dataset_from_json(archived.overrides)
         accepted = {ts for sop_class, ts in sendable if sop_class == str(header.SOPClassUID)}
-        engine = None if tier.has_residual else self.engines.for_sha256(archived.model_sha256)
+        engine = None if tier.has_stream else self.engines.for_sha256(archived.model_sha256)
         # The JPEG-LS tiers decode without the model: only its hash is carried along.
         model = model_ref(engine) if engine else ModelRef("", archived.model_sha256, "", 0, 0)
         image = EncodedImage(
@@ -669,17 +669,17 @@ class Service:
             original_stored_bytes=archived.original_stored_bytes,
             header=archived.header,
             latent=archived.latent,
-            residual=archived.residual,
+            stream=archived.stream,
             pixel_sha256=archived.pixel_sha256,
             returned_sha256=archived.returned_sha256,
             lossy_on_arrival=archived.lossy_on_arrival,
         )
-        if tier.has_residual:
+        if tier.has_stream:
             syntax = JPEGLSLossless if tier.near == 0 else JPEGLSNearLossless
             if syntax in accepted and stream_sendable(image):
                 # The stream's hash was checked when it was read; it was proven to decode
                 # to ``returned_sha256`` before it was archived.
-                return assemble_encapsulated(header, overrides, archived.residual, module, syntax)
+                return assemble_encapsulated(header, overrides, archived.stream, module, syntax)
         cells = decode_stored(image, engine)
         returned = assemble(header, overrides, cells, module)
         if int(cells.max(initial=0)) > module.max_value and not _NATIVE.intersection(accepted):

@@ -1,6 +1,6 @@
-"""Content-addressed residual blobs on the local file system.
+"""Content-addressed stream blobs on the local file system.
 
-A residual larger than :data:`INLINE_LIMIT` is written to ``blob_dir/<sha256>`` through a
+A stream larger than :data:`INLINE_LIMIT` is written to ``blob_dir/<sha256>`` through a
 temporary file ``.incoming-*`` (written, fsynced, renamed, then the directory fsynced)
 *before* the database row naming it commits, so a committed instance never points at a
 missing or partial blob (PS3.4 B.2.3: Success only once the instance is durable). Reads
@@ -32,7 +32,7 @@ from latentpacs.errors import ArchiveError, StreamHashError
 
 logger = logging.getLogger(__name__)
 
-#: Residuals of at most this many bytes stay inline in the database row.
+#: Streams of at most this many bytes stay inline in the database row.
 INLINE_LIMIT = 64 * 1024
 #: Prefix of a blob being written; such a file is never named by a row.
 TEMP_PREFIX = ".incoming-"
@@ -44,7 +44,7 @@ _WRITE_ATTEMPTS = 2
 
 
 class BlobStore:
-    """A directory of residual blobs named by their SHA-256.
+    """A directory of stream blobs named by their SHA-256.
 
     Parameters
     ----------
@@ -88,7 +88,7 @@ class BlobStore:
                         raise
             self._sync_directory()
         except OSError as exc:
-            raise ArchiveError(f"cannot write residual blob {target}: {exc}") from exc
+            raise ArchiveError(f"cannot write stream blob {target}: {exc}") from exc
         logger.debug("wrote blob %s (%d bytes)", digest, len(data))
         return digest, digest
 
@@ -150,9 +150,9 @@ class BlobStore:
         try:
             data = path.read_bytes()
         except OSError as exc:
-            raise ArchiveError(f"residual blob {path} is unreadable: {exc}") from exc
+            raise ArchiveError(f"stream blob {path} is unreadable: {exc}") from exc
         if hashlib.sha256(data).hexdigest() != sha256:
-            raise StreamHashError(f"residual blob {path.name} does not match its SHA-256")
+            raise StreamHashError(f"stream blob {path.name} does not match its SHA-256")
         return data
 
     def names(self) -> Iterator[str]:

@@ -1,4 +1,4 @@
-"""The archive: one database (SQLite or PostgreSQL) plus a residual blob directory.
+"""The archive: one database (SQLite or PostgreSQL) plus a stream blob directory.
 
 Each stored instance is one transaction (PS3.4 B.2.3: Success only after commit).
 Re-sent instances, identified by the sender's SOP Instance UID, follow a
@@ -84,8 +84,8 @@ class Archive:
     url:
         ``sqlite:///path.db`` (WAL, synchronous=FULL) or ``postgresql+psycopg://...``.
     blob_dir:
-        Directory for residuals above 64 KiB, written and fsynced before their row
-        commits; without one every residual stays inline in the database. It belongs to
+        Directory for streams above 64 KiB, written and fsynced before their row
+        commits; without one every stream stays inline in the database. It belongs to
         this database alone: opening the archive sweeps it (:meth:`sweep`).
     migrate:
         Apply the Alembic migrations up to head first.
@@ -161,7 +161,7 @@ class Archive:
               duplicates: DuplicatePolicy = DuplicatePolicy.KEEP) -> StoreResult:
         """Archive one instance in one transaction; returns after the commit.
 
-        A residual above 64 KiB goes to a blob, durable before the row naming it commits
+        A stream above 64 KiB goes to a blob, durable before the row naming it commits
         (PS3.4 B.2.3: Success only once the instance is durable). A constraint violation
         that a concurrent store can cause (it inserted the same patient, study, series or
         instance first) is retried once; the same or any other violation after that, or a
@@ -189,7 +189,7 @@ class Archive:
             raise ConfigError(
                 f"duplicate policy {duplicates!r} is not keep, replace or reject") from None
         uid = image.original_sop_instance_uid
-        inline, path, digest = self._place_residual(image.residual)
+        inline, path, digest = self._place_stream(image.stream)
         for attempt in range(1, _STORE_ATTEMPTS + 1):
             try:
                 result, old_blob = self._store_once(image, duplicates, inline, path, digest)
@@ -216,13 +216,13 @@ class Archive:
             return result
         raise ArchiveError(f"cannot store {uid}")  # not reached: the loop returns or raises
 
-    def _place_residual(self, residual: bytes) -> tuple[bytes | None, str | None, str | None]:
-        """Inline bytes, or the blob written (and fsynced) for a residual above the limit."""
-        digest = hashlib.sha256(residual).hexdigest() if residual else None
-        if self._blobs is not None and len(residual) > INLINE_LIMIT:
-            path, digest = self._blobs.put(residual)
+    def _place_stream(self, stream: bytes) -> tuple[bytes | None, str | None, str | None]:
+        """Inline bytes, or the blob written (and fsynced) for a stream above the limit."""
+        digest = hashlib.sha256(stream).hexdigest() if stream else None
+        if self._blobs is not None and len(stream) > INLINE_LIMIT:
+            path, digest = self._blobs.put(stream)
             return None, path, digest
-        return residual, None, digest
+        return stream, None, digest
 
     def _lock_blob(self, session: Session, blob: str, *, exclusive: bool) -> None:
         """Hold ``blob``'s lock until the session's transaction ends.
@@ -248,10 +248,10 @@ class Archive:
                 # Under the blob's lock, nobody can delete it until this row commits; if a
                 # replace or a sweep removed it since put(), write it again.
                 self._lock_blob(session, path, exclusive=False)
-                if not self._blobs.present(path, len(image.residual)):
+                if not self._blobs.present(path, len(image.stream)):
                     logger.info("blob %s was removed since it was written; writing it again",
                                 path)
-                    self._blobs.put(image.residual)
+                    self._blobs.put(image.stream)
             if session.get(Model, image.model_sha256) is None:
                 raise ModelError(f"model {image.model_sha256[:12]} is not registered")
             existing = session.scalar(
@@ -281,7 +281,7 @@ class Archive:
         try:
             with self._session(write=True) as session:
                 self._lock_blob(session, blob, exclusive=True)
-                if not session.scalar(select(exists().where(Latent.residual_path == blob))):
+                if not session.scalar(select(exists().where(Latent.stream_path == blob))):
                     self._blobs.remove(blob)
         except ArchiveError as exc:
             logger.warning("unused blob %s kept for the next sweep: %s", blob, exc)
@@ -326,7 +326,7 @@ class Archive:
     @staticmethod
     def _named_blobs(session: Session, blobs: list[str]) -> set[str]:
         return {path for path in session.scalars(
-            select(Latent.residual_path).where(Latent.residual_path.in_(blobs))) if path}
+            select(Latent.stream_path).where(Latent.stream_path.in_(blobs))) if path}
 
     def find(self, level: str, identifier: pydicom.Dataset, *, root: str = "STUDY",
              retrieve_aet: str = "") -> Iterator[pydicom.Dataset]:
@@ -412,17 +412,17 @@ class Archive:
         rows = session.execute(
             select(Instance, Latent).join(Latent, Latent.instance_fk == Instance.id)
             .where(Instance.id.in_(ids)).order_by(Instance.id)).all()
-        return [to_image(instance, latent, self._residual(latent)) for instance, latent in rows]
+        return [to_image(instance, latent, self._stream(latent)) for instance, latent in rows]
 
-    def _residual(self, latent: Latent) -> bytes:
-        if latent.residual_path is None:
-            data = bytes(latent.residual or b"")
-            if latent.residual_sha256 and hashlib.sha256(data).hexdigest() != latent.residual_sha256:
+    def _stream(self, latent: Latent) -> bytes:
+        if latent.stream_path is None:
+            data = bytes(latent.stream or b"")
+            if latent.stream_sha256 and hashlib.sha256(data).hexdigest() != latent.stream_sha256:
                 raise StreamHashError("archived stream does not match its SHA-256")
             return data
         if self._blobs is None:
-            raise ArchiveError(f"residual blob {latent.residual_path} needs a blob directory")
-        return self._blobs.get(latent.residual_path, latent.residual_sha256 or "")
+            raise ArchiveError(f"stream blob {latent.stream_path} needs a blob directory")
+        return self._blobs.get(latent.stream_path, latent.stream_sha256 or "")
 
     def stats(self) -> ArchiveStats:
         """Entity counts and per-tier bytes (``latentpacs archive stats``)."""

@@ -3,7 +3,7 @@
 An :class:`ArchivedImage` is the unit of one C-STORE (PS3.4 B.2): the sender's data set
 without Pixel Data (PS3.3 C.7.6.3) as DICOM JSON (PS3.18 F.2), the attributes a retrieval
 returns differently (derived identity, PS3.3 C.7.6.1.1.5 Lossy Image Compression), the
-latent and residual bytes of its fidelity tier, and the Image Pixel module figures a
+latent and stream bytes of its fidelity tier, and the Image Pixel module figures a
 decoder needs to rebuild the original matrix.
 """
 
@@ -111,8 +111,8 @@ class ArchivedImage:
         ``"latent"``, ``"lossless"`` or ``"near-lossless:K"``.
     model_sha256:
         SHA-256 (hex) of the weights file that made the latent; the model must be registered.
-    latent, residual:
-        The codec's bytes; ``residual`` is ``b""`` for the latent tier.
+    latent, stream:
+        The codec's bytes; ``stream`` is ``b""`` for the latent tier.
     rows, columns, bits_allocated, bits_stored, high_bit, photometric_interpretation:
         The original Image Pixel module (PS3.3 C.7.6.3).
     original_transfer_syntax:
@@ -123,7 +123,7 @@ class ArchivedImage:
         SHA-256 of the original pixel cells, native little endian, every bit; ``""`` for
         rows archived before it was kept.
     returned_sha256:
-        SHA-256 of the cells the residual stream decodes to; ``""`` for ``latent``.
+        SHA-256 of the cells the stream stream decodes to; ``""`` for ``latent``.
     lossy_on_arrival:
         The pixels had already lost information when they arrived.
     """
@@ -133,7 +133,7 @@ class ArchivedImage:
     tier: str
     model_sha256: str
     latent: bytes
-    residual: bytes
+    stream: bytes
     rows: int
     columns: int
     bits_allocated: int
@@ -174,15 +174,15 @@ class ArchivedImage:
 
     @property
     def archived_bytes(self) -> int:
-        """Bytes the archive keeps for the pixels: latent plus residual."""
-        return len(self.latent) + len(self.residual)
+        """Bytes the archive keeps for the pixels: latent plus stream."""
+        return len(self.latent) + len(self.stream)
 
 
 @dataclass(frozen=True)
 class TierStats:
     """Figures of one fidelity tier.
 
-    ``ratio`` is original Pixel Data bytes over archived bytes (latent + residual);
+    ``ratio`` is original Pixel Data bytes over archived bytes (latent + stream);
     0.0 when nothing is archived.
     """
 
@@ -217,7 +217,7 @@ class ArchiveStats:
 
     @property
     def archived_bytes(self) -> int:
-        """Archived bytes (latent + residual) over all tiers."""
+        """Archived bytes (latent + stream) over all tiers."""
         return sum(tier.archived_bytes for tier in self.tiers)
 
     @property

@@ -69,8 +69,8 @@ def _upsert(session: Session, entity: Any, keys: dict[str, str], parent: dict[st
     return int(row.id)
 
 
-def add_instance(session: Session, image: ArchivedImage, residual_inline: bytes | None,
-                 residual_path: str | None, residual_sha256: str | None) -> int:
+def add_instance(session: Session, image: ArchivedImage, stream_inline: bytes | None,
+                 stream_path: str | None, stream_sha256: str | None) -> int:
     """Upsert the parents of ``image`` and insert its instance and latent rows.
 
     The patient is Patient ID (0010,0020) plus Issuer of Patient ID (0010,0021); a study
@@ -119,16 +119,16 @@ def add_instance(session: Session, image: ArchivedImage, residual_inline: bytes 
     session.flush()
     session.add(Latent(
         instance_fk=instance.id, model_sha256=image.model_sha256, latent=image.latent,
-        residual=residual_inline, residual_path=residual_path, residual_sha256=residual_sha256,
-        residual_size=len(image.residual),
+        stream=stream_inline, stream_path=stream_path, stream_sha256=stream_sha256,
+        stream_size=len(image.stream),
     ))
     session.flush()
     return instance.id
 
 
 def remove_instance(session: Session, instance: Instance) -> str | None:
-    """Delete an instance and its latent; returns the residual blob path it named, if any."""
-    blob = session.scalar(select(Latent.residual_path).where(Latent.instance_fk == instance.id))
+    """Delete an instance and its latent; returns the stream blob path it named, if any."""
+    blob = session.scalar(select(Latent.stream_path).where(Latent.instance_fk == instance.id))
     session.execute(delete(Latent).where(Latent.instance_fk == instance.id))
     session.execute(delete(Instance).where(Instance.id == instance.id))
     return blob
@@ -148,12 +148,12 @@ def prune(session: Session, series_id: int) -> None:
         session.execute(delete(Patient).where(Patient.id == patient_id))
 
 
-def to_image(instance: Instance, latent: Latent, residual: bytes) -> ArchivedImage:
+def to_image(instance: Instance, latent: Latent, stream: bytes) -> ArchivedImage:
     """The :class:`ArchivedImage` an instance row and its latent row describe."""
     return ArchivedImage(
         header=json.loads(instance.header), overrides=json.loads(instance.overrides),
         tier=instance.tier, model_sha256=latent.model_sha256, latent=bytes(latent.latent),
-        residual=residual, rows=instance.pixel_rows, columns=instance.pixel_columns,
+        stream=stream, rows=instance.pixel_rows, columns=instance.pixel_columns,
         bits_allocated=instance.bits_allocated, bits_stored=instance.bits_stored,
         high_bit=instance.high_bit, photometric_interpretation=instance.photometric_interpretation,
         original_transfer_syntax=instance.original_transfer_syntax,

@@ -132,7 +132,7 @@ class Instance(Base):
 
 
 class Latent(Base):
-    """The codec bytes of one instance; the residual is inline or a content-addressed blob."""
+    """The codec bytes of one instance; the stream is inline or a content-addressed blob."""
 
     __tablename__ = "latents"
 
@@ -141,7 +141,10 @@ class Latent(Base):
     )
     model_sha256: Mapped[str] = mapped_column(ForeignKey("models.sha256"), index=True)
     latent: Mapped[bytes] = mapped_column(LargeBinary)
-    residual: Mapped[bytes | None] = mapped_column(LargeBinary)  # inline residual, else NULL
-    residual_path: Mapped[str | None] = mapped_column(String)  # blob path relative to blob_dir
-    residual_sha256: Mapped[str | None] = mapped_column(String(64), index=True)
-    residual_size: Mapped[int] = mapped_column(BigInteger)
+    stream: Mapped[bytes | None] = mapped_column(LargeBinary)  # inline stream, else NULL
+    stream_path: Mapped[str | None] = mapped_column(String)  # blob path relative to blob_dir
+    stream_sha256: Mapped[str | None] = mapped_column(String(64), index=True)
+    stream_size: Mapped[int] = mapped_column(BigInteger)
+    #: The stream's coder (``jpeg-ls``; ``""`` for the latent tier) and its format version.
+    stream_coder: Mapped[str] = mapped_column(String(32), server_default="")
+    stream_coder_version: Mapped[int] = mapped_column(Integer, server_default="0")

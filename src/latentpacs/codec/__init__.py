@@ -1,4 +1,4 @@
-"""The codec: models, the latent format, model files, the inference engine, residual streams.
+"""The codec: models, the latent format, model files, the inference engine, stream streams.
 
 Submodules:
 
@@ -9,11 +9,11 @@ Submodules:
                for encoding only)
 ``integer``    the integer-valued decoder: the same latent gives the same pixels on any
                device, thread count or batch size
-``residual``   JPEG-LS streams of the lossless and near-lossless tiers
+``stream``   JPEG-LS streams of the lossless and near-lossless tiers
 ``tiers``      the fidelity tiers
 
 The names below are imported lazily, so ``latentpacs.codec.tiers`` and
-``latentpacs.codec.residual`` can be used without importing torch. The codec knows
+``latentpacs.codec.jpegls`` can be used without importing torch. The codec knows
 nothing of DICOM networking or SQL.
 """
 
@@ -42,7 +42,7 @@ if TYPE_CHECKING:
         build_model,
         count_parameters,
     )
-    from latentpacs.codec.residual import decode_residual, encode_residual
+    from latentpacs.codec.jpegls import decode_stream, encode_stream
 
 _EXPORTS = {
     "ARCHITECTURES": "models",
@@ -62,8 +62,8 @@ _EXPORTS = {
     "sha256_file": "modelfile",
     "Engine": "engine",
     "resize_bilinear": "engine",
-    "decode_residual": "residual",
-    "encode_residual": "residual",
+    "decode_stream": "stream",
+    "encode_stream": "stream",
 }
 
 __all__ = sorted(_EXPORTS)

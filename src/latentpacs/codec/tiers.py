@@ -70,6 +70,6 @@ class Tier:
         return self.name != "lossless"
 
     @property
-    def has_residual(self) -> bool:
+    def has_stream(self) -> bool:
         """True when a JPEG-LS stream is archived beside the latent."""
         return self.name != "latent"

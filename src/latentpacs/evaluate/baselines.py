@@ -6,7 +6,7 @@
   a target PSNR (OpenJPEG's distortion-ratio mode, one quality layer) for the
   rate-distortion curve, and reversible (5/3 wavelet) for the lossless figure.
 * JPEG-LS (ISO/IEC 14495-1, CharLS) lossless at the native bit depth: the same codestream
-  the ``lossless`` tier archives (:mod:`latentpacs.codec.residual`).
+  the ``lossless`` tier archives (:mod:`latentpacs.codec.jpegls`).
 * JPEG-XL (ISO/IEC 18181, libjxl via imagecodecs) lossless at the native bit depth.
 
 Each encoder returns the real codestream; every "bits" figure is ``8 * len(stream)``.
@@ -23,7 +23,7 @@ import imagecodecs
 import numpy as np
 from PIL import Image
 
-from latentpacs.codec.residual import decode_residual, encode_residual
+from latentpacs.codec.jpegls import decode_stream, encode_stream
 from latentpacs.errors import PixelDataError
 
 logger = logging.getLogger(__name__)
@@ -98,7 +98,7 @@ def jpeg2000_decode(stream: bytes) -> np.ndarray:
 
 def jpegls_lossless(stored: np.ndarray, bits_stored: int) -> bytes:
     """Lossless JPEG-LS (NEAR = 0) of the stored values, as the ``lossless`` tier codes them."""
-    return encode_residual(stored, bits_stored, 0)
+    return encode_stream(stored, bits_stored, 0)
 
 
 def jpegxl_lossless(stored: np.ndarray, bits_stored: int) -> bytes:
@@ -113,7 +113,7 @@ def _jpeg2000_lossless(stored: np.ndarray, bits_stored: int) -> bytes:
 
 #: Lossless coders: codec name -> (encode(stored, bits_stored), decode(stream)).
 LOSSLESS_CODECS: dict[str, tuple[Callable[[np.ndarray, int], bytes], Callable[[bytes], np.ndarray]]] = {
-    "jpeg-ls": (jpegls_lossless, decode_residual),
+    "jpeg-ls": (jpegls_lossless, decode_stream),
     "jpeg2000-lossless": (_jpeg2000_lossless, jpeg2000_decode),
     "jpeg-xl-lossless": (jpegxl_lossless, lambda stream: np.asarray(imagecodecs.jpegxl_decode(stream))),
 }

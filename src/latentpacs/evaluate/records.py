@@ -36,7 +36,7 @@ class MetricRow:
     """One image measured with one codec (a row of ``metrics.csv``).
 
     ``kind`` is ``learned`` (a model's latent), ``jpeg`` (the paper's baseline), ``tier``
-    (latent plus a residual stream) or ``lossless`` (a classic lossless coder).
+    (latent plus a stream stream) or ``lossless`` (a classic lossless coder).
     """
 
     image: str

@@ -109,7 +109,7 @@ def render(summary: dict[str, Any], figures_dir: Path) -> str:
         _codec_table(codecs, ("mse", "psnr", "ssim", "bits", "efficiency")),
         "<h2>At native resolution and bit depth: what each option costs</h2>",
         "<p>Bits per pixel, PSNR over the whole image and over the breast region, and the largest "
-        "error in stored values. Tiers are a model's latent plus a JPEG-LS residual.</p>",
+        "error in stored values. Tiers are a model's latent plus a JPEG-LS stream.</p>",
         _codec_table(codecs, ("bpp", "psnr_native", "psnr_breast", "max_abs_error")),
         "<h2>Rate-distortion settings</h2>",
         "<p>JPEG by quality, JPEG 2000 by target PSNR (dB); medians over the images.</p>",

@@ -6,7 +6,7 @@ For each image the original is read once through :mod:`latentpacs.image.pixels`,
   (:func:`latentpacs.service.encode_datasets` -> :func:`~latentpacs.service.decode_stored`);
 * JPEG at the paper's setting (8 bits, quality ``jpeg_quality``) is coded and decoded, and
   written as a DICOM series (:mod:`~latentpacs.evaluate.jpeg_series`);
-* the first model archives it at each further fidelity tier (latent + residual);
+* the first model archives it at each further fidelity tier (latent + stream);
 * JPEG-LS, JPEG 2000 and JPEG-XL code it losslessly at the native bit depth;
 * JPEG (over qualities) and JPEG 2000 (over target PSNRs) trace rate-distortion curves.
 

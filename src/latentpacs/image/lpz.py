@@ -15,7 +15,7 @@ Layout (all integers big-endian)::
                          lossy, and the original header without Pixel Data as DICOM
                          JSON (PS3.18 F.2)
     latent     u32 length + latent bytes (the codec's quantised latent)
-    residual   u32 length + JPEG-LS stream (empty for the ``latent`` tier)
+    stream   u32 length + JPEG-LS stream (empty for the ``latent`` tier)
     crc32      u32       CRC-32 of every preceding byte
 
 The encode and decode chains are :mod:`latentpacs.service`'s, the same the node uses.
@@ -55,7 +55,7 @@ def to_bytes(image: EncodedImage) -> bytes:
     """Serialise an encoded image as an ``.lpz`` container (layout in the module docstring)."""
     meta = json.dumps(_meta(image), separators=(",", ":"), sort_keys=True).encode()
     parts = [_PREFIX.pack(MAGIC, FORMAT_VERSION, 0)]
-    for block in (meta, image.latent, image.residual):
+    for block in (meta, image.latent, image.stream):
         parts += [_LENGTH.pack(len(block)), block]
     body = b"".join(parts)
     return body + _LENGTH.pack(zlib.crc32(body))
@@ -115,7 +115,7 @@ def from_bytes(data: bytes) -> EncodedImage:
             original_stored_bytes=int(meta["original"]["stored_bytes"]),
             header=meta["header"],
             latent=blocks[1],
-            residual=blocks[2],
+            stream=blocks[2],
             pixel_sha256=str(meta["original"].get("pixel_sha256", "")),
             returned_sha256=str(meta.get("returned_sha256", "")),
             lossy_on_arrival=bool(meta["original"].get("lossy_on_arrival", False)),
@@ -137,7 +137,7 @@ def summary(image: EncodedImage) -> dict[str, Any]:
     meta["format_version"] = FORMAT_VERSION
     meta["latent_bytes"] = len(image.latent)
     meta["latent_bits"] = 8 * len(image.latent)
-    meta["residual_bytes"] = len(image.residual)
+    meta["stream_bytes"] = len(image.stream)
     meta["archived_bytes"] = image.archived_bytes
     meta["compression_ratio"] = round(image.ratio, 3)
     return meta
@@ -247,7 +247,7 @@ def decode_paths(
     for path in paths:
         try:
             image = read_lpz(path)
-            engine = engine_for(image.model) if not image.tier.has_residual else None
+            engine = engine_for(image.model) if not image.tier.has_stream else None
             ds = service.returned_dataset(image, engine)
             target = out_dir / uid_file_name(str(ds.SOPInstanceUID), ".dcm")
             ds.save_as(target, enforce_file_format=True)

@@ -5,7 +5,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from latentpacs.codec.residual import decode_residual, encode_residual
+from latentpacs.codec.jpegls import decode_stream, encode_stream
 from latentpacs.errors import PixelDataError
 from latentpacs.phantom import PhantomSpec, render_image
 
@@ -23,8 +23,8 @@ def _mammogram_like(bits: int, shape: tuple[int, int] = (96, 80), seed: int = 0)
 @pytest.mark.parametrize("bits", [12, 14, 16])
 def test_lossless_round_trip_is_bit_exact(bits: int) -> None:
     stored = _mammogram_like(bits)
-    stream = encode_residual(stored, bits, 0)
-    decoded = decode_residual(stream)
+    stream = encode_stream(stored, bits, 0)
+    decoded = decode_stream(stream)
     assert decoded.dtype == np.uint16
     np.testing.assert_array_equal(decoded, stored)
     assert len(stream) < stored.nbytes  # it compresses
@@ -33,34 +33,34 @@ def test_lossless_round_trip_is_bit_exact(bits: int) -> None:
 @pytest.mark.parametrize("near", [1, 2, 5])
 def test_near_lossless_error_is_bounded_by_near(near: int) -> None:
     stored = _mammogram_like(12, seed=near)
-    decoded = decode_residual(encode_residual(stored, 12, near))
+    decoded = decode_stream(encode_stream(stored, 12, near))
     error = np.abs(decoded.astype(np.int64) - stored.astype(np.int64))
     assert error.max() <= near
-    assert len(encode_residual(stored, 12, near)) < len(encode_residual(stored, 12, 0))
+    assert len(encode_stream(stored, 12, near)) < len(encode_stream(stored, 12, 0))
 
 
 def test_eight_bit_and_tiny_images_round_trip() -> None:
     rng = np.random.default_rng(3)
     eight = rng.integers(0, 256, (40, 33), dtype=np.uint16)
-    np.testing.assert_array_equal(decode_residual(encode_residual(eight, 8, 0)), eight)
+    np.testing.assert_array_equal(decode_stream(encode_stream(eight, 8, 0)), eight)
     for shape in [(1, 1), (5, 7), (2, 300)]:
         noise = rng.integers(0, 1 << 16, shape, dtype=np.uint16)
-        np.testing.assert_array_equal(decode_residual(encode_residual(noise, 16, 0)), noise)
+        np.testing.assert_array_equal(decode_stream(encode_stream(noise, 16, 0)), noise)
 
 
 def test_values_that_do_not_fit_bits_stored_are_refused() -> None:
     stored = np.full((16, 16), 4096, dtype=np.uint16)
     with pytest.raises(PixelDataError, match="Bits Stored 12"):
-        encode_residual(stored, 12, 0)
+        encode_stream(stored, 12, 0)
     with pytest.raises(PixelDataError, match="2-D"):
-        encode_residual(np.zeros((2, 4, 4), np.uint16), 12, 0)
+        encode_stream(np.zeros((2, 4, 4), np.uint16), 12, 0)
     with pytest.raises(PixelDataError, match="NEAR"):
-        encode_residual(np.zeros((8, 8), np.uint16), 12, 256)
+        encode_stream(np.zeros((8, 8), np.uint16), 12, 256)
 
 
 def test_corrupt_stream_raises_pixel_data_error() -> None:
-    stream = encode_residual(_mammogram_like(12), 12, 0)
+    stream = encode_stream(_mammogram_like(12), 12, 0)
     with pytest.raises(PixelDataError):
-        decode_residual(stream[:20])
+        decode_stream(stream[:20])
     with pytest.raises(PixelDataError):
-        decode_residual(b"not a jpeg-ls stream")
+        decode_stream(b"not a jpeg-ls stream")

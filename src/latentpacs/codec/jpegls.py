@@ -32,11 +32,11 @@ _MIN_SOURCE_BYTES = 4096
 
 def _check(stored: np.ndarray, bits_stored: int, near: int) -> np.ndarray:
     if stored.ndim != 2 or 0 in stored.shape:
-        raise PixelDataError(f"residual needs a non-empty 2-D array, got shape {stored.shape}")
+        raise PixelDataError(f"stream needs a non-empty 2-D array, got shape {stored.shape}")
     if max(stored.shape) > 65535:
         raise PixelDataError(f"JPEG-LS codes at most 65535 x 65535 pixels, got {stored.shape}")
     if not np.issubdtype(stored.dtype, np.integer):
-        raise PixelDataError(f"residual needs integer stored values, got {stored.dtype}")
+        raise PixelDataError(f"stream needs integer stored values, got {stored.dtype}")
     if not 1 <= bits_stored <= 16:
         raise PixelDataError(f"Bits Stored must be 1 to 16 for JPEG-LS, got {bits_stored}")
     if not 0 <= near <= min(MAX_NEAR, (1 << bits_stored) - 1):
@@ -49,7 +49,7 @@ def _check(stored: np.ndarray, bits_stored: int, near: int) -> np.ndarray:
     return stored.astype("<u2" if bits_stored > 8 else np.uint8, copy=False)
 
 
-def encode_residual(stored: np.ndarray, bits_stored: int, near: int) -> bytes:
+def encode_stream(stored: np.ndarray, bits_stored: int, near: int) -> bytes:
     """Code stored pixel values with JPEG-LS; ``near=0`` is lossless.
 
     Parameters
@@ -86,8 +86,8 @@ def encode_residual(stored: np.ndarray, bits_stored: int, near: int) -> bytes:
     return bytes(stream)
 
 
-def decode_residual(data: bytes) -> np.ndarray:
-    """Decode a JPEG-LS codestream from :func:`encode_residual` to uint16 (rows, cols).
+def decode_stream(data: bytes) -> np.ndarray:
+    """Decode a JPEG-LS codestream from :func:`encode_stream` to uint16 (rows, cols).
 
     Raises
     ------
@@ -97,14 +97,14 @@ def decode_residual(data: bytes) -> np.ndarray:
     try:
         pixels, info = jpeg_ls.decode_buffer(bytes(data))
     except (RuntimeError, ValueError) as exc:
-        raise PixelDataError(f"residual JPEG-LS stream is corrupt: {exc}") from exc
+        raise PixelDataError(f"stream JPEG-LS stream is corrupt: {exc}") from exc
     if info["components"] != 1:
-        raise PixelDataError(f"residual has {info['components']} components, expected 1")
+        raise PixelDataError(f"stream has {info['components']} components, expected 1")
     rows, cols = info["height"], info["width"]
     dtype = "<u2" if info["bits_per_sample"] > 8 else np.uint8
     values = np.frombuffer(pixels, dtype=dtype)
     if values.size != rows * cols:
-        raise PixelDataError("residual JPEG-LS stream decoded to the wrong number of pixels")
+        raise PixelDataError("stream JPEG-LS stream decoded to the wrong number of pixels")
     return values.reshape(rows, cols).astype(np.uint16)
 
 
