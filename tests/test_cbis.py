@@ -12,11 +12,12 @@ from pathlib import Path
 
 import pydicom
 import pytest
+from cbis_data import write_miniature_cbis
 
 from latentpacs.cli import main
 from latentpacs.errors import ConfigError
 from latentpacs.train import TrainConfig, split_by_patient, train
-from latentpacs.train.cbis import CSV_NAMES, select_cbis, write_miniature_cbis
+from latentpacs.train.cbis import CSV_NAMES, select_cbis
 
 SIZE = (96, 80)
 MASS_MLO = {

@@ -37,6 +37,7 @@ from pydicom.uid import (
 from scipy.ndimage import gaussian_filter
 
 from latentpacs.errors import ConfigError
+from latentpacs.uid import uid_from_name
 
 logger = logging.getLogger(__name__)
 
@@ -67,7 +68,7 @@ _UID_NAMESPACE = uuid.uuid5(uuid.NAMESPACE_URL, "latentpacs:phantom")
 
 def _derived_uid(*parts: object) -> str:
     """A UID under 2.25 (PS3.5 B.2) from a name-based UUID of ``parts``: same parts, same UID."""
-    return f"2.25.{uuid.uuid5(_UID_NAMESPACE, '/'.join(map(str, parts))).int}"
+    return uid_from_name(_UID_NAMESPACE, *parts)
 
 
 @dataclass(frozen=True)

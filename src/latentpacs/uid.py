@@ -7,11 +7,17 @@ harmless as a file name, so it is accepted. Every UID the archive files an objec
 Study Instance and SOP Class UID) is checked with :func:`check_uid` on arrival, and file
 names are built only by :func:`uid_file_name`, which checks again, so a peer's
 ``../../x`` or ``/etc/passwd`` can never become a path.
+
+Every UID latentpacs makes itself (derived instances and series, the Implementation
+Class UID, phantom and miniature CBIS-DDSM identities) comes from :func:`uid_from_name`:
+a ``2.25.`` UID from a name-based UUID (PS3.5 B.2), so the same name always gives the
+same UID.
 """
 
 from __future__ import annotations
 
 import re
+import uuid
 
 from latentpacs.errors import InvalidUidError
 
@@ -61,3 +67,26 @@ def uid_file_name(uid: str, suffix: str) -> str:
         When ``uid`` is not a valid UID.
     """
     return check_uid(uid, "file name UID") + suffix
+
+
+def uid_from_name(namespace: uuid.UUID, *parts: object, separator: str = "/") -> str:
+    """The ``2.25.`` UID of the name-based (SHA-1, version 5) UUID of ``parts`` (PS3.5 B.2).
+
+    The name is ``separator.join(str(part) for part in parts)``. Callers never change
+    their namespace, parts or separator: UIDs already handed out depend on them.
+
+    Parameters
+    ----------
+    namespace:
+        The caller's fixed UUID namespace (RFC 4122 4.3), one per kind of UID.
+    *parts:
+        What distinguishes this UID, e.g. role, original UID, model SHA-256, tier.
+    separator:
+        Joins the parts into the name.
+
+    Returns
+    -------
+    str
+        ``2.25.<the UUID as a decimal integer>``: at most 44 characters (PS3.5 9.1).
+    """
+    return f"2.25.{uuid.uuid5(namespace, separator.join(map(str, parts))).int}"

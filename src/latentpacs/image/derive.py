@@ -27,6 +27,7 @@ from pydicom.uid import UID, ExplicitVRLittleEndian
 from latentpacs import __version__
 from latentpacs.codec.tiers import Tier
 from latentpacs.image.pixels import PixelModule, set_pixels
+from latentpacs.uid import uid_from_name
 
 #: Namespace of latentpacs' name-based UUIDs (a fixed random UUID; never change it:
 #: derived UIDs already handed out depend on it).
@@ -41,7 +42,7 @@ METHOD_NEAR_LOSSLESS = "ISO_14495_1"
 
 IMPLEMENTATION_VERSION_NAME = f"LATENTPACS_{__version__}".replace(".", "")[:16]
 #: Implementation Class UID (PS3.7 D.3.3.2) of latentpacs, one per release.
-IMPLEMENTATION_CLASS_UID = f"2.25.{uuid.uuid5(UID_NAMESPACE, 'implementation|' + __version__).int}"
+IMPLEMENTATION_CLASS_UID = uid_from_name(UID_NAMESPACE, "implementation", __version__, separator="|")
 
 
 @dataclass(frozen=True)
@@ -90,8 +91,7 @@ def derived_uid(original_uid: str, role: str, *parts: str) -> str:
     *parts:
         Further distinguishing names: model SHA-256, tier, SOP Class UID.
     """
-    name = "|".join((role, original_uid, *parts))
-    return f"2.25.{uuid.uuid5(UID_NAMESPACE, name).int}"
+    return uid_from_name(UID_NAMESPACE, role, original_uid, *parts, separator="|")
 
 
 def derived_identity(header: Dataset, derivation: Derivation) -> tuple[str, str]:

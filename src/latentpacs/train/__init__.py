@@ -6,7 +6,7 @@ The chain reads top to bottom: :mod:`.data` finds and decodes images,
 :mod:`.cbis` selects CBIS-DDSM full mammograms from its CSVs and finds them in a download.
 """
 
-from latentpacs.train.cbis import CbisImage, CbisSelection, select_cbis, write_miniature_cbis
+from latentpacs.train.cbis import CbisImage, CbisSelection, select_cbis
 from latentpacs.train.data import CachedImageDataset, ImageRecord, scan_dicom_folders
 from latentpacs.train.loop import TrainConfig, TrainResult, train
 from latentpacs.train.split import PatientSplit, split_by_patient, split_train_val_test
@@ -24,5 +24,4 @@ __all__ = [
     "split_by_patient",
     "split_train_val_test",
     "train",
-    "write_miniature_cbis",
 ]
