@@ -1,10 +1,13 @@
 """Fidelity tier names and the settings layers (defaults < TOML < environment < flags)."""
 
+import dataclasses
+import json
 from pathlib import Path
 
 import pytest
+from archive_data import S1, archived, phantom
 
-from latentpacs.codec.tiers import Tier
+from latentpacs.codec.tiers import Tier, TierKind
 from latentpacs.config import load_config
 from latentpacs.errors import ConfigError, TierError
 
@@ -28,6 +31,28 @@ def test_tier_parse(text: str, name: str, near: int, lossy: bool) -> None:
 def test_tier_parse_rejects(text: str) -> None:
     with pytest.raises(TierError, match="tier|K"):
         Tier.parse(text)
+
+
+def test_tier_kinds_read_as_the_plain_strings_archived_before() -> None:
+    tier = Tier.parse("near-lossless:4")
+    assert tier.name is TierKind.NEAR_LOSSLESS and tier.name == "near-lossless"
+    assert Tier("near-lossless", 4) == tier and hash(Tier("near-lossless", 4)) == hash(tier)
+    assert [str(Tier.parse(text)) for text in ("LATENT", " lossless ", "near-lossless:4")] == [
+        "latent", "lossless", "near-lossless:4"]
+    assert json.dumps({"tier": tier.name, "text": str(tier)}) == '{"tier": "near-lossless", "text": "near-lossless:4"}'
+    with pytest.raises(TierError, match="unknown tier kind"):
+        Tier("jpeg")
+
+
+@pytest.mark.parametrize("text", ["near-lossless:999", "near-lossless:0", "near-lossless:07", "LATENT", "jpeg"])
+def test_the_archive_refuses_what_the_tier_grammar_refuses(text: str) -> None:
+    image = archived(phantom("P1", "Doe^Jane", "19600101", S1, "20240115", "090000", "Screening", 1), "latent")
+    assert dataclasses.replace(image, tier="near-lossless:255").tier == "near-lossless:255"
+    with pytest.raises(TierError):
+        dataclasses.replace(image, tier=text)
+    if text not in ("LATENT", "near-lossless:07"):  # Tier.parse reads these; the archive keeps only canonical text
+        with pytest.raises(TierError):
+            Tier.parse(text)
 
 
 def test_layers_override_in_order(tmp_path: Path) -> None:

@@ -10,7 +10,6 @@ decoder needs to rebuild the original matrix.
 from __future__ import annotations
 
 import base64
-import re
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -18,10 +17,9 @@ from pydicom.dataelem import DataElement, RawDataElement
 from pydicom.dataset import Dataset
 from pydicom.tag import Tag
 
+from latentpacs.codec.tiers import Tier
 from latentpacs.errors import InvalidDicomError, TierError
 
-#: The fidelity tiers of DESIGN.md ("Fidelity tiers"), as stored in the archive.
-TIER_PATTERN = re.compile(r"latent|lossless|near-lossless:[1-9][0-9]*")
 
 #: DICOM JSON tags (PS3.18 F.2.1.1) of the three UIDs every archived header must carry.
 SOP_INSTANCE_UID = "00080018"
@@ -147,8 +145,10 @@ class ArchivedImage:
     lossy_on_arrival: bool = False
 
     def __post_init__(self) -> None:
-        if not TIER_PATTERN.fullmatch(self.tier):
-            raise TierError(f"tier {self.tier!r} is not latent, lossless or near-lossless:K")
+        # One tier grammar (codec/tiers.py, which imports no torch): the archive keeps
+        # only the canonical text Tier.parse gives back, so near-lossless:999 or LATENT is refused.
+        if str(Tier.parse(self.tier)) != self.tier:
+            raise TierError(f"tier {self.tier!r} is not written as latent, lossless or near-lossless:K")
         for tag, name in (
             (SOP_INSTANCE_UID, "SOP Instance UID (0008,0018)"),
             (SERIES_INSTANCE_UID, "Series Instance UID (0020,000E)"),

@@ -16,6 +16,7 @@ and thread counts, so an exactness guarantee must not depend on it.
 from __future__ import annotations
 
 from dataclasses import dataclass
+from enum import StrEnum
 
 from latentpacs.errors import TierError
 
@@ -23,20 +24,48 @@ from latentpacs.errors import TierError
 MAX_NEAR = 255
 
 
-@dataclass(frozen=True)
+class TierKind(StrEnum):
+    """The three kinds of fidelity tier (DESIGN.md "Fidelity tiers").
+
+    A StrEnum: each member equals its plain string (``TierKind.LATENT == "latent"``), so
+    archived rows and JSON written before it read the same.
+    """
+
+    LATENT = "latent"
+    NEAR_LOSSLESS = "near-lossless"
+    LOSSLESS = "lossless"
+
+
+@dataclass(frozen=True, init=False)
 class Tier:
     """A fidelity tier.
 
     Parameters
     ----------
     name:
-        ``"latent"``, ``"near-lossless"`` or ``"lossless"``.
+        The kind of tier; a plain string is converted (``"latent"``, ``"near-lossless"``
+        or ``"lossless"``).
     near:
         The maximum absolute error in stored pixel values for ``near-lossless``; 0 otherwise.
     """
 
-    name: str
+    name: TierKind
     near: int = 0
+
+    def __init__(self, name: TierKind | str, near: int = 0) -> None:
+        """Build a tier, converting a plain-string ``name`` to its :class:`TierKind`.
+
+        Raises
+        ------
+        TierError
+            When ``name`` is no tier kind.
+        """
+        try:
+            kind = TierKind(name)
+        except ValueError:
+            raise TierError(f"unknown tier kind {name!r}: use latent, lossless or near-lossless") from None
+        object.__setattr__(self, "name", kind)
+        object.__setattr__(self, "near", near)
 
     @classmethod
     def parse(cls, text: str) -> Tier:
@@ -49,27 +78,29 @@ class Tier:
         """
         value = text.strip().lower()
         if value == "latent":
-            return cls("latent")
+            return cls(TierKind.LATENT)
         if value == "lossless":
-            return cls("lossless")
+            return cls(TierKind.LOSSLESS)
         if value.startswith("near-lossless:"):
             raw = value.split(":", 1)[1]
             if not raw.isdigit() or not 1 <= int(raw) <= MAX_NEAR:
                 raise TierError(
                     f"tier {text!r}: K in near-lossless:K must be an integer from 1 to {MAX_NEAR}"
                 )
-            return cls("near-lossless", int(raw))
+            return cls(TierKind.NEAR_LOSSLESS, int(raw))
         raise TierError(f"unknown tier {text!r}: use latent, lossless or near-lossless:K")
 
     def __str__(self) -> str:
-        return f"near-lossless:{self.near}" if self.name == "near-lossless" else self.name
+        if self.name is TierKind.NEAR_LOSSLESS:
+            return f"near-lossless:{self.near}"
+        return self.name.value
 
     @property
     def lossy(self) -> bool:
         """True when the returned pixels may differ from the original (PS3.3 C.7.6.1.1.5)."""
-        return self.name != "lossless"
+        return self.name is not TierKind.LOSSLESS
 
     @property
     def has_stream(self) -> bool:
         """True when a JPEG-LS stream is archived beside the latent."""
-        return self.name != "latent"
+        return self.name is not TierKind.LATENT
