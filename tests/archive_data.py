@@ -109,3 +109,9 @@ def query(level: str, **keys: object) -> pydicom.Dataset:
     for keyword, value in keys.items():
         setattr(ds, keyword, value)
     return ds
+
+
+def retrieved(archive: Archive, sop_instance_uid: str) -> list[ArchivedImage]:
+    """What an IMAGE-level C-GET of ``sop_instance_uid`` returns (PS3.4 C.4.3.2): match, then load."""
+    ids = archive.match_instances("IMAGE", query("IMAGE", SOPInstanceUID=sop_instance_uid))
+    return [archive.load(instance_id) for instance_id in ids]

@@ -19,7 +19,7 @@ from pathlib import Path
 
 import psycopg
 import pytest
-from archive_data import MODEL, S1, S3, archived, phantom
+from archive_data import MODEL, S1, S3, archived, phantom, retrieved
 
 from latentpacs.archive import Archive, DuplicatePolicy, StoreResult
 from latentpacs.archive.rows import add_instance
@@ -53,9 +53,9 @@ def test_a_replace_never_deletes_a_blob_a_concurrent_store_reuses(archive_url: s
         assert a.store(replacement, duplicates=DuplicatePolicy.REPLACE) is StoreResult.REPLACED
         # ... and then b's row naming the shared blob commits.
         assert b._store_once(second, DuplicatePolicy.KEEP, *placed)[0] is StoreResult.STORED
-        assert b.get(second.sop_instance_uid).stream == shared
+        assert [found.stream for found in retrieved(b, second.sop_instance_uid)] == [shared]
         assert (blobs / digest).read_bytes() == shared
-        assert a.get(replacement.sop_instance_uid).stream == replacement.stream
+        assert [found.stream for found in retrieved(a, replacement.sop_instance_uid)] == [replacement.stream]
 
 
 def test_the_start_up_sweep_of_another_process_cannot_lose_a_blob_being_stored(
@@ -69,9 +69,9 @@ def test_the_start_up_sweep_of_another_process_cannot_lose_a_blob_being_stored(
             pass
         assert not (blobs / digest).exists()  # unnamed at that moment: an orphan
         assert storing._store_once(image, DuplicatePolicy.KEEP, *placed)[0] is StoreResult.STORED
-        assert storing.get(image.sop_instance_uid).stream == image.stream
+        assert [found.stream for found in retrieved(storing, image.sop_instance_uid)] == [image.stream]
     with Archive(archive_url, blob_dir=blobs) as reopened:  # and the next sweep keeps it
-        assert reopened.get(image.sop_instance_uid).stream == image.stream
+        assert [found.stream for found in retrieved(reopened, image.sop_instance_uid)] == [image.stream]
 
 
 def test_orphan_blobs_and_leftover_temporary_files_are_swept_at_open(archive_url: str,
@@ -95,7 +95,7 @@ def test_orphan_blobs_and_leftover_temporary_files_are_swept_at_open(archive_url
         with Archive(archive_url, blob_dir=blobs) as reopened:
             assert live.exists()
             assert reopened.sweep() == (0, 0)  # nothing left to do
-            assert reopened.get(image.sop_instance_uid).stream == image.stream
+            assert [found.stream for found in retrieved(reopened, image.sop_instance_uid)] == [image.stream]
     remaining = {path.name for path in blobs.iterdir()}
     assert remaining == {named, live.name, hashlib.sha256(b"a directory").hexdigest(),
                          *untouchable}
@@ -125,7 +125,7 @@ def test_a_permanent_constraint_violation_fails_clearly_after_one_retry(
         assert len(retries) == 1
         stats = archive.stats()
         assert stats.instances == 1  # nothing of the clash was committed
-        assert archive.get(first.sop_instance_uid) == first
+        assert retrieved(archive, first.sop_instance_uid) == [first]
 
 
 @pytest.mark.parametrize("archive_url", ["postgresql"], indirect=True)
@@ -157,7 +157,7 @@ def test_on_postgresql_a_blob_clean_up_waits_for_the_store_holding_the_blob(
         deleter.join(timeout=60)
         assert not deleter.is_alive()
         assert (blobs / digest).read_bytes() == shared
-        assert b.get(second.sop_instance_uid).stream == shared
+        assert [found.stream for found in retrieved(b, second.sop_instance_uid)] == [shared]
 
 
 def test_a_refused_or_kept_re_send_leaves_no_orphan_blob(archive_url: str, tmp_path: Path) -> None:
@@ -174,4 +174,4 @@ def test_a_refused_or_kept_re_send_leaves_no_orphan_blob(archive_url: str, tmp_p
                 assert policy is DuplicatePolicy.REJECT
             assert [p.name for p in blobs.iterdir()] == [kept]
         assert archive.store(image) is StoreResult.KEPT_EXISTING  # same content: still there
-        assert archive.get(image.sop_instance_uid).stream == image.stream
+        assert [found.stream for found in retrieved(archive, image.sop_instance_uid)] == [image.stream]

@@ -187,7 +187,7 @@ def test_every_malformed_object_is_refused_with_a_comment(corpus, node_factory, 
     answers = _store_each_group(node, files)
     assert set(answers) == set(CORPUS)
     for name, response in answers.items():
-        expected = (Status.DATASET_DOES_NOT_MATCH_SOP_CLASS if name in UNSUPPORTED
+        expected = (Status.DOES_NOT_MATCH_SOP_CLASS if name in UNSUPPORTED
                     else Status.CANNOT_UNDERSTAND)
         assert response.status == expected, f"{name}: status 0x{response.status:04X}"
         assert response.error_comment, f"{name}: refused without an ErrorComment"

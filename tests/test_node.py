@@ -165,10 +165,10 @@ def test_bad_identifiers_are_refused_and_the_node_keeps_serving(node_factory, ph
     node = node_factory(f"sqlite:///{tmp_path / 'a.db'}")
     storescu(node.port, node.aet, phantoms[:2])
     bad_level = findscu(node.port, node.aet, "PATIENT", {"PatientID": ""}, root="STUDY")
-    assert bad_level.final.status == Status.IDENTIFIER_DOES_NOT_MATCH_SOP_CLASS
+    assert bad_level.final.status == Status.DOES_NOT_MATCH_SOP_CLASS
     assert bad_level.final.error_comment
     no_level = findscu(node.port, node.aet, "FRAME", {"PatientID": ""})
-    assert no_level.final.status == Status.IDENTIFIER_DOES_NOT_MATCH_SOP_CLASS
+    assert no_level.final.status == Status.DOES_NOT_MATCH_SOP_CLASS
     bad_get = getscu(node.port, node.aet, "STUDY", {"PatientID": "LP0001"}, tmp_path / "g")  # no Study UID
     assert bad_get.final.status != Status.SUCCESS and bad_get.final.error_comment
     assert not bad_get.files

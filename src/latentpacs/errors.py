@@ -15,8 +15,6 @@ class Status(IntEnum):
     """DIMSE status codes used by latentpacs (PS3.7 Annex C, PS3.4 Annexes B and C)."""
 
     SUCCESS = 0x0000
-    #: PS3.4 B.2.3: Refused, SOP Class not supported.
-    SOP_CLASS_NOT_SUPPORTED = 0x0122
     #: PS3.7 C.5.25: Refused, not authorized (a general status, valid for every DIMSE-C
     #: service; it carries an Error Comment).
     NOT_AUTHORIZED = 0x0124
@@ -26,12 +24,12 @@ class Status(IntEnum):
     NO_SUCH_OBJECT_INSTANCE = 0x0112
     #: PS3.4 B.2.3: Refused, out of resources.
     OUT_OF_RESOURCES = 0xA700
-    #: PS3.4 C.4.1.1.4: Failure, identifier does not match SOP Class.
-    IDENTIFIER_DOES_NOT_MATCH_SOP_CLASS = 0xA900
+    #: A900, one code for two services: PS3.4 B.2.3 (C-STORE) Error, data set does not
+    #: match SOP Class; PS3.4 C.4.1.1.4 / C.4.2.1.4 / C.4.3.1.4 (C-FIND, C-MOVE, C-GET)
+    #: Failure, identifier does not match SOP Class.
+    DOES_NOT_MATCH_SOP_CLASS = 0xA900
     #: PS3.4 C.4.2.1.4: Refused, move destination unknown.
     MOVE_DESTINATION_UNKNOWN = 0xA801
-    #: PS3.4 B.2.3: Error, data set does not match SOP Class (same code as the C-FIND failure).
-    DATASET_DOES_NOT_MATCH_SOP_CLASS = 0xA900
     #: PS3.4 B.2.3: Error, cannot understand.
     CANNOT_UNDERSTAND = 0xC000
     #: PS3.4 C.4.1.1.4: Failure, unable to process (query).
@@ -95,7 +93,7 @@ class UnsupportedImageError(LatentPacsError):
     Colour, multi-frame, signed or otherwise unsupported pixel modules (PS3.3 C.7.6.3).
     """
 
-    status = Status.DATASET_DOES_NOT_MATCH_SOP_CLASS
+    status = Status.DOES_NOT_MATCH_SOP_CLASS
 
 
 class PixelDataError(LatentPacsError):
@@ -170,7 +168,7 @@ class DuplicateInstanceError(LatentPacsError):
 class InvalidIdentifierError(LatentPacsError):
     """A C-FIND/C-GET/C-MOVE identifier is not valid for its information model (PS3.4 C.4)."""
 
-    status = Status.IDENTIFIER_DOES_NOT_MATCH_SOP_CLASS
+    status = Status.DOES_NOT_MATCH_SOP_CLASS
 
 
 class NotFoundError(LatentPacsError):

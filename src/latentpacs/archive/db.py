@@ -152,11 +152,6 @@ class Archive:
                 registered_at=datetime.datetime.now(datetime.UTC),
             ).on_conflict_do_nothing(index_elements=["sha256"]))
 
-    def model_in_use(self, sha256: str) -> bool:
-        """Whether any archived latent names this model (it must then never be removed)."""
-        with self._session() as session:
-            return bool(session.scalar(select(exists().where(Latent.model_sha256 == sha256))))
-
     def store(self, image: ArchivedImage, *,
               duplicates: DuplicatePolicy = DuplicatePolicy.KEEP) -> StoreResult:
         """Archive one instance in one transaction; returns after the commit.
@@ -379,21 +374,6 @@ class Archive:
         if not found:
             raise NotFoundError(f"archived instance row {instance_id} no longer exists")
         return found[0]
-
-    def get(self, returned_sop_instance_uid: str) -> ArchivedImage:
-        """The instance a retrieval returns under this SOP Instance UID.
-
-        Raises
-        ------
-        NotFoundError
-            When no archived instance is returned under that UID.
-        """
-        with self._session() as session:
-            found = session.scalar(select(Instance.id).where(
-                Instance.sop_instance_uid == returned_sop_instance_uid))
-            if found is None:
-                raise NotFoundError(f"no archived instance {returned_sop_instance_uid}")
-            return self._load(session, [found])[0]
 
     def iter_images(self) -> Iterator[ArchivedImage]:
         """Every archived instance in storage order (for ``latentpacs archive verify``)."""

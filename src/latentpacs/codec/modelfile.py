@@ -179,7 +179,10 @@ def save_model(
     Both files are written atomically. A model is never deleted: when ``name`` exists with
     different weights, the old weights and card move to ``directory/retired/`` (named
     ``NAME-<sha256[:16]>``) with a warning, and :func:`find_model_by_sha256` still finds
-    them there, so every latent naming the old hash stays decodable.
+    them there, so every latent naming the old hash stays decodable. This is the one
+    place latentpacs replaces a model file and nothing deletes one, so a model that any
+    archived latent names can never be deleted (DESIGN.md, "Model identity") without the
+    archive being asked: there is no deletion for it to guard.
 
     Raises
     ------

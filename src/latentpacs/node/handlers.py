@@ -84,7 +84,7 @@ def handle_store(event: evt.Event, service: Service, policy: PeerPolicy) -> int 
     requested_class = str(event.request.AffectedSOPClassUID)
     if str(ds.get("SOPClassUID", "")) != requested_class:
         return failure(
-            Status.DATASET_DOES_NOT_MATCH_SOP_CLASS,
+            Status.DOES_NOT_MATCH_SOP_CLASS,
             f"SOP Class UID {ds.get('SOPClassUID', '(none)')} differs from the request's",
         )
     affected = str(getattr(event.request, "AffectedSOPInstanceUID", "") or "").strip()
