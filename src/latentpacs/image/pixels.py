@@ -21,6 +21,7 @@ import hashlib
 import logging
 import os
 from dataclasses import dataclass
+from enum import StrEnum
 
 import numpy as np
 from pydicom import dcmread
@@ -47,9 +48,23 @@ logger = logging.getLogger(__name__)
 
 #: Largest Rows or Columns accepted; larger values are treated as corrupt headers.
 MAX_DIMENSION = 16384
-MONOCHROME1 = "MONOCHROME1"
-MONOCHROME2 = "MONOCHROME2"
-_GRAYSCALE = (MONOCHROME1, MONOCHROME2)
+
+
+class Photometric(StrEnum):
+    """The Photometric Interpretations (0028,0004) latentpacs archives (PS3.3 C.7.6.3.1.2).
+
+    A StrEnum: each member equals its plain string, so archived rows, ``.lpz`` geometry
+    and DICOM JSON written with plain strings read the same.
+    """
+
+    #: The minimum stored value is displayed white.
+    MONOCHROME1 = "MONOCHROME1"
+    #: The minimum stored value is displayed black.
+    MONOCHROME2 = "MONOCHROME2"
+
+
+MONOCHROME1 = Photometric.MONOCHROME1
+MONOCHROME2 = Photometric.MONOCHROME2
 #: Item tag (FFFE,E000) as little endian bytes: the first bytes of encapsulated Pixel Data.
 _ITEM_TAG = b"\xfe\xff\x00\xe0"
 _PIXEL_DATA = 0x7FE00010
@@ -75,7 +90,7 @@ LOSSY_TRANSFER_SYNTAXES: dict[str, str] = {
 }
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, init=False)
 class PixelModule:
     """The Image Pixel module attributes latentpacs honours (PS3.3 C.7.6.3).
 
@@ -94,7 +109,8 @@ class PixelModule:
     high_bit:
         High Bit (0028,0102): must equal ``bits_stored - 1``.
     photometric_interpretation:
-        Photometric Interpretation (0028,0004): ``MONOCHROME1`` or ``MONOCHROME2``.
+        Photometric Interpretation (0028,0004): a :class:`Photometric`, or its text
+        ``MONOCHROME1`` or ``MONOCHROME2``.
     """
 
     rows: int
@@ -102,14 +118,24 @@ class PixelModule:
     bits_allocated: int
     bits_stored: int
     high_bit: int
-    photometric_interpretation: str
+    photometric_interpretation: Photometric
+
+    def __init__(self, rows: int, columns: int, bits_allocated: int, bits_stored: int,
+                 high_bit: int, photometric_interpretation: Photometric | str) -> None:
+        try:
+            photometric = Photometric(photometric_interpretation)
+        except ValueError:
+            raise UnsupportedImageError(
+                f"Photometric Interpretation {photometric_interpretation} is not "
+                "supported: latentpacs archives grayscale images (MONOCHROME1/2)"
+            ) from None
+        for name, value in (("rows", rows), ("columns", columns), ("bits_allocated", bits_allocated),
+                            ("bits_stored", bits_stored), ("high_bit", high_bit),
+                            ("photometric_interpretation", photometric)):
+            object.__setattr__(self, name, value)
+        self.__post_init__()
 
     def __post_init__(self) -> None:
-        if self.photometric_interpretation not in _GRAYSCALE:
-            raise UnsupportedImageError(
-                f"Photometric Interpretation {self.photometric_interpretation} is not "
-                "supported: latentpacs archives grayscale images (MONOCHROME1/2)"
-            )
         if self.bits_allocated not in (8, 16):
             raise UnsupportedImageError(
                 f"Bits Allocated {self.bits_allocated} is not supported: only 8 or 16"
@@ -186,7 +212,7 @@ class PixelModule:
         sample per pixel (PS3.3 C.7.6.3.1.3).
         """
         ds.SamplesPerPixel = 1
-        ds.PhotometricInterpretation = self.photometric_interpretation
+        ds.PhotometricInterpretation = self.photometric_interpretation.value
         ds.Rows = self.rows
         ds.Columns = self.columns
         ds.BitsAllocated = self.bits_allocated
