@@ -2,7 +2,16 @@
 
 This module only parses arguments, shows progress and maps errors to exit codes; the work
 is done by the library modules it calls. Exit codes: 0 success, 1 some inputs of a batch
-failed (each named on one line), 2 a usage, configuration or input error.
+failed (each named on one line), 2 a usage, configuration or input error (a usage
+error is one line on stderr).
+
+Options behave as in the tools users know. The global options ``--config``, ``-v`` and
+``--version`` go before or after the sub-command (``latentpacs serve --config node.toml``
+is ``latentpacs --config node.toml serve``); when given in both places the last
+``--config`` wins (the one after the sub-command) and ``-v`` counts add up. A list option
+may be repeated (``--model ae --model vae`` is ``--model ae vae``), and file operands may
+also follow options (``encode a.dcm --out x b.dcm``). A flag that overrides a setting
+shows that setting's help and default, taken from :data:`latentpacs.config.SETTINGS`.
 """
 
 from __future__ import annotations
@@ -15,6 +24,7 @@ import shlex
 import sys
 from collections.abc import Callable, Iterable, Sequence
 from pathlib import Path
+from typing import TYPE_CHECKING, Any, NoReturn
 
 from tqdm import tqdm
 
@@ -443,67 +453,153 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
     return EXIT_PARTIAL if result.skipped else EXIT_OK
 
 
-def build_parser() -> argparse.ArgumentParser:
-    """The argument parser of ``latentpacs`` and its sub-commands."""
-    parser = argparse.ArgumentParser(
-        prog="latentpacs", description="A DICOM node that archives mammograms as learned latents."
-    )
-    parser.add_argument("--version", action="version", version=f"latentpacs {__version__}")
-    parser.add_argument("--config", type=Path, help="TOML settings file")
-    parser.add_argument("-v", "--verbose", action="count", default=0, help="more logging")
-    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+class _Parser(argparse.ArgumentParser):
+    """An argument parser whose usage errors are one line on stderr, exit status 2."""
 
-    def codec_flags(p: argparse.ArgumentParser, model: bool = True) -> None:
-        if model:
-            p.add_argument("--model", help="model name (default: codec.model, 'ae')")
-        p.add_argument("--device", help="torch device (default: cuda if available, else cpu)")
-        p.add_argument("--models-dir", help="directory of model files (default: shipped models/)")
+    def error(self, message: str) -> NoReturn:
+        """Print ``PROG: error: MESSAGE`` and a pointer to ``--help``; exit with EXIT_ERROR."""
+        _usage_error(self.prog, message)
 
-    def data_flags(p: argparse.ArgumentParser) -> None:
-        source = p.add_mutually_exclusive_group(required=True)
-        source.add_argument("--data", type=Path, nargs="+", metavar="DIR", help="DICOM folders or files")
-        source.add_argument(
-            "--cbis-ddsm", type=Path, metavar="ROOT", help="a CBIS-DDSM download (TCIA layout + CSVs)"
-        )
-        p.add_argument("--view", default="MLO", help="CBIS-DDSM view, '' for all (default: MLO)")
-        p.add_argument(
-            "--abnormality", default="mass", help="CBIS-DDSM abnormality, '' for all (default: mass)"
-        )
 
-    p = sub.add_parser("demo-data", help="write synthetic mammograms as DICOM")
+def _usage_error(prog: str, message: str) -> NoReturn:
+    print(f"{prog}: error: {message} (see {prog} --help)", file=sys.stderr)
+    raise SystemExit(EXIT_ERROR)
+
+
+if TYPE_CHECKING:
+    _Commands = argparse._SubParsersAction[_Parser]
+
+
+class _Accumulate(argparse.Action):
+    """A list option whose repeats add up (``--model ae --model vae`` is ``--model ae vae``).
+
+    The first use replaces the default; later uses extend what was given.
+    """
+
+    def __call__(self, parser: argparse.ArgumentParser, namespace: argparse.Namespace,
+                 values: str | Sequence[Any] | None, option_string: str | None = None) -> None:
+        current = getattr(namespace, self.dest, None)
+        items = [] if current is None or current is self.default else list(current)
+        items.extend([values] if isinstance(values, str) else values or [])
+        setattr(namespace, self.dest, items)
+
+
+_SETTING_ROWS = {setting.name: setting for setting in SETTINGS}
+#: Namespace attributes of a parsed command: the destination of its positional file list
+#: (or None), which file operands after options join, and its ``prog`` for usage errors.
+_OPERANDS = "operands"
+_PROG = "command_prog"
+
+
+def _setting_help(name: str) -> str:
+    """The help of a flag that overrides setting ``name``: its help and default, from SETTINGS."""
+    setting = _SETTING_ROWS[name]
+    default = "empty" if setting.default == "" else setting.default
+    return f"{setting.help} (setting {name}, default: {default})".replace("%", "%%")
+
+
+def _add_setting_option(parser: argparse.ArgumentParser, flag: str) -> None:
+    """Add ``flag``, which overrides the setting :data:`_FLAG_SETTINGS` maps it to."""
+    dest = flag.removeprefix("--").replace("-", "_")
+    setting = _SETTING_ROWS[_FLAG_SETTINGS[dest]]
+    kind = setting.type if setting.type in (int, float) else str
+    parser.add_argument(flag, type=kind, help=_setting_help(setting.name))
+
+
+def _add_global_options(parser: argparse.ArgumentParser, depth: int) -> None:
+    """``--config``, ``-v`` and ``--version``, accepted before and after every sub-command.
+
+    Below the top level (``depth`` > 0) an absent option leaves the value given earlier
+    untouched (``argparse.SUPPRESS``); the last ``--config`` wins, ``-v`` counts add up,
+    each level counting into its own ``verbose_DEPTH`` (summed by :func:`main`).
+    """
+    top = depth == 0
+    group = parser.add_argument_group("global options" + ("" if top else " (also before the command)"))
+    group.add_argument("--version", action="version", version=f"latentpacs {__version__}")
+    group.add_argument("--config", type=Path, default=None if top else argparse.SUPPRESS, metavar="FILE",
+                       help="TOML settings file (the last one given wins)")
+    group.add_argument("-v", "--verbose", action="count", dest="verbose" if top else f"verbose_{depth}",
+                       default=0 if top else argparse.SUPPRESS,
+                       help="more logging; -vv: also pynetdicom's (counts add up wherever given)")
+
+
+def _command(sub: _Commands, name: str, text: str,
+             func: Callable[[argparse.Namespace], int] | None = None, *, depth: int = 1,
+             operands: str | None = None) -> _Parser:
+    """Add sub-command ``name`` with the global options; ``func`` runs it.
+
+    ``operands``: the destination of its positional file list, which file names given
+    after options join (``encode a.dcm --out x b.dcm``).
+    """
+    parser = sub.add_parser(name, help=text, description=text)
+    _add_global_options(parser, depth)
+    if func is not None:
+        parser.set_defaults(func=func, **{_OPERANDS: operands, _PROG: parser.prog})
+    return parser
+
+
+def _add_codec_options(parser: argparse.ArgumentParser, model: bool = True) -> None:
+    if model:
+        _add_setting_option(parser, "--model")
+    _add_setting_option(parser, "--device")
+    _add_setting_option(parser, "--models-dir")
+
+
+def _add_archive_options(parser: argparse.ArgumentParser) -> None:
+    _add_setting_option(parser, "--database")
+    _add_setting_option(parser, "--data-dir")
+
+
+def _add_data_options(parser: argparse.ArgumentParser) -> None:
+    source = parser.add_mutually_exclusive_group(required=True)
+    source.add_argument("--data", type=Path, nargs="+", action=_Accumulate, metavar="DIR",
+                        help="DICOM folders or files (repeat or list several)")
+    source.add_argument("--cbis-ddsm", type=Path, metavar="ROOT", help="a CBIS-DDSM download (TCIA layout + CSVs)")
+    parser.add_argument("--view", default="MLO", help="CBIS-DDSM view, '' for all (default: MLO)")
+    parser.add_argument("--abnormality", default="mass", help="CBIS-DDSM abnormality, '' for all (default: mass)")
+
+
+def _add_demo_commands(sub: _Commands) -> None:
+    p = _command(sub, "demo-data", "write synthetic mammograms as DICOM", cmd_demo_data)
     p.add_argument("--out", type=Path, required=True)
     p.add_argument("--count", type=int, default=8)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--size", type=_size, help="ROWSxCOLS for every image (default: vendor sizes)")
-    p.set_defaults(func=cmd_demo_data)
 
-    p = sub.add_parser("encode", help="encode DICOM files into .lpz containers")
+    p = _command(sub, "demo", "encode and decode synthetic mammograms at every tier", cmd_demo)
+    p.add_argument("--out", type=Path, default=Path("demo-out"))
+    p.add_argument("--count", type=int, default=4)
+    p.add_argument("--seed", type=int, default=2026)
+    p.add_argument("--size", type=_size, default=(2294, 1914))
+    _add_codec_options(p)
+
+
+def _add_file_commands(sub: _Commands) -> None:
+    p = _command(sub, "encode", "encode DICOM files into .lpz containers", cmd_encode, operands="inputs")
     p.add_argument("inputs", nargs="+", type=Path, metavar="IN", help="DICOM files or folders")
     p.add_argument("--out", type=Path, required=True)
-    p.add_argument("--tier", help="latent | lossless | near-lossless:K (default: latent)")
-    codec_flags(p)
-    p.set_defaults(func=cmd_encode)
+    _add_setting_option(p, "--tier")
+    _add_codec_options(p)
 
-    p = sub.add_parser("decode", help="decode .lpz containers into DICOM files")
+    p = _command(sub, "decode", "decode .lpz containers into DICOM files", cmd_decode, operands="inputs")
     p.add_argument("inputs", nargs="+", type=Path, metavar="FILE", help=".lpz files or folders")
     p.add_argument("--out", type=Path, required=True)
-    codec_flags(p, model=False)
-    p.set_defaults(func=cmd_decode)
+    _add_codec_options(p, model=False)
 
-    p = sub.add_parser("inspect", help="show what an .lpz container holds")
+    p = _command(sub, "inspect", "show what an .lpz container holds", cmd_inspect, operands="files")
     p.add_argument("files", nargs="+", type=Path, metavar="FILE")
     p.add_argument("--json", action="store_true")
-    p.set_defaults(func=cmd_inspect)
 
-    p = sub.add_parser("models", help="the model files")
-    models = p.add_subparsers(dest="models_command", required=True, metavar="ACTION")
-    p = models.add_parser("list", help="list the models with their hashes")
+
+def _add_model_commands(sub: _Commands) -> None:
+    models = _command(sub, "models", "the model files").add_subparsers(
+        dest="models_command", required=True, metavar="ACTION")
+    p = _command(models, "list", "list the models with their hashes", cmd_models_list, depth=2)
     p.add_argument("--json", action="store_true")
-    p.add_argument("--models-dir", help="directory of model files")
-    p.set_defaults(func=cmd_models_list)
+    _add_setting_option(p, "--models-dir")
 
-    p = sub.add_parser("train", help="train a model on DICOM folders or CBIS-DDSM")
-    data_flags(p)
+    p = _command(sub, "train", "train a model on DICOM folders or CBIS-DDSM", cmd_train)
+    _add_data_options(p)
     p.add_argument("--arch", required=True, help="ae | vae | paper-ae | paper-vae")
     p.add_argument("--epochs", type=int, default=10)
     p.add_argument("--batch-size", type=int, default=8)
@@ -517,85 +613,107 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--test-fraction", type=float, default=0.1,
                    help="share of patients held out for the card's test MSE (CBIS-DDSM: the official test set)")
     p.add_argument("--resume", action="store_true", help="continue from OUT.checkpoints/last.pt")
-    p.add_argument("--device", help="torch device (default: cuda if available, else cpu)")
+    p.add_argument("--device", help="torch device (default: cuda if available, else cpu)")  # not codec.device
     p.add_argument("--cache-dir", type=Path, help="keep decoded, resized images here")
     p.add_argument("--data-note", help="where the data came from (recorded in the card)")
     p.add_argument("--out", type=Path, required=True, help="models/NAME: writes NAME.safetensors + NAME.json")
-    p.set_defaults(func=cmd_train)
 
-    p = sub.add_parser("demo", help="encode and decode synthetic mammograms at every tier")
-    p.add_argument("--out", type=Path, default=Path("demo-out"))
-    p.add_argument("--count", type=int, default=4)
-    p.add_argument("--seed", type=int, default=2026)
-    p.add_argument("--size", type=_size, default=(2294, 1914))
-    codec_flags(p)
-    p.set_defaults(func=cmd_demo)
 
-    p = sub.add_parser("evaluate", help="measure the models against JPEG and lossless codecs")
-    data_flags(p)
-    p.add_argument("--model", dest="models", nargs="+", default=["ae", "vae"], metavar="NAME",
-                   help="models (default: ae vae)")
+def _add_evaluate_command(sub: _Commands) -> None:
+    p = _command(sub, "evaluate", "measure the models against JPEG and lossless codecs", cmd_evaluate)
+    _add_data_options(p)
+    p.add_argument("--model", dest="models", nargs="+", action=_Accumulate, default=["ae", "vae"],
+                   metavar="NAME", help="models to evaluate, repeat or list several (default: ae vae)")
     p.add_argument("--jpeg-quality", type=int, default=85, help="JPEG baseline quality (default: 85)")
-    p.add_argument("--tiers", nargs="*", default=["near-lossless:2", "lossless"], metavar="TIER",
-                   help="fidelity tiers to cost with the first model (default: near-lossless:2 lossless)")
+    p.add_argument("--tiers", nargs="*", action=_Accumulate, default=["near-lossless:2", "lossless"],
+                   metavar="TIER", help="fidelity tiers to cost with the first model; none: --tiers alone "
+                   "(default: near-lossless:2 lossless)")
     p.add_argument("--previews", type=int, default=4, help="images in the reconstruction figures")
     p.add_argument("--out", type=Path, required=True)
-    codec_flags(p, model=False)
-    p.set_defaults(func=cmd_evaluate)
+    _add_codec_options(p, model=False)
 
-    p = sub.add_parser("serve", help="run the DICOM node")
-    p.add_argument("--aet", help="AE title (default: node.aet, LATENTPACS)")
-    p.add_argument("--host", help="listen address (default: node.host, 0.0.0.0)")
-    p.add_argument("--port", type=int, help="listen port, 0 for any free one (default: 11112)")
-    p.add_argument("--tier", help="latent | lossless | near-lossless:K for new images")
-    p.add_argument("--database", help="SQLAlchemy URL (default: SQLite in the data directory)")
-    p.add_argument("--data-dir", help="data directory (default: ./latentpacs-data)")
+
+def _add_serve_command(sub: _Commands) -> None:
+    p = _command(sub, "serve", "run the DICOM node", cmd_serve)
+    for flag in ("--aet", "--host", "--port", "--tier", "--database", "--data-dir"):
+        _add_setting_option(p, flag)
     p.add_argument("--port-file", type=Path, help="write the listening port here once ready")
-    codec_flags(p)
-    p.set_defaults(func=cmd_serve)
+    _add_codec_options(p)
 
-    p = sub.add_parser("db", help="the archive database")
-    db = p.add_subparsers(dest="db_command", required=True, metavar="ACTION")
-    p = db.add_parser("upgrade", help="apply the Alembic migrations")
-    p.add_argument("--database", help="SQLAlchemy URL")
-    p.add_argument("--data-dir")
-    p.set_defaults(func=cmd_db_upgrade)
 
-    p = sub.add_parser("archive", help="archive administration")
-    arch = p.add_subparsers(dest="archive_command", required=True, metavar="ACTION")
-    for name, func, text in (
-        ("stats", cmd_archive_stats, "patients, studies, instances, bytes per tier, ratio"),
-        ("verify", cmd_archive_verify, "decode every archived image with its hash-checked model"),
-        ("export", cmd_archive_export, "write a study's returned objects as DICOM files"),
-        ("import", cmd_archive_import, "archive DICOM files or folders offline, as C-STORE would"),
-    ):
-        p = arch.add_parser(name, help=text)
-        p.add_argument("--database", help="SQLAlchemy URL")
-        p.add_argument("--data-dir")
-        if name == "stats":
-            p.add_argument("--json", action="store_true")
-        if name == "export":
-            p.add_argument("--study", required=True, help="Study Instance UID")
-            p.add_argument("--out", type=Path, required=True)
-        if name == "import":
-            p.add_argument("inputs", nargs="+", type=Path, metavar="IN", help="DICOM files or folders")
-            p.add_argument("--tier", help="latent | lossless | near-lossless:K (default: codec.tier)")
-        if name != "stats":
-            codec_flags(p)
-        p.set_defaults(func=func)
+def _add_archive_commands(sub: _Commands) -> None:
+    db = _command(sub, "db", "the archive database").add_subparsers(
+        dest="db_command", required=True, metavar="ACTION")
+    _add_archive_options(_command(db, "upgrade", "apply the Alembic migrations", cmd_db_upgrade, depth=2))
 
-    p = sub.add_parser("config", help="settings")
-    cfg = p.add_subparsers(dest="config_command", required=True, metavar="ACTION")
-    p = cfg.add_parser("show", help="the resolved settings and their environment variables")
-    p.set_defaults(func=cmd_config_show)
+    archive = _command(sub, "archive", "archive administration").add_subparsers(
+        dest="archive_command", required=True, metavar="ACTION")
+    p = _command(archive, "stats", "patients, studies, instances, bytes per tier, ratio", cmd_archive_stats,
+                 depth=2)
+    _add_archive_options(p)
+    p.add_argument("--json", action="store_true")
+
+    p = _command(archive, "verify", "decode every archived image with its hash-checked model", cmd_archive_verify,
+                 depth=2)
+    _add_archive_options(p)
+    _add_codec_options(p)
+
+    p = _command(archive, "export", "write a study's returned objects as DICOM files", cmd_archive_export, depth=2)
+    _add_archive_options(p)
+    p.add_argument("--study", required=True, help="Study Instance UID")
+    p.add_argument("--out", type=Path, required=True)
+    _add_codec_options(p)
+
+    p = _command(archive, "import", "archive DICOM files or folders offline, as C-STORE would", cmd_archive_import,
+                 depth=2, operands="inputs")
+    p.add_argument("inputs", nargs="+", type=Path, metavar="IN", help="DICOM files or folders")
+    _add_archive_options(p)
+    _add_setting_option(p, "--tier")
+    _add_codec_options(p)
+
+
+def _add_config_commands(sub: _Commands) -> None:
+    config = _command(sub, "config", "settings").add_subparsers(dest="config_command", required=True, metavar="ACTION")
+    _command(config, "show", "the resolved settings and their environment variables", cmd_config_show, depth=2)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """The argument parser of ``latentpacs`` and its sub-commands (see the module docstring)."""
+    parser = _Parser(prog="latentpacs", description="A DICOM node that archives mammograms as learned latents.")
+    _add_global_options(parser, 0)
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    _add_demo_commands(sub)
+    _add_file_commands(sub)
+    _add_model_commands(sub)
+    _add_evaluate_command(sub)
+    _add_serve_command(sub)
+    _add_archive_commands(sub)
+    _add_config_commands(sub)
     return parser
+
+
+def parse_args(argv: Sequence[str]) -> argparse.Namespace:
+    """Parse ``argv`` as :func:`build_parser` describes; a usage error exits with status 2.
+
+    File operands given after options join the command's file list; the ``-v`` counts of
+    every level are summed into ``verbose``.
+    """
+    parser = build_parser()
+    args, extras = parser.parse_known_args(argv)
+    operands = getattr(args, _OPERANDS, None)
+    if extras and operands is not None and not any(extra.startswith("-") for extra in extras):
+        getattr(args, operands).extend(Path(extra) for extra in extras)
+        extras = []
+    if extras:
+        _usage_error(getattr(args, _PROG, parser.prog), f"unrecognized arguments: {' '.join(extras)}")
+    args.verbose = sum(value for key, value in vars(args).items() if key.startswith("verbose"))
+    return args
 
 
 def main(argv: Sequence[str] | None = None) -> int:
     """Run ``latentpacs`` with ``argv`` (``sys.argv[1:]`` if None); returns the exit code."""
     argv = list(sys.argv[1:] if argv is None else argv)
-    parser = build_parser()
-    args = parser.parse_args(argv)
+    args = parse_args(argv)
     args.argv = argv
     base = logging.INFO if args.command == "serve" else logging.WARNING
     logging.basicConfig(
