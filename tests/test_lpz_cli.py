@@ -226,3 +226,15 @@ def test_console_script_runs(tmp_path) -> None:
     result = subprocess.run([str(script), "inspect", str(tmp_path / "nope.lpz")], capture_output=True, text=True)
     assert result.returncode == 1
     assert result.stderr.count("\n") == 1 and "cannot read" in result.stderr
+
+
+def test_the_lpz_module_imports_no_sql_networking_or_torch() -> None:
+    """``latentpacs inspect`` needs only the image layer: no SQLAlchemy, pynetdicom or torch."""
+    import subprocess
+    import sys
+
+    probe = ("import sys, latentpacs.image.lpz; print(sorted({m.split('.')[0] for m in sys.modules}"
+             " & {'sqlalchemy', 'pynetdicom', 'torch'}))")
+    result = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True,
+                            timeout=120, check=True)
+    assert result.stdout.strip() == "[]"

@@ -65,6 +65,7 @@ def _expand(inputs: Iterable[Path], pattern: str) -> list[Path]:
 _FLAG_SETTINGS = {
     "model": "codec.model",
     "tier": "codec.tier",
+    "coder": "codec.coder",
     "device": "codec.device",
     "models_dir": "codec.models_dir",
     "aet": "node.aet",
@@ -118,33 +119,21 @@ def cmd_encode(args: argparse.Namespace) -> int:
     with _engine(config) as engine:
         bar, tick = _progress(len(paths), "encode")
         with bar:
-            outcomes = lpz.encode_paths(paths, args.out, engine, config.tier, on_done=tick)
+            outcomes = lpz.encode_paths(paths, args.out, engine, config.tier,
+                                        batch=config["codec.max_batch"],
+                                        coder=config["codec.coder"], on_done=tick)
     return _finish_batch(outcomes, f"encoded ({config.tier})")
 
 
 def cmd_decode(args: argparse.Namespace) -> int:
     from latentpacs.image import lpz
-    from latentpacs.codec.engine import Engine
-    from latentpacs.codec.modelfile import find_model_by_sha256, load_model
+    from latentpacs.service import open_engines
 
     config = _config(args)
-    engines: dict[str, Engine] = {}
-
-    def engine_for(ref: lpz.ModelRef) -> Engine:
-        if ref.sha256 not in engines:
-            path = find_model_by_sha256(ref.sha256, config.models_dir)
-            loaded = load_model(path, expected_sha256=ref.sha256)
-            engines[ref.sha256] = Engine(loaded, device=config["codec.device"] or None)
-        return engines[ref.sha256]
-
     paths = _expand(args.inputs, f"*{lpz.SUFFIX}")
     bar, tick = _progress(len(paths), "decode")
-    try:
-        with bar:
-            outcomes = lpz.decode_paths(paths, args.out, engine_for, on_done=tick)
-    finally:
-        for engine in engines.values():
-            engine.close()
+    with open_engines(config, encode=False) as engines, bar:
+        outcomes = lpz.decode_paths(paths, args.out, engines.for_sha256, on_done=tick)
     return _finish_batch(outcomes, "decoded")
 
 
@@ -579,6 +568,7 @@ def _add_file_commands(sub: _Commands) -> None:
     p.add_argument("inputs", nargs="+", type=Path, metavar="IN", help="DICOM files or folders")
     p.add_argument("--out", type=Path, required=True)
     _add_setting_option(p, "--tier")
+    _add_setting_option(p, "--coder")
     _add_codec_options(p)
 
     p = _command(sub, "decode", "decode .lpz containers into DICOM files", cmd_decode, operands="inputs")
@@ -669,6 +659,7 @@ def _add_archive_commands(sub: _Commands) -> None:
     p.add_argument("inputs", nargs="+", type=Path, metavar="IN", help="DICOM files or folders")
     _add_archive_options(p)
     _add_setting_option(p, "--tier")
+    _add_setting_option(p, "--coder")
     _add_codec_options(p)
 
 

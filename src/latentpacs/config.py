@@ -50,6 +50,7 @@ SETTINGS: tuple[Setting, ...] = (
     Setting("archive.duplicates", "keep", str, "re-sent instance policy: keep | replace | reject"),
     Setting("codec.model", "ae", str, "model name (in models_dir) used for new images"),
     Setting("codec.tier", "latent", str, "fidelity tier: latent | lossless | near-lossless:K"),
+    Setting("codec.coder", "jpeg-ls", str, "stream coder of the lossless and near-lossless tiers"),
     Setting("codec.device", "", str, "torch device; empty: cuda when available, else cpu"),
     Setting("codec.models_dir", "", str, "directory of model files; empty: the shipped models/"),
     Setting("codec.max_batch", 8, int, "largest batch the inference engine runs at once"),

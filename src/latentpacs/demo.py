@@ -15,7 +15,8 @@ from statistics import median
 
 import numpy as np
 
-from latentpacs import phantom, service
+from latentpacs import phantom
+from latentpacs.image import chain
 from latentpacs.codec.engine import Engine, resize_bilinear
 from latentpacs.codec.tiers import Tier
 from latentpacs.evaluate.metrics import PAPER_SIZE, paper_mse
@@ -47,10 +48,10 @@ def run_demo(out: Path, engine: Engine, *, count: int, size: tuple[int, int], se
     rows = []
     for tier in TIERS:
         started = time.perf_counter()
-        encoded = service.encode_datasets(datasets, engine, tier)
+        encoded = chain.encode(datasets, engine, tier)
         encode_s = time.perf_counter() - started
         started = time.perf_counter()
-        returned = [service.returned_dataset(item, engine) for item in encoded]
+        returned = [chain.returned(item, engine) for item in encoded]
         decode_s = time.perf_counter() - started
         target = out / str(tier).replace(":", "-")
         target.mkdir(parents=True, exist_ok=True)

@@ -39,7 +39,7 @@ from latentpacs.archive.keys import (
     NOT_KEYS, SQL_KEYS, UNIQUE_KEYS, check_level, key_level, retrieve_unique_values,
 )
 from latentpacs.archive.matching import KeyMatch, json_values, normalise
-from latentpacs.archive.records import dataset_from_json
+from latentpacs.dicomjson import dataset_from_json
 from latentpacs.archive.schema import Instance, Patient, Series, Study
 from latentpacs.errors import LimitExceededError
 

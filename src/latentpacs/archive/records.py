@@ -9,15 +9,11 @@ decoder needs to rebuild the original matrix.
 
 from __future__ import annotations
 
-import base64
 from dataclasses import dataclass, field
 from typing import Any
 
-from pydicom.dataelem import DataElement, RawDataElement
-from pydicom.dataset import Dataset
-from pydicom.tag import Tag
-
 from latentpacs.codec.tiers import Tier
+from latentpacs.dicomjson import first_value
 from latentpacs.errors import InvalidDicomError, TierError
 
 
@@ -25,70 +21,6 @@ from latentpacs.errors import InvalidDicomError, TierError
 SOP_INSTANCE_UID = "00080018"
 SERIES_INSTANCE_UID = "0020000E"
 STUDY_INSTANCE_UID = "0020000D"
-
-
-def first_value(header: dict[str, Any], tag: str) -> str:
-    """The first value of ``tag`` in a DICOM JSON object as text, or ``""`` when absent.
-
-    PN values (PS3.18 F.2.2) give their Alphabetic component group.
-    """
-    element = header.get(tag)
-    if not element:
-        return ""
-    values = element.get("Value") or []
-    if not values or values[0] is None:
-        return ""
-    value = values[0]
-    if isinstance(value, dict):
-        return str(value.get("Alphabetic", ""))
-    return str(value)
-
-
-#: Key of an archived raw element's JSON object holding the VR it arrived with.
-AS_RECEIVED_VR = "latentpacsVR"
-
-
-def dataset_from_json(data: dict[str, Any]) -> Dataset:
-    """An archived DICOM JSON object (PS3.18 F.2) as a pydicom Dataset.
-
-    Elements archived as received because their value did not convert (VR UN with
-    InlineBinary and the VR they arrived with, see ``latentpacs.service.header_json``) are
-    rebuilt as raw elements of that VR holding those bytes, so a retrieval writes them
-    back exactly as received; pydicom's own JSON reader would re-type them by the
-    dictionary and fail on the very value that made them raw.
-    """
-    kept: dict[str, Any] = {}
-    raw: list[RawDataElement] = []
-    sequences: dict[str, list[Dataset]] = {}
-    for key, element in data.items():
-        if element.get("vr") == "UN" and "InlineBinary" in element:
-            value = base64.b64decode(element["InlineBinary"])
-            vr = str(element.get(AS_RECEIVED_VR, "UN"))
-            raw.append(RawDataElement(Tag(int(key, 16)), vr, len(value), value, 0, False, True))
-        elif element.get("vr") == "SQ" and any(
-            isinstance(item, dict) and _has_raw(item) for item in element.get("Value") or []
-        ):
-            sequences[key] = [dataset_from_json(item) for item in element["Value"]]
-        else:
-            kept[key] = element
-    ds = Dataset.from_json(kept)
-    for element in raw:
-        ds[element.tag] = element  # kept raw: written back byte for byte, never converted
-    for key, items in sequences.items():
-        ds.add(DataElement(int(key, 16), "SQ", items))
-    return ds
-
-
-def _has_raw(data: dict[str, Any]) -> bool:
-    """Whether a DICOM JSON object holds an element archived as raw UN bytes, at any depth."""
-    for element in data.values():
-        if element.get("vr") == "UN" and "InlineBinary" in element:
-            return True
-        if element.get("vr") == "SQ" and any(
-            isinstance(item, dict) and _has_raw(item) for item in element.get("Value") or []
-        ):
-            return True
-    return False
 
 
 @dataclass(frozen=True)
@@ -124,6 +56,8 @@ class ArchivedImage:
         SHA-256 of the cells the stream stream decodes to; ``""`` for ``latent``.
     lossy_on_arrival:
         The pixels had already lost information when they arrived.
+    stream_coder, stream_coder_version:
+        The coder that wrote ``stream`` and its format version (``""``, 0 for ``latent``).
     """
 
     header: dict[str, Any]
@@ -143,6 +77,8 @@ class ArchivedImage:
     pixel_sha256: str = ""
     returned_sha256: str = ""
     lossy_on_arrival: bool = False
+    stream_coder: str = ""
+    stream_coder_version: int = 0
 
     def __post_init__(self) -> None:
         # One tier grammar (codec/tiers.py, which imports no torch): the archive keeps

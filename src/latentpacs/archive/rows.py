@@ -20,7 +20,8 @@ from sqlalchemy.dialects import postgresql, sqlite
 from sqlalchemy.orm import Session
 
 from latentpacs.archive.matching import normalise
-from latentpacs.archive.records import ArchivedImage, first_value
+from latentpacs.archive.records import ArchivedImage
+from latentpacs.dicomjson import first_value
 from latentpacs.archive.schema import Instance, Latent, Patient, Series, Study
 from latentpacs.errors import IdentityConflictError
 
@@ -120,7 +121,8 @@ def add_instance(session: Session, image: ArchivedImage, stream_inline: bytes | 
     session.add(Latent(
         instance_fk=instance.id, model_sha256=image.model_sha256, latent=image.latent,
         stream=stream_inline, stream_path=stream_path, stream_sha256=stream_sha256,
-        stream_size=len(image.stream),
+        stream_size=len(image.stream), stream_coder=image.stream_coder,
+        stream_coder_version=image.stream_coder_version,
     ))
     session.flush()
     return instance.id
@@ -159,5 +161,6 @@ def to_image(instance: Instance, latent: Latent, stream: bytes) -> ArchivedImage
         original_transfer_syntax=instance.original_transfer_syntax,
         original_stored_bytes=instance.original_stored_bytes,
         pixel_sha256=instance.pixel_sha256, returned_sha256=instance.returned_sha256,
-        lossy_on_arrival=instance.lossy_on_arrival,
+        lossy_on_arrival=instance.lossy_on_arrival, stream_coder=latent.stream_coder,
+        stream_coder_version=latent.stream_coder_version,
     )

@@ -3,12 +3,19 @@
 For each image the original is read once through :mod:`latentpacs.image.pixels`, then
 
 * each model archives it at the ``latent`` tier through the product's own chain
-  (:func:`latentpacs.service.encode_datasets` -> :func:`~latentpacs.service.decode_stored`);
-* JPEG at the paper's setting (8 bits, quality ``jpeg_quality``) is coded and decoded, and
-  written as a DICOM series (:mod:`~latentpacs.evaluate.jpeg_series`);
+  (:func:`latentpacs.image.chain.encode` -> :func:`~latentpacs.image.chain.decode`);
+* JPEG at quality ``jpeg_quality`` of the image scaled to 8 bits, in two protocols
+  (:func:`jpeg_codec_names`). ``jpeg-qQ`` is the paper's: the image resized bilinearly to
+  1024 x 1024 first, bits = that file's bytes x 8, MSE and SSIM between the decoded
+  1024 x 1024 image and the resized original. ``jpeg-qQ-native`` codes the native matrix
+  (bits of the native-size file) and is measured like every other reconstruction; it is
+  the one written as a DICOM series (:mod:`~latentpacs.evaluate.jpeg_series`) under
+  ``jpeg-qQ-native/``, because it is the image a viewer shows at full size. The paper's
+  files are written as they are, ``jpeg-qQ/*.jpg``;
 * the first model archives it at each further fidelity tier (latent + stream);
 * JPEG-LS, JPEG 2000 and JPEG-XL code it losslessly at the native bit depth;
-* JPEG (over qualities) and JPEG 2000 (over target PSNRs) trace rate-distortion curves.
+* JPEG (over qualities, both protocols: ``jpeg`` the paper's, ``jpeg-native``) and
+  JPEG 2000 (over target PSNRs, native) trace rate-distortion curves.
 
 Every codec's reconstruction is measured against the original the same way
 (:mod:`~latentpacs.evaluate.metrics`). The run writes ``metrics.csv``,
@@ -27,13 +34,13 @@ from typing import Any
 import numpy as np
 from tqdm import tqdm
 
-from latentpacs import service
 from latentpacs.codec.engine import Engine, resize_bilinear
 from latentpacs.codec.modelfile import load_model
 from latentpacs.codec.tiers import Tier
 from latentpacs.errors import ConfigError, LatentPacsError
 from latentpacs.evaluate import baselines, metrics, plots, records, report
 from latentpacs.evaluate.jpeg_series import jpeg_dataset
+from latentpacs.image import chain
 from latentpacs.image.pixels import PixelModule, original_stored_bytes, read_file, stored_to_canonical, stored_values
 
 logger = logging.getLogger(__name__)
@@ -79,7 +86,13 @@ class EvaluationConfig:
 
 @dataclass(frozen=True)
 class EvaluationResult:
-    """What a run wrote; ``skipped`` names each input that could not be measured and why."""
+    """What a run wrote.
+
+    ``jpeg_series`` are the native JPEG's DICOM objects (``jpeg-qQ-native/*.dcm``),
+    ``jpeg_files`` the paper's 1024 x 1024 JPEG files (``jpeg-qQ/*.jpg``, named by the
+    original's SOP Instance UID); ``skipped`` names each input that could not be measured
+    and why.
+    """
 
     out: Path
     rows: tuple[records.MetricRow, ...]
@@ -87,6 +100,7 @@ class EvaluationResult:
     figures: tuple[Path, ...]
     report: Path
     jpeg_series: tuple[Path, ...]
+    jpeg_files: tuple[Path, ...]
     skipped: tuple[tuple[Path, str], ...]
 
 
@@ -101,10 +115,25 @@ class _Original:
     module: PixelModule
 
 
-def _measure(original: _Original, codec: str, kind: str, recon: np.ndarray, bits: int) -> records.MetricRow:
-    """Measure a reconstruction (canonical, native size) that cost ``bits``."""
+def jpeg_codec_names(quality: int) -> tuple[str, str]:
+    """The JPEG baselines' codec names: the paper's protocol, then the native one."""
+    return f"jpeg-q{quality}", f"jpeg-q{quality}-native"
+
+
+def _measure(
+    original: _Original, codec: str, kind: str, recon: np.ndarray, bits: int, paper_recon: np.ndarray | None = None
+) -> records.MetricRow:
+    """Measure a reconstruction (canonical, native size) that cost ``bits``.
+
+    The paper's measures (MSE, PSNR, SSIM) compare ``paper_recon`` (1024 x 1024) with
+    the resized original; without one, ``recon`` resized to 1024 x 1024 stands in. The
+    native measures compare ``recon`` with the original at its own matrix.
+    """
     rows, cols = original.canonical.shape
-    paper_recon = resize_bilinear(recon.astype(np.float32), metrics.PAPER_SIZE)
+    if paper_recon is None:
+        paper_recon = resize_bilinear(recon.astype(np.float32), metrics.PAPER_SIZE)
+    if paper_recon.shape != metrics.PAPER_SIZE:
+        raise ValueError(f"the paper's measures need a {metrics.PAPER_SIZE} image, got {paper_recon.shape}")
     error = metrics.mse(original.paper, paper_recon)
     diff = np.abs(original.canonical.astype(np.float64) - recon.astype(np.float64))
     return records.MetricRow(
@@ -139,10 +168,14 @@ def _rate_points(original: _Original, stored: np.ndarray, config: EvaluationConf
     points = []
     pixels = stored.size
     for quality in config.jpeg_qualities:
+        stream = baselines.jpeg_paper_encode(original.canonical, quality)
+        bits = 8 * len(stream)
+        points.append(records.RatePoint(original.name, "jpeg", float(quality), bits, bits / pixels,
+                                        metrics.mse(original.paper, baselines.jpeg_decode(stream))))
         stream = baselines.jpeg_encode(original.canonical, quality)
         recon = resize_bilinear(baselines.jpeg_decode(stream), metrics.PAPER_SIZE)
         bits = 8 * len(stream)
-        points.append(records.RatePoint(original.name, "jpeg", float(quality), bits, bits / pixels,
+        points.append(records.RatePoint(original.name, "jpeg-native", float(quality), bits, bits / pixels,
                                         metrics.mse(original.paper, recon)))
     for target in config.jpeg2000_psnr_db:
         stream = baselines.jpeg2000_encode(stored, original.module.bits_stored, target)
@@ -163,10 +196,11 @@ class _ImageOutcome:
     points: list[records.RatePoint]
     recons: dict[str, np.ndarray]
     series: list[Path]
+    jpeg_files: list[Path]
 
 
 def _evaluate_image(
-    path: Path, engines: dict[str, Engine], tiers: list[Tier], config: EvaluationConfig, series_dir: Path
+    path: Path, engines: dict[str, Engine], tiers: list[Tier], config: EvaluationConfig, out: Path
 ) -> _ImageOutcome:
     """Every codec on one image; raises LatentPacsError when the image cannot be measured."""
     ds = read_file(path)
@@ -178,26 +212,37 @@ def _evaluate_image(
     recons: dict[str, np.ndarray] = {}
     series: list[Path] = []
     for label, engine in engines.items():
-        (encoded,) = service.encode_datasets([ds], engine, Tier("latent"))
-        recons[label] = stored_to_canonical(service.decode_stored(encoded, engine), module)
+        (encoded,) = chain.encode([ds], engine, Tier("latent"))
+        recons[label] = stored_to_canonical(chain.decode(encoded, engine), module)
         rows.append(_measure(original, label, "learned", recons[label], 8 * len(encoded.latent)))
-    jpeg_codec = f"jpeg-q{config.jpeg_quality}"
+    paper_codec, native_codec = jpeg_codec_names(config.jpeg_quality)
+    # The paper's protocol: resize to 1024 x 1024, then JPEG; measured at 1024 x 1024.
+    paper_stream = baselines.jpeg_paper_encode(canonical, config.jpeg_quality)
+    paper_decoded = baselines.jpeg_decode(paper_stream)
+    recons[paper_codec] = resize_bilinear(paper_decoded, canonical.shape)
+    rows.append(_measure(original, paper_codec, "jpeg", recons[paper_codec], 8 * len(paper_stream),
+                         paper_recon=paper_decoded))
+    # Native: JPEG of the full matrix, the file a viewer shows.
     stream = baselines.jpeg_encode(canonical, config.jpeg_quality)
-    recons[jpeg_codec] = baselines.jpeg_decode(stream)
-    rows.append(_measure(original, jpeg_codec, "jpeg", recons[jpeg_codec], 8 * len(stream)))
+    recons[native_codec] = baselines.jpeg_decode(stream)
+    rows.append(_measure(original, native_codec, "jpeg", recons[native_codec], 8 * len(stream)))
+    jpeg_files: list[Path] = []
     if config.write_jpeg_series:
         jds = jpeg_dataset(ds, stream, config.jpeg_quality, original_stored_bytes(ds))
-        target = series_dir / f"{jds.SOPInstanceUID}.dcm"
+        target = out / native_codec / f"{jds.SOPInstanceUID}.dcm"
         jds.save_as(target, enforce_file_format=True)
         series.append(target)
+        jpeg_file = out / paper_codec / f"{ds.SOPInstanceUID}.jpg"
+        jpeg_file.write_bytes(paper_stream)
+        jpeg_files.append(jpeg_file)
     primary = next(iter(engines))
     for tier in tiers:
-        (encoded,) = service.encode_datasets([ds], engines[primary], tier)
-        recon = stored_to_canonical(service.decode_stored(encoded, None), module)
+        (encoded,) = chain.encode([ds], engines[primary], tier)
+        recon = stored_to_canonical(chain.decode(encoded, None), module)
         rows.append(_measure(original, f"{primary}+{tier}", "tier", recon, 8 * encoded.archived_bytes))
     for codec in baselines.LOSSLESS_CODECS:
         rows.append(_exact(original, codec, baselines.lossless_size(codec, stored, module.bits_stored)))
-    return _ImageOutcome(original, rows, _rate_points(original, stored, config), recons, series)
+    return _ImageOutcome(original, rows, _rate_points(original, stored, config), recons, series, jpeg_files)
 
 
 def _previews(index: int, original: _Original, recons: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
@@ -251,20 +296,21 @@ def evaluate(config: EvaluationConfig, progress: bool = True) -> EvaluationResul
     if config.previews < 1:
         raise ConfigError(f"previews must be at least 1, got {config.previews}")
     tiers = [Tier.parse(t) for t in config.tiers]
-    jpeg_codec = f"jpeg-q{config.jpeg_quality}"
+    paper_codec, native_codec = jpeg_codec_names(config.jpeg_quality)
     out = Path(config.out)
-    series_dir = out / jpeg_codec
-    series_dir.mkdir(parents=True, exist_ok=True)
+    for folder in (paper_codec, native_codec):
+        (out / folder).mkdir(parents=True, exist_ok=True)
     rows: list[records.MetricRow] = []
     points: list[records.RatePoint] = []
     previews: dict[str, np.ndarray] = {}
     series: list[Path] = []
+    jpeg_files: list[Path] = []
     skipped: list[tuple[Path, str]] = []
     engines = _open_engines(config)
     try:
         for path in tqdm(config.images, desc="evaluate", unit="img", disable=not progress or None):
             try:
-                image = _evaluate_image(Path(path), engines, tiers, config, series_dir)
+                image = _evaluate_image(Path(path), engines, tiers, config, out)
             except LatentPacsError as exc:
                 logger.warning("skipping %s: %s", path, exc.message)
                 skipped.append((Path(path), exc.message))
@@ -272,6 +318,7 @@ def evaluate(config: EvaluationConfig, progress: bool = True) -> EvaluationResul
             rows += image.rows
             points += image.points
             series += image.series
+            jpeg_files += image.jpeg_files
             index = len({r.image for r in rows}) - 1
             if index < config.previews:
                 previews.update(_previews(index, image.original, image.recons))
@@ -293,9 +340,10 @@ def evaluate(config: EvaluationConfig, progress: bool = True) -> EvaluationResul
         for label, e in engines.items()
     }
     summary["config"] = json.loads(json.dumps(asdict(config), default=str))
-    summary["codec_order"] = {"learned": list(engines), "jpeg": jpeg_codec}
+    summary["codec_order"] = {"learned": list(engines), "jpeg": paper_codec, "jpeg_native": native_codec}
     records.write_summary(out / records.SUMMARY_JSON, summary)
     figures = plots.write_figures(out)
     page = report.write_report(out)
     logger.info("evaluated %d image(s) into %s", summary["images"], out)
-    return EvaluationResult(out, tuple(rows), summary, tuple(figures), page, tuple(series), tuple(skipped))
+    return EvaluationResult(out, tuple(rows), summary, tuple(figures), page, tuple(series), tuple(jpeg_files),
+                            tuple(skipped))

@@ -30,17 +30,22 @@ import zlib
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from pydicom.dataset import Dataset
 
-from latentpacs import __version__, service
-from latentpacs.codec.engine import Engine
+from latentpacs import __version__
+from latentpacs.codec.streams import DEFAULT_CODER
 from latentpacs.codec.tiers import Tier
 from latentpacs.errors import LatentFormatError, LatentPacsError
+from latentpacs.image import chain
+from latentpacs.image.derive import Derivation, returned_overrides
 from latentpacs.image.pixels import PixelModule, read_file
-from latentpacs.service import EncodedImage, ModelRef
+from latentpacs.image.record import ImageRecord, ModelRef
 from latentpacs.uid import uid_file_name
+
+if TYPE_CHECKING:
+    from latentpacs.codec.engine import Engine
 
 logger = logging.getLogger(__name__)
 
@@ -51,7 +56,7 @@ _PREFIX = struct.Struct(">8sHH")
 _LENGTH = struct.Struct(">I")
 
 
-def to_bytes(image: EncodedImage) -> bytes:
+def to_bytes(image: ImageRecord) -> bytes:
     """Serialise an encoded image as an ``.lpz`` container (layout in the module docstring)."""
     meta = json.dumps(_meta(image), separators=(",", ":"), sort_keys=True).encode()
     parts = [_PREFIX.pack(MAGIC, FORMAT_VERSION, 0)]
@@ -61,26 +66,28 @@ def to_bytes(image: EncodedImage) -> bytes:
     return body + _LENGTH.pack(zlib.crc32(body))
 
 
-def _meta(image: EncodedImage) -> dict[str, Any]:
+def _meta(image: ImageRecord) -> dict[str, Any]:
     module = image.module
+    model = asdict(image.model) if image.model is not None else {"sha256": image.model_sha256}
     return {
         "tier": str(image.tier),
-        "model": asdict(image.model),
+        "model": model,
         "geometry": asdict(module),
         "original": {
             "transfer_syntax_uid": image.original_transfer_syntax,
             "stored_bytes": image.original_stored_bytes,
             "pixel_sha256": image.pixel_sha256,
             "lossy_on_arrival": image.lossy_on_arrival,
-            "lossy_method": image.arrival_method,
         },
+        "stream": {"coder": image.stream_coder, "version": image.stream_coder_version},
         "returned_sha256": image.returned_sha256,
         "created_by": f"latentpacs {__version__}",
         "header": image.header,
+        "overrides": image.overrides,
     }
 
 
-def from_bytes(data: bytes) -> EncodedImage:
+def from_bytes(data: bytes) -> ImageRecord:
     """Parse an ``.lpz`` container.
 
     Raises
@@ -107,25 +114,45 @@ def from_bytes(data: bytes) -> EncodedImage:
         offset += length
     try:
         meta = json.loads(blocks[0])
-        return EncodedImage(
-            tier=Tier.parse(meta["tier"]),
-            model=ModelRef(**meta["model"]),
+        tier = Tier.parse(meta["tier"])
+        model = ModelRef(**meta["model"]) if len(meta["model"]) > 1 else None
+        stream_meta = meta.get("stream") or {}
+        record = ImageRecord(
+            tier=tier,
+            model_sha256=str(meta["model"]["sha256"]),
             module=PixelModule(**meta["geometry"]),
             original_transfer_syntax=meta["original"]["transfer_syntax_uid"],
             original_stored_bytes=int(meta["original"]["stored_bytes"]),
             header=meta["header"],
+            overrides=meta.get("overrides", {}),
             latent=blocks[1],
             stream=blocks[2],
+            stream_coder=str(stream_meta.get("coder", DEFAULT_CODER if blocks[2] else "")),
+            stream_coder_version=int(stream_meta.get("version", 1 if blocks[2] else 0)),
             pixel_sha256=str(meta["original"].get("pixel_sha256", "")),
             returned_sha256=str(meta.get("returned_sha256", "")),
             lossy_on_arrival=bool(meta["original"].get("lossy_on_arrival", False)),
-            arrival_method=meta["original"].get("lossy_method"),
+            model=model,
         )
+        if "overrides" not in meta:  # written before the overrides were kept in the file
+            record = _with_overrides(record)
+        return record
     except (ValueError, KeyError, TypeError, LatentPacsError) as exc:
         raise LatentFormatError(f".lpz metadata is malformed: {exc}") from exc
 
 
-def summary(image: EncodedImage) -> dict[str, Any]:
+def _with_overrides(record: ImageRecord) -> ImageRecord:
+    """A record read from an older file, with the overrides its encode would have kept."""
+    from dataclasses import replace
+
+    name = record.model.name if record.model is not None else ""
+    derivation = Derivation(name, record.model_sha256, record.tier, record.ratio,
+                            lossy_predecessor=record.lossy_on_arrival)
+    overrides = returned_overrides(record.dataset_header(), derivation)
+    return replace(record, overrides=overrides.to_json_dict())
+
+
+def summary(image: ImageRecord) -> dict[str, Any]:
     """What ``latentpacs inspect`` shows: the metadata, sizes, and the header's identity."""
     meta = _meta(image)
     header = image.dataset_header()
@@ -143,7 +170,7 @@ def summary(image: EncodedImage) -> dict[str, Any]:
     return meta
 
 
-def read_lpz(path: str | Path) -> EncodedImage:
+def read_lpz(path: str | Path) -> ImageRecord:
     """Read an ``.lpz`` file; a missing or malformed file raises :class:`LatentFormatError`."""
     try:
         data = Path(path).read_bytes()
@@ -173,9 +200,12 @@ def encode_paths(
     tier: Tier,
     *,
     batch: int = 8,
+    coder: str = DEFAULT_CODER,
     on_done: Callable[[Outcome], None] | None = None,
 ) -> list[Outcome]:
     """Encode DICOM files into ``out_dir/<SOP Instance UID>.lpz``, batch by batch.
+
+    ``coder`` names the stream coder of the ``lossless`` and ``near-lossless`` tiers.
 
     A file that cannot be read or archived yields an :class:`Outcome` with a one-line
     ``error``; the rest of the batch is still processed.
@@ -189,7 +219,7 @@ def encode_paths(
                 readable.append((path, read_file(path)))
             except LatentPacsError as exc:
                 outcomes.append(_report(Outcome(path, error=exc.message), on_done))
-        outcomes += _encode_chunk(readable, out_dir, engine, tier, on_done)
+        outcomes += _encode_chunk(readable, out_dir, engine, tier, coder, on_done)
     return outcomes
 
 
@@ -198,17 +228,19 @@ def _encode_chunk(
     out_dir: Path,
     engine: Engine,
     tier: Tier,
+    coder: str,
     on_done: Callable[[Outcome], None] | None,
 ) -> list[Outcome]:
     """Encode one chunk together; on failure, retry one by one so one bad file costs one."""
     if not items:
         return []
     try:
-        encoded = service.encode_datasets([ds for _, ds in items], engine, tier)
+        encoded = chain.encode([ds for _, ds in items], engine, tier, coder)
     except LatentPacsError as exc:
         if len(items) == 1:
             return [_report(Outcome(items[0][0], error=exc.message), on_done)]
-        return [o for item in items for o in _encode_chunk([item], out_dir, engine, tier, on_done)]
+        return [o for item in items
+                for o in _encode_chunk([item], out_dir, engine, tier, coder, on_done)]
     outcomes = []
     for (path, ds), image in zip(items, encoded):
         try:
@@ -232,14 +264,14 @@ def _report(outcome: Outcome, on_done: Callable[[Outcome], None] | None) -> Outc
 def decode_paths(
     paths: Iterable[Path],
     out_dir: Path,
-    engine_for: Callable[[ModelRef], Engine],
+    engine_for: Callable[[str], Engine],
     *,
     on_done: Callable[[Outcome], None] | None = None,
 ) -> list[Outcome]:
     """Decode ``.lpz`` files into DICOM files ``out_dir/<returned SOP Instance UID>.dcm``.
 
-    ``engine_for`` gives the engine for the model a container names (only called for the
-    latent tier). A file that cannot be decoded yields an :class:`Outcome` with a
+    ``engine_for`` gives the engine for the model SHA-256 a container names (only called
+    for the latent tier; :meth:`latentpacs.image.chain.EnginePool.for_sha256`). A file that cannot be decoded yields an :class:`Outcome` with a
     one-line ``error``; the others are still written.
     """
     out_dir.mkdir(parents=True, exist_ok=True)
@@ -247,8 +279,8 @@ def decode_paths(
     for path in paths:
         try:
             image = read_lpz(path)
-            engine = engine_for(image.model) if not image.tier.has_stream else None
-            ds = service.returned_dataset(image, engine)
+            engine = None if image.tier.has_stream else engine_for(image.model_sha256)
+            ds = chain.returned(image, engine)
             target = out_dir / uid_file_name(str(ds.SOPInstanceUID), ".dcm")
             ds.save_as(target, enforce_file_format=True)
         except LatentPacsError as exc:

@@ -176,7 +176,21 @@ def _send(
             yield Status.PENDING, ds
 
 
-def _retrieve(event: evt.Event, service: Service, service_name: str) -> Iterator[Any]:
+def _accepted_for_get(event: evt.Event) -> frozenset[tuple[str, str]]:
+    """(SOP Class, Transfer Syntax) pairs a C-GET requestor accepted for our C-STOREs.
+
+    C-GET sub-operations go back on the same association (PS3.4 C.4.3.3), so the contexts
+    the requestor accepted with us as Storage SCU say which transfer syntaxes it takes.
+    """
+    return frozenset(
+        (str(cx.abstract_syntax), str(cx.transfer_syntax[0]))
+        for cx in event.assoc.accepted_contexts
+        if cx.as_scu and cx.transfer_syntax
+    )
+
+
+def _retrieve(event: evt.Event, service: Service, service_name: str,
+              sendable: frozenset[tuple[str, str]]) -> Iterator[Any]:
     """The sub-operation count, then one C-STORE per matched instance (C-GET and C-MOVE).
 
     A refused identifier is answered with its failure status and ErrorComment. pynetdicom
@@ -193,14 +207,6 @@ def _retrieve(event: evt.Event, service: Service, service_name: str) -> Iterator
         yield _from_error(exc), None
         return
     yield len(matches)
-    # C-GET sub-operations go back on this association (PS3.4 C.4.3.3), so the contexts the
-    # requestor accepted for us as Storage SCU say which transfer syntaxes it takes; C-MOVE
-    # opens a new association whose contexts are only known inside pynetdicom.
-    sendable = frozenset(
-        (str(cx.abstract_syntax), str(cx.transfer_syntax[0]))
-        for cx in event.assoc.accepted_contexts
-        if cx.as_scu and cx.transfer_syntax
-    ) if service_name == "C-GET" else frozenset()
     yield from _send(event, service, matches, sendable)
 
 
@@ -216,7 +222,7 @@ def handle_get(event: evt.Event, service: Service, policy: PeerPolicy) -> Iterat
         yield 1
         yield refused, None
         return
-    yield from _retrieve(event, service, "C-GET")
+    yield from _retrieve(event, service, "C-GET", _accepted_for_get(event))
 
 
 def handle_move(
@@ -238,4 +244,5 @@ def handle_move(
         yield None, None  # pynetdicom answers Move Destination Unknown (0xA801)
         return
     yield address
-    yield from _retrieve(event, service, "C-MOVE")
+    # The sub-association's contexts are negotiated inside pynetdicom: send native.
+    yield from _retrieve(event, service, "C-MOVE", frozenset())

@@ -1,0 +1,348 @@
+"""The two chains an image travels, one function each way, and the engine pool.
+
+``encode``: data set -> pixel cells -> canonical image -> latent (engine) and stream
+(coder, verified) -> :class:`~latentpacs.image.record.ImageRecord` with its overrides.
+
+``returned``: record -> pixel cells (stream, checksum-checked; or latent, integer
+decoder) -> derived or original data set -> :func:`for_peer`, the transfer syntax the
+peer takes.
+
+The node (through :mod:`latentpacs.service`), the ``.lpz`` files, ``latentpacs demo`` and
+the evaluator all call these, so a file and a C-GET of one image give the same pixels
+and the same identity. Nothing here imports SQL, networking or (at import time) torch:
+engines are only called, and the pool loads them on first use.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+from collections.abc import Collection, Sequence
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+import numpy as np
+from pydicom.dataset import Dataset
+from pydicom.uid import (
+    ExplicitVRLittleEndian,
+    ImplicitVRLittleEndian,
+    JPEG2000Lossless,
+    JPEGLSLossless,
+    JPEGLSNearLossless,
+    RLELossless,
+)
+
+from latentpacs.codec.streams import DEFAULT_CODER, StreamCoder, get_coder
+from latentpacs.codec.tiers import Tier
+from latentpacs.dicomjson import dataset_from_json, header_json
+from latentpacs.errors import (
+    InvalidDicomError,
+    LatentFormatError,
+    PixelChecksumError,
+    UnsupportedImageError,
+)
+from latentpacs.image.derive import Derivation, assemble, assemble_encapsulated, returned_overrides
+from latentpacs.image.pixels import (
+    PixelModule,
+    arrival_lossy_method,
+    canonical_to_stored,
+    cells_sha256,
+    lossy_on_arrival,
+    mask_to_stored,
+    original_stored_bytes,
+    pixel_cells,
+    stored_to_canonical,
+)
+from latentpacs.image.record import ImageRecord, ModelRef
+from latentpacs.uid import check_uid
+
+if TYPE_CHECKING:
+    from latentpacs.codec.engine import Engine
+
+logger = logging.getLogger(__name__)
+
+#: Transfer syntaxes a returned object can be sent in without coding (PS3.5 A.1, A.2).
+NATIVE_SYNTAXES = frozenset({ExplicitVRLittleEndian, ImplicitVRLittleEndian})
+#: Compressed transfer syntaxes the node codes on the fly, losslessly (PS3.5 A.4).
+LOSSLESS_ENCODINGS = (JPEGLSLossless, JPEGLSNearLossless, JPEG2000Lossless, RLELossless)
+
+
+def model_ref(engine: Engine) -> ModelRef:
+    """The identity of the engine's model."""
+    card = engine.loaded.card
+    return ModelRef(card.name, card.sha256, card.arch, card.latent_dim, card.latent_bits)
+
+
+def check_identity(ds: Dataset) -> None:
+    """Validate every UID an image is filed and named under (PS3.5 9.1).
+
+    SOP Instance, Series Instance, Study Instance and SOP Class UID must be digits and
+    dots of at most 64 characters before they name a row or a file.
+
+    Raises
+    ------
+    InvalidUidError
+        Naming the attribute and what is wrong with it.
+    """
+    for keyword, name in (
+        ("SOPInstanceUID", "SOP Instance UID (0008,0018)"),
+        ("SeriesInstanceUID", "Series Instance UID (0020,000E)"),
+        ("StudyInstanceUID", "Study Instance UID (0020,000D)"),
+        ("SOPClassUID", "SOP Class UID (0008,0016)"),
+    ):
+        try:
+            value = ds.get(keyword, "")
+        except Exception as exc:
+            raise InvalidDicomError(f"{name} cannot be read: {exc}") from exc
+        check_uid(value, name)
+
+
+def encode(
+    datasets: Sequence[Dataset], engine: Engine, tier: Tier, coder: str = DEFAULT_CODER
+) -> list[ImageRecord]:
+    """Encode data sets at ``tier`` into image records, sharing one engine batch.
+
+    Each image's pixel data is decoded exactly once. The stream codes the pixel cells
+    themselves, never a difference from network output: for ``lossless`` every bit as
+    sent (at Bits Allocated precision when bits above High Bit are set), for
+    ``near-lossless:K`` the stored values within K. Each stream is decoded once here and
+    checked (exact: its SHA-256 equals the original's; bounded: every value within K)
+    before a record exists, and the checksum of what it decodes to is kept. The overrides
+    a retrieval applies (derived identity, lossy attributes) are computed here, once.
+
+    Raises
+    ------
+    LatentPacsError
+        When an image cannot be archived (the subclass names what is wrong).
+    """
+    stream_coder = get_coder(coder)
+    for ds in datasets:
+        check_identity(ds)
+    decoded = [pixel_cells(ds) for ds in datasets]
+    values = [mask_to_stored(cells, module) for cells, module in decoded]
+    images = [stored_to_canonical(stored, module) for stored, (_, module) in zip(values, decoded)]
+    latents = engine.encode(images)
+    model = model_ref(engine)
+    records = []
+    for ds, (cells, module), stored, latent in zip(datasets, decoded, values, latents):
+        pixel_sha256 = cells_sha256(cells, module)
+        stream, returned_sha256 = b"", ""
+        if tier.has_stream:
+            stream, returned_sha256 = _coded_stream(
+                stream_coder, cells, stored, module, tier, pixel_sha256)
+        header = header_json(ds)
+        original_bytes = original_stored_bytes(ds)
+        archived = len(latent) + len(stream)
+        uncompressed = module.rows * module.columns * module.bits_allocated // 8
+        derivation = Derivation(
+            model.name, model.sha256, tier, original_bytes / max(archived, 1),
+            arrival_method=arrival_lossy_method(ds),
+            arrival_ratio=uncompressed / max(original_bytes, 1),
+            lossy_predecessor=lossy_on_arrival(ds),
+        )
+        # From the header as archived: a malformed optional element there is raw bytes.
+        overrides = returned_overrides(dataset_from_json(header), derivation)
+        records.append(ImageRecord(
+            tier=tier, model_sha256=model.sha256, module=module,
+            original_transfer_syntax=str(ds.file_meta.TransferSyntaxUID),
+            original_stored_bytes=original_bytes, header=header,
+            overrides=overrides.to_json_dict(), latent=latent, stream=stream,
+            stream_coder=stream_coder.name if stream else "",
+            stream_coder_version=stream_coder.version if stream else 0,
+            pixel_sha256=pixel_sha256, returned_sha256=returned_sha256,
+            lossy_on_arrival=derivation.lossy_predecessor, model=model,
+        ))
+    return records
+
+
+def _coded_stream(coder: StreamCoder, cells: np.ndarray, stored: np.ndarray,
+                  module: PixelModule, tier: Tier, pixel_sha256: str) -> tuple[bytes, str]:
+    """The tier's stream and the SHA-256 of what it decodes to, verified once."""
+    if tier.near == 0:
+        exact = stored is cells  # no bit above High Bit is set
+        stream = coder.encode(cells, module.bits_stored if exact else module.bits_allocated, 0)
+        back = coder.decode(stream)
+        returned = cells_sha256(back, module) if back.shape == module.shape else ""
+        if returned != pixel_sha256:
+            raise PixelChecksumError(
+                "the lossless stream does not decode to the original pixels; nothing stored"
+            )
+        return stream, returned
+    stream = coder.encode(stored, module.bits_stored, tier.near)
+    back = coder.decode(stream)
+    if back.shape != module.shape or int(
+        np.abs(back.astype(np.int32) - stored.astype(np.int32)).max()
+    ) > tier.near:
+        raise PixelChecksumError(
+            f"the near-lossless stream exceeds its bound {tier.near}; nothing stored"
+        )
+    return stream, cells_sha256(back, module)
+
+
+def decode(record: ImageRecord, engine: Engine | None) -> np.ndarray:
+    """The pixel cells a retrieval returns, uint16 (rows, cols).
+
+    The stream tiers decode their stream with the coder it names and need no model; what
+    it decodes to is checked against the archived SHA-256 (when the record has one), so a
+    damaged stream can never be returned as the original. The ``latent`` tier decodes with
+    ``engine``, whose model must be the one the record names (checked by SHA-256).
+
+    Raises
+    ------
+    PixelChecksumError
+        When the stream decodes to other pixels than were archived.
+    LatentFormatError
+        When the stream's geometry is wrong or the engine's model is not the record's.
+    """
+    module = record.module
+    if record.tier.has_stream:
+        coder = get_coder(record.stream_coder or DEFAULT_CODER)
+        stored = coder.decode(record.stream)
+        if stored.shape != (module.rows, module.columns):
+            raise LatentFormatError(
+                f"stream is {stored.shape[0]}x{stored.shape[1]}, "
+                f"geometry says {module.rows}x{module.columns}"
+            )
+        if record.returned_sha256 and cells_sha256(stored, module) != record.returned_sha256:
+            raise PixelChecksumError("pixel checksum mismatch: the archived stream is damaged")
+        return stored
+    if engine is None or engine.loaded.card.sha256 != record.model_sha256:
+        raise LatentFormatError(
+            f"latent was made by model sha256 {record.model_sha256[:16]}; decode it with that model"
+        )
+    (canonical,) = engine.decode([record.latent], [(module.rows, module.columns)])
+    return canonical_to_stored(canonical, module)
+
+
+def returned(record: ImageRecord, engine: Engine | None,
+             accepted: Collection[str] = ()) -> Dataset:
+    """The DICOM object a retrieval sends, in a transfer syntax of ``accepted``.
+
+    Derived for the lossy tiers, the original for ``lossless`` (the archived overrides
+    decide). ``accepted`` holds the Transfer Syntax UIDs the peer accepted for the
+    record's SOP Class (PS3.8 9.3.2.2); empty means "uncompressed". A stream the peer
+    takes as it is (its coder's transfer syntax, precision equal to Bits Stored) goes out
+    encapsulated with no decode: its hash was checked when it was read, and it was proven
+    to decode to ``returned_sha256`` before it was archived. Anything else is decoded and
+    handed to :func:`for_peer`.
+    """
+    header, overrides = record.dataset_header(), record.dataset_overrides()
+    if record.tier.has_stream:
+        coder = get_coder(record.stream_coder or DEFAULT_CODER)
+        sends_as = coder.sends_as
+        syntax = None if sends_as is None else sends_as[0 if record.tier.near == 0 else 1]
+        if (syntax in accepted and record.stream
+                and coder.precision(record.stream) == record.module.bits_stored):
+            return assemble_encapsulated(header, overrides, record.stream, record.module,
+                                         str(syntax))
+    cells = decode(record, engine)
+    ds = assemble(header, overrides, cells, record.module)
+    if int(cells.max(initial=0)) > record.module.max_value and accepted \
+            and not NATIVE_SYNTAXES.intersection(accepted):
+        raise UnsupportedImageError(
+            "pixels carry bits above High Bit: they go out native only, "
+            "and the peer accepted no native transfer syntax"
+        )
+    return for_peer(ds, accepted)
+
+
+def for_peer(ds: Dataset, accepted: Collection[str]) -> Dataset:
+    """``ds`` (native pixels) in a transfer syntax the peer accepted for its class.
+
+    The one owner of the sending transfer syntax (PS3.5 Section 10): native when the
+    peer accepted a native syntax or said nothing; else the pixels coded losslessly in
+    the first accepted syntax latentpacs can code (JPEG-LS, JPEG 2000 lossless, RLE;
+    JPEG-LS NEAR=0 is valid under the Near-Lossless syntax).
+
+    Raises
+    ------
+    UnsupportedImageError
+        When the peer accepted only transfer syntaxes latentpacs cannot code.
+    """
+    if not accepted or NATIVE_SYNTAXES.intersection(accepted):
+        return ds
+    for syntax in LOSSLESS_ENCODINGS:
+        if syntax in accepted:
+            if syntax == JPEGLSNearLossless:
+                ds.compress(syntax, generate_instance_uid=False, jls_error=0)
+            else:
+                ds.compress(syntax, generate_instance_uid=False)
+            return ds
+    raise UnsupportedImageError(
+        f"the peer accepted only {', '.join(sorted(accepted))} for this class; "
+        "latentpacs sends native, JPEG-LS, JPEG 2000 lossless or RLE"
+    )
+
+
+class EnginePool:
+    """One engine per model, loaded on first use and verified by SHA-256.
+
+    The node encodes with one model but must decode every latent the archive holds,
+    whichever model made it; ``latentpacs decode`` likewise decodes ``.lpz`` files of any
+    model. Every engine runs batches of at most ``max_batch`` (``codec.max_batch``).
+
+    Parameters
+    ----------
+    primary:
+        The engine new images are encoded with, or None (decoding only).
+    models_dir:
+        Where models are looked up by hash; None: the shipped models and their retired ones.
+    device:
+        The torch device for engines loaded later; None: CUDA when available.
+    max_batch:
+        Largest batch of every engine the pool loads.
+    """
+
+    def __init__(self, primary: Engine | None = None, *, models_dir: Path | None = None,
+                 device: str | None = None, max_batch: int = 8) -> None:
+        self._primary = primary
+        self._models_dir = models_dir
+        self._device = device
+        self._max_batch = max_batch
+        self._engines: dict[str, Engine] = {}
+        if primary is not None:
+            self._engines[primary.loaded.card.sha256] = primary
+        self._lock = threading.Lock()
+
+    @property
+    def primary(self) -> Engine:
+        """The engine new images are encoded with.
+
+        Raises
+        ------
+        LatentFormatError
+            When the pool was made for decoding only.
+        """
+        if self._primary is None:
+            raise LatentFormatError("this engine pool has no model to encode with")
+        return self._primary
+
+    def for_sha256(self, sha256: str) -> Engine:
+        """The engine of the model with this weights hash (loaded and hash-checked once)."""
+        with self._lock:
+            if sha256 not in self._engines:
+                from latentpacs.codec.engine import Engine
+                from latentpacs.codec.modelfile import find_model_by_sha256, load_model
+
+                path = find_model_by_sha256(sha256, self._models_dir)
+                loaded = load_model(path, expected_sha256=sha256)
+                self._engines[sha256] = Engine(loaded, device=self._device,
+                                               max_batch=self._max_batch)
+            return self._engines[sha256]
+
+    def for_record(self, record: ImageRecord) -> Engine | None:
+        """The engine a record's decode needs: None for the stream tiers."""
+        return None if record.tier.has_stream else self.for_sha256(record.model_sha256)
+
+    def close(self) -> None:
+        """Stop every engine's worker."""
+        with self._lock:
+            for engine in self._engines.values():
+                engine.close()
+            self._engines.clear()
+
+    def __enter__(self) -> EnginePool:
+        return self
+
+    def __exit__(self, *_exc: object) -> None:
+        self.close()
