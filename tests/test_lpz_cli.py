@@ -238,3 +238,18 @@ def test_the_lpz_module_imports_no_sql_networking_or_torch() -> None:
     result = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True,
                             timeout=120, check=True)
     assert result.stdout.strip() == "[]"
+
+
+def test_the_stream_coder_is_chosen_and_recorded(sources, models_dir, tmp_path, capsys) -> None:
+    assert run("encode", sources[0], "--out", tmp_path / "lpz", "--tier", "lossless",
+               "--coder", "jpeg-ls", "--model", "tiny", "--models-dir", models_dir) == 0
+    (written,) = (tmp_path / "lpz").glob("*.lpz")
+    capsys.readouterr()
+    assert run("inspect", "--json", written) == 0
+    info = json.loads(capsys.readouterr().out)
+    assert info["stream"] == {"coder": "jpeg-ls", "version": 1}
+    assert run("encode", sources[0], "--out", tmp_path / "x", "--tier", "lossless",
+               "--coder", "zip", "--model", "tiny", "--models-dir", models_dir) == 2
+    err = capsys.readouterr().err
+    assert "unknown stream coder 'zip'" in err and len(err.strip().splitlines()) == 1
+    assert not (tmp_path / "x").exists() or not list((tmp_path / "x").iterdir())

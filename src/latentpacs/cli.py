@@ -114,7 +114,10 @@ def cmd_demo_data(args: argparse.Namespace) -> int:
 def cmd_encode(args: argparse.Namespace) -> int:
     from latentpacs.image import lpz
 
+    from latentpacs.codec.streams import get_coder
+
     config = _config(args)
+    get_coder(config["codec.coder"])  # an unknown coder is a usage error, not a per-file one
     paths = _expand(args.inputs, "*")
     with _engine(config) as engine:
         bar, tick = _progress(len(paths), "encode")
