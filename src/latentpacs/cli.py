@@ -81,7 +81,8 @@ def _config(args: argparse.Namespace) -> Config:
     return load_config(args.config, overrides=overrides)
 
 
-def _engine(config: Config, name: str | None = None):  # noqa: ANN202 - lazy torch import
+def _engine(config: Config, name: str | None = None) -> Engine:
+    """The engine of ``name`` (default ``codec.model``); torch is imported only here."""
     from latentpacs.codec.engine import Engine
     from latentpacs.codec.modelfile import load_model
 
@@ -459,6 +460,7 @@ def _usage_error(prog: str, message: str) -> NoReturn:
 
 
 if TYPE_CHECKING:
+    from latentpacs.codec.engine import Engine
     _Commands = argparse._SubParsersAction[_Parser]
 
 
