@@ -7,27 +7,31 @@ dciodvfy, the figures, and the report in a real headless browser (Debian's chrom
 from __future__ import annotations
 
 import csv
+import io
 import math
 import re
 import subprocess
 from pathlib import Path
 from statistics import median
 
+import numpy as np
 import pydicom
 import pytest
+from PIL import Image
 from pydicom.encaps import generate_fragments
 from pydicom.uid import JPEGBaseline8Bit
 
 from dicomtools import dciodvfy_errors, require
 from latentpacs import phantom
 from latentpacs.cli import main
+from latentpacs.codec.engine import resize_bilinear
 from latentpacs.codec.modelfile import load_model
 from latentpacs.evaluate import baselines, plots
-from latentpacs.evaluate.metrics import paper_mse
+from latentpacs.evaluate.metrics import paper_mse, ssim
 from latentpacs.evaluate.run import EvaluationConfig, EvaluationResult, evaluate
 from latentpacs.image.pixels import read_file, to_canonical
 
-CODECS = {"ae", "vae", "jpeg-q85", "ae+near-lossless:2", "ae+lossless", "jpeg-ls", "jpeg2000-lossless",
+CODECS = {"ae", "vae", "jpeg-q85", "jpeg-q85-native", "ae+near-lossless:2", "ae+lossless", "jpeg-ls", "jpeg2000-lossless",
           "jpeg-xl-lossless"}
 
 
@@ -61,11 +65,46 @@ def test_efficiency_column_is_consistent_with_mse_and_bits(table: list[dict[str,
         assert float(row["efficiency"]) == pytest.approx(expected, rel=1e-12)
 
 
-def test_jpeg_row_matches_a_hand_made_jpeg(table: list[dict[str, str]], data: list[Path]) -> None:
+def test_jpeg_q85_is_the_papers_protocol_a_jpeg_of_the_1024_image(
+    result: EvaluationResult, table: list[dict[str, str]], data: list[Path]
+) -> None:
+    """Paper III.B-C: resize to 1024 x 1024, then JPEG q85; bits = that file, MSE at 1024."""
+    for path in data[:3]:
+        canonical, _ = to_canonical(read_file(path))
+        resized = resize_bilinear(canonical, (1024, 1024))
+        buffer = io.BytesIO()  # recomputed here with Pillow, not through the evaluator's baselines
+        Image.fromarray(np.rint(np.clip(resized, 0, 1) * 255).astype(np.uint8), mode="L").save(
+            buffer, "JPEG", quality=85)
+        with Image.open(io.BytesIO(buffer.getvalue())) as image:
+            decoded = np.asarray(image, dtype=np.float64) / 255
+        assert decoded.shape == (1024, 1024)
+        row = next(r for r in table if r["image"] == str(path) and r["codec"] == "jpeg-q85")
+        assert int(row["bits"]) == 8 * len(buffer.getvalue())
+        assert int(row["bits"]) != 8 * len(baselines.jpeg_encode(canonical, 85))  # not the native file
+        hand_mse = float(np.mean((resized.astype(np.float64) - decoded) ** 2))
+        assert float(row["mse"]) == pytest.approx(hand_mse, rel=1e-9)
+        assert float(row["psnr"]) == pytest.approx(-10 * math.log10(float(row["mse"])), rel=1e-9)
+        assert float(row["ssim"]) == pytest.approx(ssim(resized, decoded), rel=1e-9)
+        assert float(row["bpp"]) == pytest.approx(int(row["bits"]) / (256 * 208))
+        assert (int(row["rows"]), int(row["columns"])) == (256, 208)
+    # the files it measured are written as they are
+    assert len(result.jpeg_files) == len(data)
+    for jpeg_file in result.jpeg_files:
+        assert jpeg_file.parent.name == "jpeg-q85" and jpeg_file.suffix == ".jpg"
+        with Image.open(jpeg_file) as image:
+            assert image.format == "JPEG" and image.size == (1024, 1024)
+    sizes = {8 * p.stat().st_size for p in result.jpeg_files}
+    assert sizes == {int(r["bits"]) for r in table if r["codec"] == "jpeg-q85"}
+
+
+def test_jpeg_q85_native_codes_the_native_matrix(table: list[dict[str, str]], data: list[Path]) -> None:
     for path in data[:3]:
         canonical, _ = to_canonical(read_file(path))
         stream = baselines.jpeg_encode(canonical, 85)
-        row = next(r for r in table if r["image"] == str(path) and r["codec"] == "jpeg-q85")
+        with Image.open(io.BytesIO(stream)) as image:
+            assert image.size == (208, 256)  # native columns x rows
+        row = next(r for r in table if r["image"] == str(path) and r["codec"] == "jpeg-q85-native")
+        assert row["kind"] == "jpeg"
         assert int(row["bits"]) == 8 * len(stream)
         assert float(row["mse"]) == pytest.approx(paper_mse(canonical, baselines.jpeg_decode(stream)), rel=1e-6)
         assert float(row["psnr"]) == pytest.approx(-10 * math.log10(float(row["mse"])), rel=1e-9)
@@ -82,8 +121,9 @@ def test_latent_and_tier_bits_are_the_stored_bytes(table: list[dict[str, str]]) 
         # the lossless tier stores the ae latent plus exactly the JPEG-LS stream
         assert int(lossless["bits"]) == int(rows[(image, "jpeg-ls")]["bits"]) + int(rows[(image, "ae")]["bits"])
         assert int(rows[(image, "ae+near-lossless:2")]["max_abs_error"]) <= 2
-        assert float(rows[(image, "ae")]["mse"]) > float(rows[(image, "jpeg-q85")]["mse"]) > 0
-        assert 0 < float(rows[(image, "ae")]["ssim"]) < float(rows[(image, "jpeg-q85")]["ssim"]) < 1
+        for jpeg in ("jpeg-q85", "jpeg-q85-native"):
+            assert float(rows[(image, "ae")]["mse"]) > float(rows[(image, jpeg)]["mse"]) > 0
+            assert 0 < float(rows[(image, "ae")]["ssim"]) < float(rows[(image, jpeg)]["ssim"]) < 1
 
 
 def test_summary_medians_are_the_csv_medians(result: EvaluationResult, table: list[dict[str, str]]) -> None:
@@ -105,9 +145,10 @@ def test_jpeg_series_is_valid_dicom_carrying_the_measured_stream(result: Evaluat
         source = ds.SourceImageSequence[0].ReferencedSOPInstanceUID
         original = next(p for p in {r["image"] for r in table} if read_file(p).SOPInstanceUID == source)
         frames = list(generate_fragments(ds.PixelData))[1:]
-        row = next(r for r in table if r["image"] == original and r["codec"] == "jpeg-q85")
+        row = next(r for r in table if r["image"] == original and r["codec"] == "jpeg-q85-native")
         assert 8 * len(b"".join(frames).rstrip(b"\x00")) == int(row["bits"])  # minus the even-length pad
         assert ds.pixel_array.shape == (256, 208)
+        assert path.parent.name == "jpeg-q85-native"
         assert dciodvfy_errors(path) == []
 
 
@@ -135,7 +176,7 @@ def _figures_loaded(page: Path, workdir: Path) -> tuple[int, int]:
 def test_report_loads_every_figure_in_a_headless_browser(result: EvaluationResult, tmp_path: Path) -> None:
     text = result.report.read_text()
     assert "http://" not in text and "https://" not in text  # readable offline
-    assert "<table>" in text and "jpeg-q85" in text and "ae+lossless" in text
+    assert "<table>" in text and "jpeg-q85" in text and "jpeg-q85-native" in text and "ae+lossless" in text
     assert _figures_loaded(result.report, tmp_path / "profile-1") == (len(plots.FIGURES), len(plots.FIGURES))
     broken = tmp_path / "broken.html"
     broken.write_text(text.replace("data:image/png;base64,iVBOR", "data:image/png;base64,AAAAA", 1))
@@ -154,7 +195,10 @@ def test_cli_evaluate_writes_the_report_and_prints_medians(data: list[Path], tmp
         assert (tmp_path / "out" / name).stat().st_size > 0
     with (tmp_path / "out" / "metrics.csv").open() as handle:
         codecs = {row["codec"] for row in csv.DictReader(handle)}
-    assert codecs == {"ae", "jpeg-q85", "jpeg-ls", "jpeg2000-lossless", "jpeg-xl-lossless"}
+    assert codecs == {"ae", "jpeg-q85", "jpeg-q85-native", "jpeg-ls", "jpeg2000-lossless", "jpeg-xl-lossless"}
+    with (tmp_path / "out" / "rate_distortion.csv").open() as handle:
+        curves = {row["codec"] for row in csv.DictReader(handle)}
+    assert curves == {"jpeg", "jpeg-native", "jpeg2000"}
 
 
 def test_an_unreadable_input_is_skipped_and_named(data: list[Path], tmp_path: Path) -> None:

@@ -9,6 +9,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
+from latentpacs.codec.engine import resize_bilinear
 from latentpacs.evaluate import baselines
 from latentpacs.evaluate.metrics import (
     breast_mask,
@@ -88,6 +89,19 @@ def test_jpeg_baseline_is_8_bit_pillow_jpeg_and_decodes_to_its_own_scale() -> No
     decoded = baselines.jpeg_decode(stream)
     assert decoded.shape == canonical.shape and decoded.dtype == np.float32
     assert 0.0 <= decoded.min() and decoded.max() <= 1.0
+
+
+def test_paper_jpeg_codes_the_1024_resize_whatever_the_matrix() -> None:
+    rng = np.random.default_rng(7)
+    canonical = rng.random((300, 200)).astype(np.float32)
+    stream = baselines.jpeg_paper_encode(canonical, 85)
+    resized = resize_bilinear(canonical, (1024, 1024))
+    reference = io.BytesIO()
+    Image.fromarray(np.rint(np.clip(resized, 0, 1) * 255).astype(np.uint8), mode="L").save(
+        reference, "JPEG", quality=85)
+    assert stream == reference.getvalue()
+    assert baselines.jpeg_decode(stream).shape == (1024, 1024)
+    assert len(stream) != len(baselines.jpeg_encode(canonical, 85))
 
 
 def test_lossless_coders_reproduce_12_bit_values_and_jpeg2000_trades_rate_for_error() -> None:

@@ -1,8 +1,14 @@
-"""The JPEG baseline as DICOM objects, so a viewer shows it beside the reconstructions.
+"""The native JPEG baseline as DICOM objects, so a viewer shows it beside the reconstructions.
+
+The evaluator writes these for ``jpeg-qQ-native`` (the image coded at its own matrix),
+under ``jpeg-qQ-native/``. The paper's ``jpeg-qQ`` codes a 1024 x 1024 resize, whose
+pixels are no longer square for a mammogram's matrix: as DICOM it would need new Pixel
+Spacing and would show a distorted breast, so it is written only as the plain ``.jpg``
+files it measures (:mod:`latentpacs.evaluate.run`).
 
 Each object is the original data set with JPEG Baseline pixel data (PS3.5 A.4.1,
 transfer syntax 1.2.840.10008.1.2.4.50, one fragment per frame) holding exactly the
-stream the evaluator measured, and the lossy-compression conventions of
+native stream the evaluator measured, and the lossy-compression conventions of
 :mod:`latentpacs.image.derive`: new deterministic SOP Instance and Series Instance UIDs
 (:func:`~latentpacs.image.derive.derived_uid`), Image Type DERIVED\\SECONDARY, Lossy Image
 Compression 01 with ratio and method ISO_10918_1 (PS3.3 C.7.6.1.1.5), a Derivation
@@ -60,7 +66,8 @@ def jpeg_dataset(original: Dataset, stream: bytes, quality: int, original_bytes:
     original:
         The source image's data set; it is not modified.
     stream:
-        The JPEG (ISO/IEC 10918-1 baseline, 8-bit grayscale) of its canonical image.
+        The JPEG (ISO/IEC 10918-1 baseline, 8-bit grayscale) of its canonical image at its
+        own matrix (Rows x Columns).
     quality:
         The JPEG quality used, named in the derivation and the series.
     original_bytes:
@@ -80,11 +87,11 @@ def jpeg_dataset(original: Dataset, stream: bytes, quality: int, original_bytes:
         method=METHOD_JPEG,
         ratio=ratio,
         description=(
-            f"latentpacs evaluate: JPEG baseline quality {quality} of the image scaled to 8 bits; "
+            f"latentpacs evaluate: JPEG baseline quality {quality} of the image scaled to 8 bits, native matrix; "
             f"ratio {ratio:.1f}:1"
         ),
     ))
-    ds.SeriesDescription = f"JPEG q{quality} baseline (latentpacs evaluate)"
+    ds.SeriesDescription = f"JPEG q{quality} native matrix (latentpacs evaluate)"
 
     PixelModule(module.rows, module.columns, 8, 8, 7, "MONOCHROME2").apply_to(ds)
     for keyword in _VOI_LUT_ONLY:

@@ -5,9 +5,10 @@ The evaluator writes; :mod:`~latentpacs.evaluate.plots` and
 from a finished evaluation without touching images or models.
 
 Units: ``mse``, ``psnr`` and ``ssim`` are the paper's scale (canonical [0, 1] images
-resized bilinearly to 1024 x 1024); ``bits`` is 8 x the stored encoding's bytes;
+resized bilinearly to 1024 x 1024); ``bits`` is 8 x the stored encoding's bytes (for
+``jpeg-qQ`` the 1024 x 1024 JPEG file, as the paper codes it);
 ``efficiency`` is (1 - mse) / ln(bits) (paper Eq. 3); ``bpp`` is bits over the native
-pixel count; ``psnr_native`` and ``psnr_breast`` are at native resolution and bit depth
+pixel count, for every codec (what storing this image costs per detector pixel); ``psnr_native`` and ``psnr_breast`` are at native resolution and bit depth
 (the whole image, the breast region only); ``max_abs_error`` is in the original's stored
 values. An infinite PSNR (identical images) is written ``inf`` in CSV and ``null`` in JSON.
 """
@@ -35,8 +36,10 @@ MEASURES = ("mse", "psnr", "ssim", "bits", "bpp", "efficiency", "psnr_native", "
 class MetricRow:
     """One image measured with one codec (a row of ``metrics.csv``).
 
-    ``kind`` is ``learned`` (a model's latent), ``jpeg`` (the paper's baseline), ``tier``
-    (latent plus a stream stream) or ``lossless`` (a classic lossless coder).
+    ``kind`` is ``learned`` (a model's latent), ``jpeg`` (the JPEG baselines: ``jpeg-qQ``
+    the paper's protocol, a JPEG of the 1024 x 1024 resize; ``jpeg-qQ-native`` a JPEG of
+    the native matrix), ``tier`` (latent plus a JPEG-LS stream) or ``lossless`` (a classic
+    lossless coder).
     """
 
     image: str

@@ -105,14 +105,17 @@ def render(summary: dict[str, Any], figures_dir: Path) -> str:
         f"<p>{summary['images']} image(s). Cells show the median and, below it, the interquartile range.</p>",
         "<h2>The paper's measures</h2>",
         "<p>MSE, PSNR and SSIM on images scaled to [0, 1] and resized bilinearly to 1024 x 1024; "
-        "bits = 8 x the stored encoding's bytes; efficiency = (1 - MSE) / ln(bits) (Eq. 3).</p>",
+        "bits = 8 x the stored encoding's bytes; efficiency = (1 - MSE) / ln(bits) (Eq. 3). "
+        "jpeg-qQ is the paper's baseline: the image resized to 1024 x 1024, then JPEG (bits of that file); "
+        "jpeg-qQ-native codes the native matrix (bits of the native-size file).</p>",
         _codec_table(codecs, ("mse", "psnr", "ssim", "bits", "efficiency")),
         "<h2>At native resolution and bit depth: what each option costs</h2>",
         "<p>Bits per pixel, PSNR over the whole image and over the breast region, and the largest "
         "error in stored values. Tiers are a model's latent plus a JPEG-LS stream.</p>",
         _codec_table(codecs, ("bpp", "psnr_native", "psnr_breast", "max_abs_error")),
         "<h2>Rate-distortion settings</h2>",
-        "<p>JPEG by quality, JPEG 2000 by target PSNR (dB); medians over the images.</p>",
+        "<p>JPEG by quality (jpeg: the paper's 1024 x 1024 protocol; jpeg-native: the native matrix), "
+        "JPEG 2000 (native) by target PSNR (dB); medians over the images.</p>",
         _rd_table(summary["rate_distortion"]), "<h2>Models</h2>", _models(summary["models"]),
         "<h2>Figures</h2>",
         *[_figure(figures_dir / name, caption) for name, caption in FIGURES.items()],
