@@ -24,7 +24,7 @@ from latentpacs.archive import Archive, ArchivedImage, DuplicatePolicy, StoreRes
 from latentpacs.codec.streams import DEFAULT_CODER, get_coder
 from latentpacs.codec.tiers import Tier
 from latentpacs.config import Config
-from latentpacs.errors import LatentPacsError, LimitExceededError
+from latentpacs.errors import DuplicateInstanceError, LatentPacsError, LimitExceededError
 from latentpacs.image import chain
 from latentpacs.image.chain import EnginePool
 from latentpacs.image.pixels import read_file
@@ -167,11 +167,22 @@ class Service:
     def store(self, ds: Dataset) -> StoreResult:
         """Archive one received instance (PS3.4 B.2); returns only after the commit.
 
+        A re-sent instance that the duplicate policy keeps or rejects is answered before
+        any pixel is decoded or coded: that work would never be read. (A concurrent first
+        store of the same instance still meets the policy inside :meth:`Archive.store`.)
+
         Raises
         ------
         LatentPacsError
             The subclass names what is wrong; nothing has been written.
         """
+        chain.check_identity(ds)
+        if self.duplicates is not DuplicatePolicy.REPLACE and self.archive.is_archived(
+                str(ds.SOPInstanceUID)):
+            if self.duplicates is DuplicatePolicy.REJECT:
+                raise DuplicateInstanceError(f"SOP Instance {ds.SOPInstanceUID} is already archived")
+            logger.info("kept %s: already archived, not coded again", ds.SOPInstanceUID)
+            return StoreResult.KEPT_EXISTING
         (record,) = chain.encode([ds], self.engines.primary, self.tier, self.coder)
         archived = record.to_archived()
         result = self.archive.store(archived, duplicates=self.duplicates)

@@ -361,6 +361,12 @@ class Archive:
         with self._session() as session:
             return query.matching_instance_ids(session, level, identifier, root, limit=limit)
 
+    def is_archived(self, original_sop_instance_uid: str) -> bool:
+        """Whether an instance sent under this SOP Instance UID is archived (PS3.4 B.2)."""
+        with self._session() as session:
+            return bool(session.scalar(select(exists().where(
+                Instance.original_sop_instance_uid == original_sop_instance_uid))))
+
     def load(self, instance_id: int) -> ArchivedImage:
         """One archived instance by row id (from :meth:`match_instances`), in a short session.
 

@@ -1,0 +1,45 @@
+"""Service.store does no work whose result is never read (issue 10).
+
+A re-sent instance that the duplicate policy keeps or rejects is answered before any
+pixel is decoded or coded: the engine never sees it.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pydicom
+import pytest
+
+from latentpacs import phantom
+from latentpacs.archive import StoreResult
+from latentpacs.config import load_config
+from latentpacs.errors import DuplicateInstanceError
+from latentpacs.service import open_service
+
+
+@pytest.mark.parametrize("policy", ["keep", "reject", "replace"])
+def test_a_resent_instance_is_coded_again_only_to_replace_it(tmp_path: Path, policy: str) -> None:
+    config = load_config(None, environ={}, overrides={
+        "archive.data_dir": str(tmp_path / "data"), "archive.duplicates": policy,
+        "codec.tier": "lossless"})
+    (path,) = phantom.generate(tmp_path / "images", 1, 21, size=(96, 80))
+    service = open_service(config)
+    try:
+        engine = service.engines.primary
+        assert service.store(pydicom.dcmread(path)) is StoreResult.STORED
+        coded = engine.images_run
+        assert coded == 1
+        if policy == "keep":
+            assert service.store(pydicom.dcmread(path)) is StoreResult.KEPT_EXISTING
+            assert engine.images_run == coded
+        elif policy == "reject":
+            with pytest.raises(DuplicateInstanceError):
+                service.store(pydicom.dcmread(path))
+            assert engine.images_run == coded
+        else:
+            assert service.store(pydicom.dcmread(path)) is StoreResult.REPLACED
+            assert engine.images_run == coded + 1
+        assert service.archive.stats().instances == 1
+    finally:
+        service.close()
