@@ -13,7 +13,9 @@ import subprocess
 import tempfile
 import time
 import uuid
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator, Sequence
+from contextlib import contextmanager
+from dataclasses import dataclass
 from pathlib import Path
 
 import psycopg
@@ -40,15 +42,27 @@ def _admin(port: int) -> psycopg.Connection:
                            autocommit=True, connect_timeout=5)
 
 
-@pytest.fixture(scope="session")
-def postgres_server() -> Iterator[int]:
-    """Start a throw-away PostgreSQL 15 cluster; yields its port, stops it at session end."""
+@dataclass(frozen=True)
+class PostgresCluster:
+    """A running throw-away PostgreSQL 15 cluster."""
+
+    port: int
+    root: Path
+    proc: subprocess.Popen[bytes]
+
+
+@contextmanager
+def postgres_cluster(prefix: str, settings: Sequence[str],
+                     wrap: Callable[[list[str]], list[str]] = list) -> Iterator[PostgresCluster]:
+    """initdb a cluster in a temporary directory, run ``postgres`` (``-c`` each of
+    ``settings``; ``wrap`` may prefix the command, e.g. with strace), wait until it
+    answers, and stop it and remove the directory afterwards."""
     for tool in ("initdb", "postgres", "pg_ctl"):
         if not (PG_BIN / tool).is_file():
             pytest.fail(f"{PG_BIN / tool} is required: apt-get install postgresql-15")
     if shutil.which("runuser") is None:
         pytest.fail("runuser is required: apt-get install util-linux")
-    root = Path(tempfile.mkdtemp(prefix="latentpacs-pg-"))
+    root = Path(tempfile.mkdtemp(prefix=prefix))
     shutil.chown(root, PG_USER, PG_USER)
     data = root / "data"
     subprocess.run(
@@ -57,12 +71,12 @@ def postgres_server() -> Iterator[int]:
         check=True, capture_output=True, timeout=120,
     )
     port = _free_port()
+    options = [item for setting in settings for item in ("-c", setting)]
     log = (root / "server.log").open("wb")
     server = subprocess.Popen(
-        _as_postgres(PG_BIN / "postgres", "-D", data, "-h", "127.0.0.1", "-p", str(port),
-                     "-k", root, "-c", "fsync=off", "-c", "synchronous_commit=off",
-                     "-c", "full_page_writes=off"),
-        stdout=log, stderr=subprocess.STDOUT,
+        wrap(_as_postgres(PG_BIN / "postgres", "-D", data, "-h", "127.0.0.1", "-p", str(port),
+                          "-k", root, *options)),
+        stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
     )
     try:
         deadline = time.monotonic() + START_TIMEOUT_S
@@ -74,7 +88,7 @@ def postgres_server() -> Iterator[int]:
                 if server.poll() is not None or time.monotonic() > deadline:
                     pytest.fail(f"PostgreSQL did not start: {(root / 'server.log').read_text()}")
                 time.sleep(0.2)
-        yield port
+        yield PostgresCluster(port=port, root=root, proc=server)
     finally:
         subprocess.run(_as_postgres(PG_BIN / "pg_ctl", "stop", "-D", data, "-m", "fast", "-w"),
                        capture_output=True, timeout=60)
@@ -85,6 +99,14 @@ def postgres_server() -> Iterator[int]:
             server.wait(timeout=30)
         log.close()
         shutil.rmtree(root, ignore_errors=True)
+
+
+@pytest.fixture(scope="session")
+def postgres_server() -> Iterator[int]:
+    """Start a throw-away PostgreSQL 15 cluster; yields its port, stops it at session end."""
+    with postgres_cluster("latentpacs-pg-", ("fsync=off", "synchronous_commit=off",
+                                             "full_page_writes=off")) as cluster:
+        yield cluster.port
 
 
 @pytest.fixture(scope="session")

@@ -35,10 +35,9 @@ from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
-import psycopg
 import pydicom
 import pytest
-from conftest import PG_BIN, START_TIMEOUT_S, _admin, _as_postgres, _free_port
+from conftest import START_TIMEOUT_S, _admin, postgres_cluster
 from sqlalchemy import create_engine, text
 
 from dicomtools import require
@@ -233,44 +232,13 @@ class TracedPostgres:
 @pytest.fixture
 def traced_postgres() -> Iterator[TracedPostgres]:
     """A PostgreSQL 15 server with fsync and synchronous_commit on, running under strace -f."""
-    for tool in ("initdb", "postgres", "pg_ctl"):
-        if not (PG_BIN / tool).is_file():
-            pytest.fail(f"{PG_BIN / tool} is required: apt-get install postgresql-15")
-    root = Path(tempfile.mkdtemp(prefix="latentpacs-pgtrace-"))
-    shutil.chown(root, "postgres", "postgres")
-    data = root / "data"
-    subprocess.run(_as_postgres(PG_BIN / "initdb", "-D", data, "-U", "postgres", "--auth=trust",
-                                "--encoding=UTF8", "--locale=C", "--no-sync"),
-                   check=True, capture_output=True, timeout=120)
-    port = _free_port()
-    trace = root / "server.trace"
-    log = (root / "server.log").open("wb")
-    proc = subprocess.Popen(
-        _strace(trace, *_as_postgres(PG_BIN / "postgres", "-D", data, "-h", "127.0.0.1",
-                                     "-p", str(port), "-k", root, "-c", "fsync=on",
-                                     "-c", "synchronous_commit=on")),
-        stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL)
+    trace = Path(tempfile.mkdtemp(prefix="latentpacs-pgtrace-")) / "server.trace"
     try:
-        deadline = time.monotonic() + START_TIMEOUT_S
-        while True:
-            try:
-                _admin(port).close()
-                break
-            except psycopg.OperationalError:
-                if proc.poll() is not None or time.monotonic() > deadline:
-                    pytest.fail(f"PostgreSQL did not start: {(root / 'server.log').read_text()}")
-                time.sleep(0.2)
-        yield TracedPostgres(port=port, trace=trace, proc=proc)
+        with postgres_cluster("latentpacs-pgtrace-", ("fsync=on", "synchronous_commit=on"),
+                              wrap=lambda argv: _strace(trace, *argv)) as cluster:
+            yield TracedPostgres(port=cluster.port, trace=trace, proc=cluster.proc)
     finally:
-        subprocess.run(_as_postgres(PG_BIN / "pg_ctl", "stop", "-D", data, "-m", "fast", "-w"),
-                       capture_output=True, timeout=60)
-        try:
-            proc.wait(timeout=30)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait(timeout=30)
-        log.close()
-        shutil.rmtree(root, ignore_errors=True)
+        shutil.rmtree(trace.parent, ignore_errors=True)
 
 
 def _attach(node: NodeProcess, trace: Path, log: Path) -> subprocess.Popen[bytes]:

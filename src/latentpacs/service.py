@@ -24,6 +24,7 @@ from latentpacs.archive import Archive, ArchivedImage, DuplicatePolicy, StoreRes
 from latentpacs.codec.streams import DEFAULT_CODER, get_coder
 from latentpacs.codec.tiers import Tier
 from latentpacs.config import Config
+from latentpacs.dicomjson import first_value
 from latentpacs.errors import DuplicateInstanceError, LatentPacsError, LimitExceededError
 from latentpacs.image import chain
 from latentpacs.image.chain import EnginePool
@@ -280,7 +281,7 @@ class Service:
         (PS3.8 9.3.2.2); :func:`latentpacs.image.chain.returned` picks the transfer syntax.
         """
         record = ImageRecord.from_archived(archived)
-        sop_class = str(record.dataset_header().get("SOPClassUID", ""))
+        sop_class = first_value(archived.header, "00080016")  # SOP Class UID
         accepted = {ts for cls, ts in sendable if cls == sop_class}
         return chain.returned(record, self.engines.for_record(record), accepted)
 

@@ -157,13 +157,16 @@ class BlobStore:
 
     def names(self) -> Iterator[str]:
         """The finished blobs in the directory (names of 64 hex digits only)."""
+        yield from self._listed(BLOB_NAME)
+
+    def _listed(self, pattern: re.Pattern[str]) -> list[str]:
+        """Names of the plain files in the directory that match ``pattern`` in full."""
         try:
             with os.scandir(self.root) as entries:
-                found = [entry.name for entry in entries
-                         if BLOB_NAME.fullmatch(entry.name) and entry.is_file(follow_symlinks=False)]
+                return [entry.name for entry in entries
+                        if pattern.fullmatch(entry.name) and entry.is_file(follow_symlinks=False)]
         except OSError as exc:
             raise ArchiveError(f"cannot list blob directory {self.root}: {exc}") from exc
-        yield from found
 
     def remove(self, relative_path: str) -> bool:
         """Delete a blob no row names any longer (the caller holds its lock).
@@ -189,13 +192,7 @@ class BlobStore:
         A temporary file still locked by its writer (another live process) is kept.
         """
         removed = 0
-        try:
-            with os.scandir(self.root) as entries:
-                names = [entry.name for entry in entries
-                         if TEMP_NAME.fullmatch(entry.name) and entry.is_file(follow_symlinks=False)]
-        except OSError as exc:
-            raise ArchiveError(f"cannot list blob directory {self.root}: {exc}") from exc
-        for name in names:
+        for name in self._listed(TEMP_NAME):
             path = self.root / name
             try:
                 handle = os.open(path, os.O_RDONLY | os.O_NOFOLLOW)
