@@ -1,7 +1,8 @@
 """Service.store does no work whose result is never read (issue 10).
 
 A re-sent instance that the duplicate policy keeps or rejects is answered before any
-pixel is decoded or coded: the engine never sees it.
+pixel is decoded or coded: the engine never sees it. A stream tier never runs the
+engine at all: nothing reads the latent of an image whose stream is returned.
 """
 
 from __future__ import annotations
@@ -22,7 +23,7 @@ from latentpacs.service import open_service
 def test_a_resent_instance_is_coded_again_only_to_replace_it(tmp_path: Path, policy: str) -> None:
     config = load_config(None, environ={}, overrides={
         "archive.data_dir": str(tmp_path / "data"), "archive.duplicates": policy,
-        "codec.tier": "lossless"})
+        "codec.tier": "latent"})
     (path,) = phantom.generate(tmp_path / "images", 1, 21, size=(96, 80))
     service = open_service(config)
     try:
@@ -41,5 +42,26 @@ def test_a_resent_instance_is_coded_again_only_to_replace_it(tmp_path: Path, pol
             assert service.store(pydicom.dcmread(path)) is StoreResult.REPLACED
             assert engine.images_run == coded + 1
         assert service.archive.stats().instances == 1
+    finally:
+        service.close()
+
+
+@pytest.mark.parametrize("tier", ["lossless", "near-lossless:2"])
+def test_a_stream_tier_never_runs_the_engine(tmp_path: Path, tier: str) -> None:
+    config = load_config(None, environ={}, overrides={
+        "archive.data_dir": str(tmp_path / "data"), "codec.tier": tier})
+    (path,) = phantom.generate(tmp_path / "images", 1, 22, size=(96, 80))
+    service = open_service(config)
+    try:
+        assert service.store(pydicom.dcmread(path)) is StoreResult.STORED
+        assert service.engines.primary.images_run == 0
+        (archived,) = service.archive.iter_images()
+        assert archived.latent == b"" and archived.stream
+        returned = service.returned(archived)
+        original = pydicom.dcmread(path)
+        if tier == "lossless":
+            assert returned.PixelData == original.PixelData
+        else:
+            assert returned.SOPInstanceUID != original.SOPInstanceUID
     finally:
         service.close()

@@ -321,6 +321,7 @@ def cmd_archive_stats(args: argparse.Namespace) -> int:
             "patients": stats.patients, "studies": stats.studies, "series": stats.series,
             "instances": stats.instances, "original_bytes": stats.original_bytes,
             "archived_bytes": stats.archived_bytes, "ratio": stats.ratio,
+            "pending": stats.pending,
             "tiers": [{"tier": t.tier, "instances": t.instances, "original_bytes": t.original_bytes,
                        "archived_bytes": t.archived_bytes, "ratio": t.ratio} for t in stats.tiers],
         }, indent=2))
@@ -330,7 +331,29 @@ def cmd_archive_stats(args: argparse.Namespace) -> int:
     for t in stats.tiers:
         print(f"{t.tier:<18} {t.instances:>9} {t.original_bytes:>15} {t.archived_bytes:>15} {t.ratio:>10.1f}")
     print(f"{'all':<18} {stats.instances:>9} {stats.original_bytes:>15} {stats.archived_bytes:>15} {stats.ratio:>10.1f}")
+    print(f"pending coding {stats.pending}")
     return EXIT_OK
+
+
+def cmd_archive_code_pending(args: argparse.Namespace) -> int:
+    from latentpacs.deferred import code_all
+    from latentpacs.service import open_service
+
+    config = _config(args)
+    service = open_service(config)
+    try:
+        total = service.archive.stats().pending
+        with tqdm(total=total, desc="code", unit="img", disable=None) as bar:
+            def done(instance_id: int, error: str | None) -> None:
+                if error is not None:
+                    print(f"latentpacs: archive row {instance_id}: {error}", file=sys.stderr)
+                bar.update(1)
+
+            coded, failed = code_all(service.archive, service.engines, service.coder, done)
+    finally:
+        service.close()
+    print(f"coded {coded} of {total} pending instance(s)")
+    return EXIT_PARTIAL if failed else EXIT_OK
 
 
 def cmd_archive_verify(args: argparse.Namespace) -> int:
@@ -650,6 +673,11 @@ def _add_archive_commands(sub: _Commands) -> None:
 
     p = _command(archive, "verify", "decode every archived image with its hash-checked model", cmd_archive_verify,
                  depth=2)
+    _add_archive_options(p)
+    _add_codec_options(p)
+
+    p = _command(archive, "code-pending", "code the images archived as received now (deferred coding)",
+                 cmd_archive_code_pending, depth=2)
     _add_archive_options(p)
     _add_codec_options(p)
 

@@ -51,6 +51,8 @@ SETTINGS: tuple[Setting, ...] = (
     Setting("codec.model", "ae", str, "model name (in models_dir) used for new images"),
     Setting("codec.tier", "latent", str, "fidelity tier: latent | lossless | near-lossless:K"),
     Setting("codec.coder", "jpeg-ls", str, "stream coder of the lossless and near-lossless tiers"),
+    Setting("codec.deferred", True, bool, "lossless tier: acknowledge native images once durable "
+            "as received, code them in the background"),
     Setting("codec.device", "", str, "torch device; empty: cuda when available, else cpu"),
     Setting("codec.models_dir", "", str, "directory of model files; empty: the shipped models/"),
     Setting("codec.max_batch", 8, int, "largest batch the inference engine runs at once"),

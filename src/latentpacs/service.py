@@ -25,7 +25,8 @@ from latentpacs.codec.streams import DEFAULT_CODER, get_coder
 from latentpacs.codec.tiers import Tier
 from latentpacs.config import Config
 from latentpacs.dicomjson import first_value
-from latentpacs.errors import DuplicateInstanceError, LatentPacsError, LimitExceededError
+from latentpacs.deferred import DeferredCoder
+from latentpacs.errors import ArchiveError, DuplicateInstanceError, LatentPacsError, LimitExceededError
 from latentpacs.image import chain
 from latentpacs.image.chain import EnginePool
 from latentpacs.image.pixels import read_file
@@ -141,6 +142,10 @@ class Service:
         Per-request bounds and the decode budget (:class:`Limits`); defaults when None.
     coder:
         The stream coder of new ``lossless`` / ``near-lossless`` images (``codec.coder``).
+    deferred:
+        Archive native ``lossless`` images as received and code them in a background
+        thread (``codec.deferred``; :mod:`latentpacs.deferred`), started by
+        :meth:`start_background`.
     """
 
     def __init__(
@@ -152,6 +157,7 @@ class Service:
         duplicates: DuplicatePolicy = DuplicatePolicy.KEEP,
         limits: Limits | None = None,
         coder: str = DEFAULT_CODER,
+        deferred: bool = False,
     ) -> None:
         self.archive = archive
         self.engines = engines
@@ -160,17 +166,29 @@ class Service:
         self.duplicates = duplicates
         self.limits = limits or Limits()
         self.decodes = DecodeBudget(self.limits.max_concurrent_decodes, self.limits.decode_wait_s)
+        #: The background coder, when deferred coding is on (:mod:`latentpacs.deferred`).
+        self.deferred = DeferredCoder(archive, engines, self.coder) if deferred else None
         card = engines.primary.loaded.card
         archive.register_model(
             sha256=card.sha256, name=card.name, arch=card.arch, card=json.loads(card.to_json())
         )
 
-    def store(self, ds: Dataset) -> StoreResult:
+    def start_background(self) -> None:
+        """Start the background coder (the node does; a CLI command codes in line)."""
+        if self.deferred is not None:
+            self.deferred.start()
+
+    def store(self, ds: Dataset, *, received: Path | None = None) -> StoreResult:
         """Archive one received instance (PS3.4 B.2); returns only after the commit.
 
         A re-sent instance that the duplicate policy keeps or rejects is answered before
         any pixel is decoded or coded: that work would never be read. (A concurrent first
         store of the same instance still meets the policy inside :meth:`Archive.store`.)
+
+        ``received`` is the PS3.10 file ``ds`` was read from, as the node received it.
+        With deferred coding on and an image :func:`~latentpacs.image.chain.defers` allows,
+        that file is archived as it is (durable before the commit) and the background
+        coder codes its stream later; otherwise the stream is coded and verified here.
 
         Raises
         ------
@@ -184,10 +202,19 @@ class Service:
                 raise DuplicateInstanceError(f"SOP Instance {ds.SOPInstanceUID} is already archived")
             logger.info("kept %s: already archived, not coded again", ds.SOPInstanceUID)
             return StoreResult.KEPT_EXISTING
-        (record,) = chain.encode([ds], self.engines.primary, self.tier, self.coder)
+        deferred = self.deferred if received is not None and chain.defers(ds, self.tier) else None
+        if deferred is not None and received is not None:
+            record = chain.received(ds, _read_received(received), self.engines.primary, self.tier)
+        else:
+            (record,) = chain.encode([ds], self.engines.primary, self.tier, self.coder)
         archived = record.to_archived()
         result = self.archive.store(archived, duplicates=self.duplicates)
-        logger.info("stored %s (%s, %s)", archived.sop_instance_uid, record.tier, result)
+        if deferred is not None and result is not StoreResult.KEPT_EXISTING:
+            instance_id = self.archive.instance_id(archived.original_sop_instance_uid)
+            if instance_id is not None:
+                deferred.submit(instance_id)
+        logger.info("stored %s (%s, %s%s)", archived.sop_instance_uid, record.tier, result,
+                    ", coding deferred" if deferred is not None else "")
         return result
 
     def import_files(
@@ -210,7 +237,12 @@ class Service:
         return outcomes
 
     def close(self) -> None:
-        """Stop the engines and close the database connections."""
+        """Stop the background coder and the engines, close the database connections.
+
+        A row still pending stays archived as received; the next start codes it.
+        """
+        if self.deferred is not None:
+            self.deferred.stop()
         self.engines.close()
         self.archive.dispose()
 
@@ -317,6 +349,14 @@ class Service:
             executor.shutdown(wait=False, cancel_futures=True)
 
 
+def _read_received(path: Path) -> bytes:
+    """The bytes of the file an instance was received into."""
+    try:
+        return Path(path).read_bytes()
+    except OSError as exc:
+        raise ArchiveError(f"the received data set cannot be read back: {exc.strerror}") from exc
+
+
 def open_engines(config: Config, *, encode: bool = True) -> EnginePool:
     """The engine pool of a configuration: ``codec.model`` on ``codec.device``, batches of
     ``codec.max_batch`` (the CLI's ``encode``/``decode`` use it as the node does).
@@ -340,10 +380,12 @@ def open_engines(config: Config, *, encode: bool = True) -> EnginePool:
                       max_batch=config["codec.max_batch"])
 
 
-def open_service(config: Config) -> Service:
+def open_service(config: Config, *, background: bool = False) -> Service:
     """Open the archive (applying migrations) and load the configured model.
 
-    The caller closes it with :meth:`Service.close`.
+    ``background``: defer coding as ``codec.deferred`` says and start the background
+    coder (the node); otherwise every image is coded in line (the CLI). The caller
+    closes it with :meth:`Service.close`.
 
     Raises
     ------
@@ -355,10 +397,14 @@ def open_service(config: Config) -> Service:
     archive = Archive(config.database_url, blob_dir=data_dir / "blobs")
     try:
         engines = open_engines(config)
-        return Service(
+        service = Service(
             archive, engines, config.tier, duplicates=DuplicatePolicy(config["archive.duplicates"]),
             limits=Limits.from_config(config), coder=config["codec.coder"],
+            deferred=background and config["codec.deferred"],
         )
+        if background:
+            service.start_background()
+        return service
     except BaseException:
         archive.dispose()
         raise

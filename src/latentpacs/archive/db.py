@@ -19,7 +19,7 @@ from pathlib import Path
 from typing import Any
 
 import pydicom
-from sqlalchemy import exists, func, select, text
+from sqlalchemy import exists, func, select, text, update
 from sqlalchemy.dialects import postgresql, sqlite
 from sqlalchemy.exc import IntegrityError, SQLAlchemyError
 from sqlalchemy.orm import Session
@@ -31,6 +31,7 @@ from latentpacs.archive.rows import add_instance, prune, remove_instance, to_ima
 from latentpacs.archive.keys import check_level
 from latentpacs.archive.records import ArchivedImage, ArchiveStats, TierStats
 from latentpacs.archive.schema import Instance, Latent, Model, Patient, Series, Study
+from latentpacs.codec.streams import RECEIVED
 from latentpacs.errors import (
     ArchiveError, ConfigError, ConstraintViolationError, DuplicateInstanceError, LatentPacsError,
     ModelError, NotFoundError, StreamHashError,
@@ -264,6 +265,68 @@ class Archive:
             prune(session, old_series)
             return StoreResult.REPLACED, old_blob
 
+    def recode(self, instance_id: int, expected_stream_sha256: str, image: ArchivedImage) -> bool:
+        """Swap an instance's stream for ``image``'s, if it still holds the expected one.
+
+        The background coder (:mod:`latentpacs.deferred`) calls this once the tier's stream
+        of an image archived as received is written and verified. The new stream is made
+        durable first (a blob is fsynced before the row names it); then one transaction
+        checks that the instance still exists and still names ``expected_stream_sha256``
+        (a replace or another process's coder may have come first) and updates its stream,
+        coder, latent, checksums, overrides and byte count. The stream it replaced is
+        deleted after the commit, when nothing names it. A crash at any point leaves the
+        row naming one valid stream: the old one, or the new one.
+
+        Returns
+        -------
+        bool
+            Whether the row was updated (False: it was gone or already changed).
+
+        Raises
+        ------
+        ArchiveError
+            When the database or blob store fails; the row is unchanged.
+        """
+        inline, path, digest = self._place_stream(image.stream)
+        old_blob: str | None = None
+        updated = False
+        with self._session(write=True) as session:
+            if path is not None and self._blobs is not None:
+                self._lock_blob(session, path, exclusive=False)
+                if not self._blobs.present(path, len(image.stream)):
+                    self._blobs.put(image.stream)
+            latent = session.get(Latent, instance_id)
+            if latent is not None and latent.stream_sha256 == expected_stream_sha256:
+                old_blob = latent.stream_path
+                latent.model_sha256 = image.model_sha256
+                latent.latent = image.latent
+                latent.stream, latent.stream_path = inline, path
+                latent.stream_sha256, latent.stream_size = digest, len(image.stream)
+                latent.stream_coder = image.stream_coder
+                latent.stream_coder_version = image.stream_coder_version
+                session.execute(update(Instance).where(Instance.id == instance_id).values(
+                    overrides=json.dumps(image.overrides), archived_bytes=image.archived_bytes,
+                    pixel_sha256=image.pixel_sha256, returned_sha256=image.returned_sha256,
+                    lossy_on_arrival=image.lossy_on_arrival,
+                ))
+                updated = True
+        if old_blob and old_blob != path:
+            self._drop_blob_if_unused(old_blob)
+        if not updated and path is not None:
+            self._drop_blob_if_unused(path)
+        return updated
+
+    def pending(self, *, after: int = 0, limit: int = _CHUNK) -> list[int]:
+        """Row ids of instances archived as received whose coding is pending, in order.
+
+        Their stream names the reserved coder :data:`~latentpacs.codec.streams.RECEIVED`.
+        """
+        with self._session() as session:
+            return list(session.scalars(
+                select(Latent.instance_fk).where(Latent.stream_coder == RECEIVED,
+                                                 Latent.instance_fk > after)
+                .order_by(Latent.instance_fk).limit(limit)))
+
     def _drop_blob_if_unused(self, blob: str) -> None:
         """Delete a blob a replace left unnamed, in a write transaction holding its lock.
 
@@ -367,6 +430,12 @@ class Archive:
             return bool(session.scalar(select(exists().where(
                 Instance.original_sop_instance_uid == original_sop_instance_uid))))
 
+    def instance_id(self, original_sop_instance_uid: str) -> int | None:
+        """The row id of the instance sent under this SOP Instance UID, if archived."""
+        with self._session() as session:
+            return session.scalar(select(Instance.id).where(
+                Instance.original_sop_instance_uid == original_sop_instance_uid))
+
     def load(self, instance_id: int) -> ArchivedImage:
         """One archived instance by row id (from :meth:`match_instances`), in a short session.
 
@@ -425,4 +494,6 @@ class Archive:
                            func.sum(Instance.archived_bytes))
                     .group_by(Instance.tier).order_by(Instance.tier))
             )
-        return ArchiveStats(patients, studies, series, instances, tiers=tiers)
+            pending = session.scalar(select(func.count()).select_from(Latent)
+                                     .where(Latent.stream_coder == RECEIVED)) or 0
+        return ArchiveStats(patients, studies, series, instances, tiers=tiers, pending=pending)

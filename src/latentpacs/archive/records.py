@@ -145,6 +145,8 @@ class ArchiveStats:
     series: int
     instances: int
     tiers: tuple[TierStats, ...] = field(default_factory=tuple)
+    #: Instances archived as received whose stream is not coded yet (:mod:`latentpacs.deferred`).
+    pending: int = 0
 
     @property
     def original_bytes(self) -> int:

@@ -19,11 +19,14 @@ import logging
 import threading
 from collections.abc import Collection, Sequence
 from pathlib import Path
-from typing import TYPE_CHECKING
+from io import BytesIO
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
+from pydicom import dcmread
 from pydicom.dataset import Dataset
 from pydicom.uid import (
+    UID,
     ExplicitVRLittleEndian,
     ImplicitVRLittleEndian,
     JPEG2000Lossless,
@@ -32,7 +35,7 @@ from pydicom.uid import (
     RLELossless,
 )
 
-from latentpacs.codec.streams import DEFAULT_CODER, StreamCoder, get_coder
+from latentpacs.codec.streams import DEFAULT_CODER, RECEIVED, StreamCoder, get_coder
 from latentpacs.codec.tiers import Tier
 from latentpacs.dicomjson import dataset_from_json, header_json
 from latentpacs.errors import (
@@ -102,7 +105,9 @@ def encode(
 ) -> list[ImageRecord]:
     """Encode data sets at ``tier`` into image records, sharing one engine batch.
 
-    Each image's pixel data is decoded exactly once. The stream codes the pixel cells
+    Each image's pixel data is decoded exactly once. The ``latent`` tier runs the
+    engine; the stream tiers do not (nothing ever reads the latent of an image whose
+    stream is returned) and keep an empty latent. The stream codes the pixel cells
     themselves, never a difference from network output: for ``lossless`` every bit as
     sent (at Bits Allocated precision when bits above High Bit are set), for
     ``near-lossless:K`` the stored values within K. Each stream is decoded once here and
@@ -120,8 +125,11 @@ def encode(
         check_identity(ds)
     decoded = [pixel_cells(ds) for ds in datasets]
     values = [mask_to_stored(cells, module) for cells, module in decoded]
-    images = [stored_to_canonical(stored, module) for stored, (_, module) in zip(values, decoded)]
-    latents = engine.encode(images)
+    if tier.has_stream:
+        latents = [b""] * len(datasets)
+    else:
+        images = [stored_to_canonical(stored, module) for stored, (_, module) in zip(values, decoded)]
+        latents = engine.encode(images)
     model = model_ref(engine)
     records = []
     for ds, (cells, module), stored, latent in zip(datasets, decoded, values, latents):
@@ -130,29 +138,72 @@ def encode(
         if tier.has_stream:
             stream, returned_sha256 = _coded_stream(
                 stream_coder, cells, stored, module, tier, pixel_sha256)
-        header = header_json(ds)
-        original_bytes = original_stored_bytes(ds)
-        archived = len(latent) + len(stream)
-        uncompressed = module.rows * module.columns * module.bits_allocated // 8
-        derivation = Derivation(
-            model.name, model.sha256, tier, original_bytes / max(archived, 1),
-            arrival_method=arrival_lossy_method(ds),
-            arrival_ratio=uncompressed / max(original_bytes, 1),
-            lossy_predecessor=lossy_on_arrival(ds),
-        )
-        # From the header as archived: a malformed optional element there is raw bytes.
-        overrides = returned_overrides(dataset_from_json(header), derivation)
-        records.append(ImageRecord(
-            tier=tier, model_sha256=model.sha256, module=module,
-            original_transfer_syntax=str(ds.file_meta.TransferSyntaxUID),
-            original_stored_bytes=original_bytes, header=header,
-            overrides=overrides.to_json_dict(), latent=latent, stream=stream,
+        records.append(_record(
+            ds, module, model, tier, latent, stream,
             stream_coder=stream_coder.name if stream else "",
             stream_coder_version=stream_coder.version if stream else 0,
             pixel_sha256=pixel_sha256, returned_sha256=returned_sha256,
-            lossy_on_arrival=derivation.lossy_predecessor, model=model,
         ))
     return records
+
+
+def defers(ds: Dataset, tier: Tier) -> bool:
+    """Whether an image may be archived as received and coded later (:mod:`latentpacs.deferred`).
+
+    Only at ``lossless``, whose returned object (the original) does not depend on the
+    stream, and only for native Pixel Data (PS3.5 A.1, A.2), which is fully checked by
+    reading it; an encapsulated image is decoded in line, so an undecodable one is
+    refused before it is acknowledged.
+    """
+    if tier.lossy or not tier.has_stream:
+        return False
+    meta = getattr(ds, "file_meta", None)
+    syntax = meta.get("TransferSyntaxUID") if meta is not None else None
+    return syntax is not None and not UID(syntax).is_compressed
+
+
+def received(ds: Dataset, raw: bytes, engine: Engine, tier: Tier) -> ImageRecord:
+    """The record of an image archived as received: its stream is ``raw``, coded later.
+
+    ``raw`` is the PS3.10 file the node received (what :func:`decode` reads back for a
+    :data:`~latentpacs.codec.streams.RECEIVED` stream). The pixels are read once here,
+    so a malformed image is refused now, not after the acknowledgement; the pixel
+    checksum is taken by the background coder, which codes the tier's stream from
+    ``raw``, verifies it and only then replaces ``raw`` (PS3.4 B.2.3: Success once the
+    object as received is durable).
+
+    Raises
+    ------
+    LatentPacsError
+        When the image cannot be archived (the subclass names what is wrong).
+    """
+    check_identity(ds)
+    _, module = pixel_cells(ds)
+    return _record(ds, module, model_ref(engine), tier, b"", raw, stream_coder=RECEIVED,
+                   stream_coder_version=1)
+
+
+def _record(ds: Dataset, module: PixelModule, model: ModelRef, tier: Tier, latent: bytes,
+            stream: bytes, **fields: Any) -> ImageRecord:
+    """The record of one image, with the overrides a retrieval applies (computed once)."""
+    header = header_json(ds)
+    original_bytes = original_stored_bytes(ds)
+    uncompressed = module.rows * module.columns * module.bits_allocated // 8
+    derivation = Derivation(
+        model.name, model.sha256, tier, original_bytes / max(len(latent) + len(stream), 1),
+        arrival_method=arrival_lossy_method(ds),
+        arrival_ratio=uncompressed / max(original_bytes, 1),
+        lossy_predecessor=lossy_on_arrival(ds),
+    )
+    # From the header as archived: a malformed optional element there is raw bytes.
+    overrides = returned_overrides(dataset_from_json(header), derivation)
+    return ImageRecord(
+        tier=tier, model_sha256=model.sha256, module=module,
+        original_transfer_syntax=str(ds.file_meta.TransferSyntaxUID),
+        original_stored_bytes=original_bytes, header=header,
+        overrides=overrides.to_json_dict(), latent=latent, stream=stream,
+        lossy_on_arrival=derivation.lossy_predecessor, model=model, **fields,
+    )
 
 
 def _coded_stream(coder: StreamCoder, cells: np.ndarray, stored: np.ndarray,
@@ -195,6 +246,8 @@ def decode(record: ImageRecord, engine: Engine | None) -> np.ndarray:
         When the stream's geometry is wrong or the engine's model is not the record's.
     """
     module = record.module
+    if record.stream_coder == RECEIVED:
+        return _received_cells(record)
     if record.tier.has_stream:
         coder = get_coder(record.stream_coder or DEFAULT_CODER)
         stored = coder.decode(record.stream)
@@ -214,6 +267,23 @@ def decode(record: ImageRecord, engine: Engine | None) -> np.ndarray:
     return canonical_to_stored(canonical, module)
 
 
+def _received_cells(record: ImageRecord) -> np.ndarray:
+    """The pixel cells of a stream that is the object as received (its coding pending).
+
+    The archive checked the bytes against their SHA-256 when it read them.
+    """
+    try:
+        ds = dcmread(BytesIO(record.stream))
+    except Exception as exc:
+        raise LatentFormatError(f"the object as received cannot be read: {exc}") from exc
+    cells, module = pixel_cells(ds)
+    if module.shape != record.module.shape:
+        raise LatentFormatError(
+            f"the object as received is {module.rows}x{module.columns}, "
+            f"geometry says {record.module.rows}x{record.module.columns}")
+    return cells
+
+
 def returned(record: ImageRecord, engine: Engine | None,
              accepted: Collection[str] = ()) -> Dataset:
     """The DICOM object a retrieval sends, in a transfer syntax of ``accepted``.
@@ -227,7 +297,7 @@ def returned(record: ImageRecord, engine: Engine | None,
     handed to :func:`for_peer`.
     """
     header, overrides = record.dataset_header(), record.dataset_overrides()
-    if record.tier.has_stream:
+    if record.tier.has_stream and record.stream_coder != RECEIVED:
         coder = get_coder(record.stream_coder or DEFAULT_CODER)
         sends_as = coder.sends_as
         syntax = None if sends_as is None else sends_as[0 if record.tier.near == 0 else 1]

@@ -194,7 +194,7 @@ def start_node(config: Config) -> Node:
     policy = PeerPolicy.from_config(config)  # settings first: they fail fast
     ssl_context = server_context(config)
     destinations = MoveDestinations(config.destinations, client_context(config))
-    service = open_service(config)
+    service = open_service(config, background=True)
     storage_classes = (*MAMMOGRAPHY_CLASSES, *config["node.extra_storage_classes"])
     ae = build_ae(config, storage_classes)
     bound: list[EventHandlerType] = [

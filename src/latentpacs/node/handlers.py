@@ -10,6 +10,7 @@ from __future__ import annotations
 import logging
 from collections.abc import Iterator
 from contextlib import closing
+from pathlib import Path
 from typing import Any
 
 from pydicom.dataset import Dataset
@@ -94,7 +95,7 @@ def handle_store(event: evt.Event, service: Service, policy: PeerPolicy) -> int 
             "Affected SOP Instance UID differs from the data set's SOP Instance UID",
         )
     try:
-        service.store(ds)
+        service.store(ds, received=_received_file(event))
     except LatentPacsError as exc:
         logger.warning("C-STORE refused: %s", exc.message)
         return _from_error(exc)
@@ -102,6 +103,14 @@ def handle_store(event: evt.Event, service: Service, policy: PeerPolicy) -> int 
         logger.exception("C-STORE failed")
         return failure(Status.PROCESSING_FAILURE, f"internal error: {exc.__class__.__name__}")
     return int(Status.SUCCESS)
+
+
+def _received_file(event: evt.Event) -> Path | None:
+    """The PS3.10 file pynetdicom received the data set into (chunked receive), if any."""
+    try:
+        return Path(event.dataset_path)
+    except (AttributeError, TypeError):
+        return None
 
 
 def handle_find(

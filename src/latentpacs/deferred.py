@@ -1,0 +1,196 @@
+"""Deferred coding: images acknowledged as received, coded to their tier's stream afterwards.
+
+A C-STORE at the ``lossless`` tier whose Pixel Data is native is archived as received:
+the PS3.10 file the node got is the row's stream (coder
+:data:`~latentpacs.codec.streams.RECEIVED`), a blob fsynced before the row commits, so
+Success means durable (PS3.4 B.2.3) as it does for storescp or Orthanc. C-FIND sees the
+instance at once, and a retrieval returns it from the bytes as received.
+
+:class:`DeferredCoder` is the background queue that finishes the work: one worker thread,
+at a lower CPU priority than the threads that serve associations, takes pending rows in
+order, reads the object as received, codes the tier's stream with
+:func:`latentpacs.image.chain.encode` (which decodes the new stream and checks it
+against the pixel checksum), and swaps it in with
+:meth:`latentpacs.archive.Archive.recode`, one transaction that only succeeds while the
+row still names the object as received. The object as received is deleted only after
+that commit. A crash at any point leaves the row naming one valid stream; a restarted
+node finds the pending rows again (:meth:`DeferredCoder.start`).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+import os
+import threading
+from collections import deque
+from collections.abc import Callable
+from io import BytesIO
+
+from pydicom import dcmread
+
+from latentpacs.archive import Archive
+from latentpacs.codec.streams import RECEIVED
+from latentpacs.errors import InvalidDicomError, LatentPacsError, NotFoundError
+from latentpacs.image import chain
+from latentpacs.image.chain import EnginePool
+from latentpacs.image.record import ImageRecord
+
+logger = logging.getLogger(__name__)
+
+#: How much the worker thread lowers its CPU priority (Linux nice increment).
+NICE_INCREMENT = 10
+
+
+class DeferredCoder:
+    """The background coder of one process.
+
+    Parameters
+    ----------
+    archive:
+        The archive whose pending rows are coded.
+    engines:
+        The engine pool (its primary model's identity goes into each record).
+    coder:
+        The stream coder of the tier's streams (``codec.coder``).
+    """
+
+    def __init__(self, archive: Archive, engines: EnginePool, coder: str) -> None:
+        self.archive = archive
+        self.engines = engines
+        self.coder = coder
+        self._queue: deque[int] = deque()
+        self._queued: set[int] = set()
+        self._wake = threading.Condition()
+        self._stopping = False
+        self._busy = False
+        self._thread: threading.Thread | None = None
+        #: Rows coded, and rows whose coding failed (kept as received), since start.
+        self.coded = 0
+        self.failed = 0
+
+    def start(self) -> None:
+        """Queue every pending row of the archive and start the worker thread."""
+        after = 0
+        while ids := self.archive.pending(after=after):
+            for instance_id in ids:
+                self.submit(instance_id)
+            after = ids[-1]
+        self._thread = threading.Thread(target=self._run, name="latentpacs-deferred", daemon=True)
+        self._thread.start()
+        if self._queued:
+            logger.info("deferred coding: %d instance(s) pending from before", len(self._queued))
+
+    def submit(self, instance_id: int) -> None:
+        """Queue one row for coding (ignored when it is queued already)."""
+        with self._wake:
+            if instance_id not in self._queued:
+                self._queued.add(instance_id)
+                self._queue.append(instance_id)
+                self._wake.notify()
+
+    def pending(self) -> int:
+        """Rows queued or being coded in this process."""
+        with self._wake:
+            return len(self._queue) + int(self._busy)
+
+    def wait_idle(self, timeout: float) -> bool:
+        """Wait until the queue is empty and nothing is being coded; False on timeout."""
+        with self._wake:
+            return self._wake.wait_for(lambda: not self._queue and not self._busy, timeout)
+
+    def stop(self, timeout: float = 30.0) -> None:
+        """Stop after the row being coded (the others stay pending in the archive)."""
+        with self._wake:
+            self._stopping = True
+            self._wake.notify_all()
+        if self._thread is not None:
+            self._thread.join(timeout)
+
+    def _run(self) -> None:
+        _lower_priority()
+        while True:
+            with self._wake:
+                self._wake.wait_for(lambda: self._queue or self._stopping)
+                if self._stopping:
+                    return
+                instance_id = self._queue.popleft()
+                self._busy = True
+            try:
+                done = code_one(self.archive, self.engines, self.coder, instance_id)
+            except LatentPacsError as exc:
+                self.failed += 1
+                logger.warning("deferred coding of archive row %d failed, kept as received: %s",
+                               instance_id, exc.message)
+            except Exception:
+                self.failed += 1
+                logger.exception("deferred coding of archive row %d failed, kept as received",
+                                 instance_id)
+            else:
+                self.coded += int(done)
+            finally:
+                with self._wake:
+                    self._queued.discard(instance_id)
+                    self._busy = False
+                    self._wake.notify_all()
+
+
+def code_one(archive: Archive, engines: EnginePool, coder: str, instance_id: int) -> bool:
+    """Code one row archived as received; returns whether its stream was swapped in.
+
+    Nothing is changed when the row is gone (replaced, say) or no longer pending.
+
+    Raises
+    ------
+    LatentPacsError
+        When the object as received cannot be coded (it stays as it is).
+    """
+    try:
+        archived = archive.load(instance_id)
+    except NotFoundError:
+        return False
+    if archived.stream_coder != RECEIVED:
+        return False
+    record = ImageRecord.from_archived(archived)
+    try:
+        ds = dcmread(BytesIO(archived.stream))
+    except Exception as exc:
+        raise InvalidDicomError(f"the object as received cannot be read: {exc}") from exc
+    (coded,) = chain.encode([ds], engines.primary, record.tier, coder)
+    expected = hashlib.sha256(archived.stream).hexdigest()
+    done = archive.recode(instance_id, expected, coded.to_archived())
+    if done:
+        logger.info("coded archive row %d (%s, ratio %.2f)", instance_id, coded.stream_coder,
+                    coded.ratio)
+    return done
+
+
+def code_all(archive: Archive, engines: EnginePool, coder: str,
+             on_done: Callable[[int, str | None], None] | None = None) -> tuple[int, int]:
+    """Code every pending row in the foreground (``latentpacs archive code-pending``).
+
+    Returns (coded, failed); ``on_done`` gets each row id with its error or None.
+    """
+    coded = failed = 0
+    after = 0
+    while ids := archive.pending(after=after):
+        for instance_id in ids:
+            try:
+                coded += int(code_one(archive, engines, coder, instance_id))
+                error = None
+            except LatentPacsError as exc:
+                failed += 1
+                error = exc.message
+            if on_done is not None:
+                on_done(instance_id, error)
+        after = ids[-1]
+    return coded, failed
+
+
+def _lower_priority() -> None:
+    """Lower the calling thread's CPU priority (Linux: a thread is a task with its own nice)."""
+    try:
+        tid = threading.get_native_id()
+        os.setpriority(os.PRIO_PROCESS, tid, os.getpriority(os.PRIO_PROCESS, tid) + NICE_INCREMENT)
+    except (AttributeError, OSError) as exc:
+        logger.debug("deferred coder keeps its CPU priority: %s", exc)
