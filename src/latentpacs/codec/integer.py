@@ -94,6 +94,8 @@ LOGIT_LIMIT = 12
 OUTPUT_MAX = 65535
 #: Fractional bits of the resize weights.
 RESIZE_FRAC_BITS = 14
+#: Output rows :func:`resize_uint16` computes at a time (both passes, in cache).
+RESIZE_BLOCK_ROWS = 32
 #: Number of deterministic latents of the calibration pass.
 CALIBRATION_CODES = 6
 #: Every integer of magnitude below this is exact in float64.
@@ -542,30 +544,47 @@ def _axis_weights(n_in: int, n_out: int) -> tuple[np.ndarray, np.ndarray]:
     return taps, weights
 
 
-def _resize_rows(values: Tensor, n_out: int) -> Tensor:
-    """Resize a contiguous int32 image along its rows; the result is rounded back to 16 bits.
-
-    Every product is at most 65535 x 2**RESIZE_FRAC_BITS and the weights of a row sum to
-    2**RESIZE_FRAC_BITS, so each sum stays below 2**31: int32 is exact, and integer
-    addition gives the same result in any order or thread split. Rows are gathered whole
-    (contiguous copies) with torch's threaded kernels.
-    """
-    taps, weights = _axis_weights(int(values.shape[0]), n_out)
-    out = torch.zeros((n_out, int(values.shape[1])), dtype=torch.int32)
+@functools.lru_cache(maxsize=64)
+def _axis_taps(n_in: int, n_out: int) -> tuple[tuple[np.ndarray, np.ndarray], ...]:
+    """Per tap t: (source indices (n_out,) intp, weights (n_out,) int32), contiguous."""
+    taps, weights = _axis_weights(n_in, n_out)
+    columns = []
     for t in range(taps.shape[1]):
-        index = torch.from_numpy(np.ascontiguousarray(taps[:, t]))
-        weight = torch.from_numpy(weights[:, t].astype(np.int32))[:, None]
-        out.add_(values.index_select(0, index).mul_(weight))
-    out.add_(1 << (RESIZE_FRAC_BITS - 1))  # round half up
-    return out.bitwise_right_shift_(RESIZE_FRAC_BITS)
+        index = np.ascontiguousarray(taps[:, t], dtype=np.intp)
+        weight = np.ascontiguousarray(weights[:, t], dtype=np.int32)
+        index.setflags(write=False)
+        weight.setflags(write=False)
+        columns.append((index, weight))
+    return tuple(columns)
+
+
+def _interpolate(
+    source: np.ndarray, taps: tuple[tuple[np.ndarray, np.ndarray], ...], axis: int,
+    acc: np.ndarray, term: np.ndarray,
+) -> np.ndarray:
+    """acc = sum_t w_t source[taps_t] along ``axis`` (int32, exact: see below), unrounded."""
+    for t, (index, weight) in enumerate(taps):
+        target = acc if t == 0 else term
+        np.take(source, index, axis=axis, out=target, mode="clip")
+        np.multiply(target, weight[:, None] if axis == 0 else weight, out=target)
+        if t:
+            np.add(acc, term, out=acc)
+    return acc
 
 
 def resize_uint16(image: np.ndarray, shape: tuple[int, int]) -> np.ndarray:
     """Resize a 2-D uint16 image to ``shape`` in exact integer arithmetic (int32).
 
-    Rows first, then columns (on the transposed, contiguous image), each pass with weights
-    summing to 2**RESIZE_FRAC_BITS and rounded half up back to 16 bits. Values stay in the
-    input's range (the weights are non-negative), so a constant image stays constant.
+    Rows first, then columns, each pass with weights summing to 2**RESIZE_FRAC_BITS
+    and rounded half up back to 16 bits. Values stay in the input's range (the weights
+    are non-negative), so a constant image stays constant.
+
+    Every product is at most 65535 x 2**RESIZE_FRAC_BITS and the weights of an output
+    sample sum to 2**RESIZE_FRAC_BITS, so each sum stays below 2**31: int32 is exact,
+    and integer addition gives the same result in any order. The work runs in blocks of
+    :data:`RESIZE_BLOCK_ROWS` output rows (both passes on one block while it is in
+    cache), so no temporary is larger than a block and the only full-size array is the
+    uint16 result.
 
     Raises
     ------
@@ -575,12 +594,34 @@ def resize_uint16(image: np.ndarray, shape: tuple[int, int]) -> np.ndarray:
     rows, cols = int(shape[0]), int(shape[1])
     if rows < 1 or cols < 1 or image.ndim != 2:
         raise ValueError(f"cannot resize an image of shape {image.shape} to {shape}")
-    values = torch.from_numpy(np.ascontiguousarray(image, dtype=np.int32))
-    if values.shape[0] != rows:
-        values = _resize_rows(values, rows)
-    if values.shape[1] != cols:
-        values = _resize_rows(values.t().contiguous(), cols).t().contiguous()
-    return values.numpy().astype(np.uint16)
+    source = np.ascontiguousarray(image, dtype=np.int32)
+    in_rows, in_cols = source.shape
+    row_taps = _axis_taps(in_rows, rows) if in_rows != rows else None
+    col_taps = _axis_taps(in_cols, cols) if in_cols != cols else None
+    out = np.empty((rows, cols), np.uint16)
+    half = 1 << (RESIZE_FRAC_BITS - 1)  # round half up
+    block = RESIZE_BLOCK_ROWS
+    row_acc = np.empty((block, in_cols), np.int32)
+    row_term = np.empty_like(row_acc)
+    col_acc = np.empty((block, cols), np.int32)
+    col_term = np.empty_like(col_acc)
+    for start in range(0, rows, block):
+        stop = min(rows, start + block)
+        n = stop - start
+        if row_taps is None:
+            part = source[start:stop]
+        else:
+            block_taps = tuple((index[start:stop], weight[start:stop]) for index, weight in row_taps)
+            part = _interpolate(source, block_taps, 0, row_acc[:n], row_term[:n])
+            np.add(part, half, out=part)
+            np.right_shift(part, RESIZE_FRAC_BITS, out=part)
+        if col_taps is None:
+            out[start:stop] = part
+            continue
+        result = _interpolate(part, col_taps, 1, col_acc[:n], col_term[:n])
+        np.add(result, half, out=result)
+        np.right_shift(result, RESIZE_FRAC_BITS, out=out[start:stop], casting="unsafe")
+    return out
 
 
 def to_canonical(image: np.ndarray) -> np.ndarray:
