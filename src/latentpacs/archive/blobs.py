@@ -59,8 +59,10 @@ class BlobStore:
         except OSError as exc:
             raise ArchiveError(f"cannot create blob directory {self.root}: {exc}") from exc
 
-    def put(self, data: bytes) -> tuple[str, str]:
+    def put(self, data: bytes, sha256: str | None = None) -> tuple[str, str]:
         """Write ``data`` durably; returns (path relative to the root, sha256 hex).
+
+        ``sha256`` is the data's digest when the caller has it already (it names the file).
 
         An existing blob of the same content is reused once its content has been checked
         against the hash and it has been fsynced again (with the directory), so that a blob
@@ -72,7 +74,7 @@ class BlobStore:
         ArchiveError
             When the blob cannot be written and synced.
         """
-        digest = hashlib.sha256(data).hexdigest()
+        digest = sha256 or hashlib.sha256(data).hexdigest()
         target = self.root / digest
         try:
             if self._refresh(target, digest, len(data)):

@@ -216,7 +216,7 @@ class Archive:
         """Inline bytes, or the blob written (and fsynced) for a stream above the limit."""
         digest = hashlib.sha256(stream).hexdigest() if stream else None
         if self._blobs is not None and len(stream) > INLINE_LIMIT:
-            path, digest = self._blobs.put(stream)
+            path, digest = self._blobs.put(stream, digest)
             return None, path, digest
         return stream, None, digest
 

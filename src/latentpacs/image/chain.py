@@ -195,13 +195,16 @@ def _record(ds: Dataset, module: PixelModule, model: ModelRef, tier: Tier, laten
         arrival_ratio=uncompressed / max(original_bytes, 1),
         lossy_predecessor=lossy_on_arrival(ds),
     )
-    # From the header as archived: a malformed optional element there is raw bytes.
-    overrides = returned_overrides(dataset_from_json(header), derivation)
+    if tier.lossy or derivation.lossy_predecessor:
+        # From the header as archived: a malformed optional element there is raw bytes.
+        overrides = returned_overrides(dataset_from_json(header), derivation).to_json_dict()
+    else:
+        overrides = {}  # the original, as it arrived: nothing is returned differently
     return ImageRecord(
         tier=tier, model_sha256=model.sha256, module=module,
         original_transfer_syntax=str(ds.file_meta.TransferSyntaxUID),
         original_stored_bytes=original_bytes, header=header,
-        overrides=overrides.to_json_dict(), latent=latent, stream=stream,
+        overrides=overrides, latent=latent, stream=stream,
         lossy_on_arrival=derivation.lossy_predecessor, model=model, **fields,
     )
 
