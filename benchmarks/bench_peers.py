@@ -2,8 +2,9 @@
 
 Self-contained (no pytest): servers listen on OS-assigned loopback ports, are polled
 with C-ECHO (PS3.4 A.4) until they answer, never waited for with fixed sleeps, and are
-stopped by their PID (SIGTERM, then SIGKILL). Anything that goes wrong raises
-:class:`BenchError` with the tail of the process's log.
+stopped by their PID (SIGTERM, then SIGKILL). Each server's peak memory is watched from
+its start (``bench_memory``). Anything that goes wrong raises :class:`BenchError` with
+the tail of the process's log.
 """
 
 from __future__ import annotations
@@ -18,9 +19,13 @@ import sys
 import time
 import urllib.error
 import urllib.request
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
+
+from bench_memory import PeakMemory
+
+from latentpacs.archive import Archive
 
 logger = logging.getLogger(__name__)
 
@@ -28,6 +33,9 @@ HOST = "127.0.0.1"
 START_TIMEOUT_S = 120.0
 STOP_TIMEOUT_S = 20.0
 SCU_TIMEOUT_S = 600.0
+CODED_TIMEOUT_S = 1800.0
+#: The node's ``archive.data_dir`` under its work folder; the SQLite archive is ``archive.db`` in it.
+NODE_DATA_DIR = "data"
 
 
 class BenchError(RuntimeError):
@@ -55,7 +63,7 @@ def _tail(log: Path) -> str:
 
 @dataclass(frozen=True)
 class Server:
-    """A started server process: its DICOM port, AE title, log and working directory."""
+    """A started server process: its DICOM port, AE title, log, working directory and memory."""
 
     name: str
     port: int
@@ -63,16 +71,17 @@ class Server:
     proc: subprocess.Popen[bytes]
     log: Path
     workdir: Path
+    memory: PeakMemory
+    #: Orthanc's REST port (the instance count is read there); None for the others.
+    http_port: int | None = None
 
-    def peak_rss_kib(self) -> int:
-        """Peak resident set size so far (VmHWM of /proc/<pid>/status), KiB."""
-        for line in Path(f"/proc/{self.proc.pid}/status").read_text().splitlines():
-            if line.startswith("VmHWM:"):
-                return int(line.split()[1])
-        raise BenchError(f"no VmHWM for pid {self.proc.pid}")
+    def peak_memory_kib(self) -> int:
+        """Peak resident memory so far of the process and what it forked, KiB (see bench_memory)."""
+        return self.memory.peak_kib()
 
     def stop(self) -> None:
         """SIGTERM by PID, SIGKILL after a timeout; reap the process."""
+        self.memory.stop()
         if self.proc.poll() is None:
             self.proc.terminate()
             try:
@@ -102,10 +111,10 @@ def echo(port: int, aet: str) -> bool:
     return done.returncode == 0
 
 
-def _poll(ready: object, proc: subprocess.Popen[bytes], what: str, log: Path) -> None:
+def _poll(ready: Callable[[], bool], proc: subprocess.Popen[bytes], what: str, log: Path) -> None:
     deadline = time.monotonic() + START_TIMEOUT_S
     pause = 0.05
-    while not ready():  # type: ignore[operator]
+    while not ready():
         if proc.poll() is not None:
             raise BenchError(f"{what} exited with {proc.returncode}:\n{_tail(log)}")
         if time.monotonic() > deadline:
@@ -116,33 +125,52 @@ def _poll(ready: object, proc: subprocess.Popen[bytes], what: str, log: Path) ->
 
 
 def _started(name: str, port: int, aet: str, proc: subprocess.Popen[bytes], log: Path,
-             workdir: Path) -> Server:
+             workdir: Path, http_port: int | None = None) -> Server:
     try:
         _poll(lambda: echo(port, aet), proc, name, log)
     except BaseException:
         proc.kill()
         proc.wait()
         raise
-    return Server(name, port, aet, proc, log, workdir)
+    return Server(name, port, aet, proc, log, workdir, PeakMemory(proc.pid), http_port)
 
 
-def start_storescp(workdir: Path) -> Server:
-    """DCMTK ``storescp`` writing every received instance as a Part 10 file."""
+def start_storescp(workdir: Path, *, name: str = "storescp", aet: str = "STORESCP",
+                   fork: bool = False, max_pdu: int | None = None) -> Server:
+    """DCMTK ``storescp`` writing every received instance as a Part 10 file into ``workdir``.
+
+    Parameters
+    ----------
+    fork:
+        One child process per association (``--fork``), so associations run in parallel;
+        without it storescp serves them one after another.
+    max_pdu:
+        The largest P-DATA PDU it receives (PS3.8 D.3.3.1; DCMTK's default 16 KiB).
+    """
     workdir.mkdir(parents=True, exist_ok=True)
     port, log = free_port(), workdir / "storescp.log"
-    proc = _spawn([tool("storescp"), "+xa", "-pm", "-dhl", "-aet", "STORESCP", "-od", workdir,
+    options = [*(["--fork"] if fork else []), *(["-pdu", str(max_pdu)] if max_pdu else [])]
+    proc = _spawn([tool("storescp"), "+xa", "-pm", "-dhl", *options, "-aet", aet, "-od", workdir,
                    "-fe", ".dcm", str(port)], log, workdir)
-    return _started("storescp", port, "STORESCP", proc, log, workdir)
+    return _started(name, port, aet, proc, log, workdir)
 
 
-def start_node(workdir: Path, *, settings: dict[str, str | int] | None = None,
-               env: dict[str, str] | None = None) -> Server:
-    """``latentpacs serve`` with a fresh SQLite archive in ``workdir``."""
+def start_node(workdir: Path, *, name: str = "node", settings: dict[str, str | int] | None = None,
+               env: dict[str, str] | None = None,
+               destinations: Sequence[Server] = ()) -> Server:
+    """``latentpacs serve`` with a fresh SQLite archive in ``workdir``.
+
+    ``destinations`` become its C-MOVE destinations (``[destinations.AET]`` host and port,
+    README "Settings").
+    """
     workdir.mkdir(parents=True, exist_ok=True)
-    sections: dict[str, list[str]] = {"archive": [f"data_dir = {json.dumps(str(workdir / 'data'))}"]}
-    for name, value in (settings or {}).items():
-        section, key = name.split(".", 1)
+    data_dir = json.dumps(str(workdir / NODE_DATA_DIR))
+    sections: dict[str, list[str]] = {"archive": [f"data_dir = {data_dir}"]}
+    for setting, value in (settings or {}).items():
+        section, key = setting.split(".", 1)
         sections.setdefault(section, []).append(f"{key} = {json.dumps(value)}")
+    for dest in destinations:
+        sections[f"destinations.{dest.aet}"] = [f"host = {json.dumps(HOST)}", f"port = {dest.port}"]
     lines = [line for section, body in sections.items() for line in (f"[{section}]", *body)]
     config = workdir / "node.toml"
     config.write_text("\n".join(lines) + "\n")
@@ -157,20 +185,26 @@ def start_node(workdir: Path, *, settings: dict[str, str | int] | None = None,
         return text.endswith("\n") and text.strip().isdigit()
 
     _poll(written, proc, "latentpacs serve", log)
-    return _started("node", int(port_file.read_text()), "LATENTPACS", proc, log, workdir)
+    return _started(name, int(port_file.read_text()), "LATENTPACS", proc, log, workdir)
 
 
-def start_pynetdicom_floor(workdir: Path, files: Sequence[Path]) -> Server:
-    """A bare pynetdicom C-GET SCP serving ``files`` from memory (``pynetdicom_floor.py``)."""
+def start_pynetdicom_floor(workdir: Path, files: Sequence[Path],
+                           destination: Server | None = None) -> Server:
+    """A bare pynetdicom C-GET / C-MOVE SCP serving ``files`` from memory (``pynetdicom_floor.py``)."""
     workdir.mkdir(parents=True, exist_ok=True)
     port, log = free_port(), workdir / "floor.log"
     script = Path(__file__).with_name("pynetdicom_floor.py")
-    proc = _spawn([sys.executable, script, str(port), *files], log, workdir)
+    move = ["--move-destination", destination.aet, HOST, str(destination.port)] if destination else []
+    proc = _spawn([sys.executable, script, str(port), *move, *files], log, workdir)
     return _started("pynetdicom-floor", port, "FLOOR", proc, log, workdir)
 
 
-def start_orthanc(workdir: Path) -> Server:
-    """Orthanc 1.x with a fresh storage area, no plugins, every DIMSE service allowed."""
+def start_orthanc(workdir: Path, *, destinations: Sequence[Server] = ()) -> Server:
+    """Orthanc 1.x with a fresh storage area, no plugins, every DIMSE service allowed.
+
+    ``destinations`` become its known modalities (``DicomModalities``), so a C-MOVE to
+    their AE titles is sent there.
+    """
     workdir.mkdir(parents=True, exist_ok=True)
     http_port, port = free_port(), free_port()
     config = {
@@ -183,6 +217,7 @@ def start_orthanc(workdir: Path) -> Server:
         "DicomAlwaysAllowGet": True, "DicomAlwaysAllowMove": True,
         "UnknownSopClassAccepted": True, "SaveJobs": False, "SyncStorageArea": False,
         "DicomAssociationCloseDelay": 0,
+        "DicomModalities": {dest.aet.lower(): [dest.aet, HOST, dest.port] for dest in destinations},
     }
     (workdir / "orthanc.json").write_text(json.dumps(config, indent=2))
     log = workdir / "orthanc.log"
@@ -196,7 +231,25 @@ def start_orthanc(workdir: Path) -> Server:
             return False
 
     _poll(rest_up, proc, "Orthanc", log)
-    return _started("orthanc", port, "ORTHANC", proc, log, workdir)
+    return _started("orthanc", port, "ORTHANC", proc, log, workdir, http_port)
+
+
+def stored_instances(server: Server) -> int:
+    """How many instances ``server`` holds now: files storescp wrote, Orthanc's count, the node's."""
+    if server.http_port is not None:  # Orthanc's REST API (GET /statistics)
+        url = f"http://{HOST}:{server.http_port}/statistics"
+        with urllib.request.urlopen(url, timeout=30) as answer:
+            return int(json.load(answer)["CountInstances"])
+    if (server.workdir / NODE_DATA_DIR / "archive.db").exists():
+        with node_archive(server) as archive:
+            return archive.stats().instances
+    return len(list(server.workdir.glob("*.dcm")))
+
+
+def clear_received(server: Server) -> None:
+    """Delete the Part 10 files a ``storescp`` wrote (between C-MOVE runs to it)."""
+    for path in server.workdir.glob("*.dcm"):
+        path.unlink()
 
 
 def run_scu(argv: Sequence[str | Path]) -> float:
@@ -212,10 +265,44 @@ def run_scu(argv: Sequence[str | Path]) -> float:
     return elapsed
 
 
+def _storescu_argv(server: Server, files: Sequence[Path]) -> list[str]:
+    return [tool("storescu"), "-to", "30", "-aet", "BENCH", "-aec", server.aet, HOST,
+            str(server.port), *map(str, files)]
+
+
 def storescu(server: Server, files: Sequence[Path]) -> float:
     """C-STORE ``files`` in one association (PS3.4 Annex B); wall seconds."""
-    return run_scu([tool("storescu"), "-to", "30", "-aet", "BENCH", "-aec", server.aet, HOST,
-                    str(server.port), *files])
+    return run_scu(_storescu_argv(server, files))
+
+
+def storescu_parallel(server: Server, groups: Sequence[Sequence[Path]], logs: Path) -> float:
+    """One ``storescu`` per group, all started together, each in its own association.
+
+    Returns the wall seconds from the first start to the last exit. BenchError unless
+    every one exits 0; the others are then stopped by their PID.
+    """
+    logs.mkdir(parents=True, exist_ok=True)
+    handles = [(logs / f"storescu-{n}.log").open("wb") for n in range(len(groups))]
+    procs: list[subprocess.Popen[bytes]] = []
+    try:
+        start = time.perf_counter()
+        for group, handle in zip(groups, handles):
+            procs.append(subprocess.Popen(_storescu_argv(server, group), stdout=handle,
+                                          stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL))
+        codes = [proc.wait(timeout=SCU_TIMEOUT_S) for proc in procs]
+        elapsed = time.perf_counter() - start
+    finally:
+        for proc in procs:
+            if proc.poll() is None:
+                proc.kill()
+                proc.wait()
+        for handle in handles:
+            handle.close()
+    failed = [n for n, code in enumerate(codes) if code != 0]
+    if failed:
+        raise BenchError(f"storescu {failed} into {server.name} failed:\n"
+                         f"{_tail(logs / f'storescu-{failed[0]}.log')}")
+    return elapsed
 
 
 def getscu_study(server: Server, study_uid: str, out_dir: Path, max_pdu: int | None = None) -> float:
@@ -228,3 +315,51 @@ def getscu_study(server: Server, study_uid: str, out_dir: Path, max_pdu: int | N
     return run_scu([tool("getscu"), "-to", "30", *pdu, "-S", "-k", "QueryRetrieveLevel=STUDY",
                     "-k", f"StudyInstanceUID={study_uid}", "-od", out_dir, "-aet", "BENCH",
                     "-aec", server.aet, HOST, str(server.port)])
+
+
+def movescu_study(server: Server, study_uid: str, destination: Server) -> float:
+    """C-MOVE one study (Study Root, PS3.4 C.4.2) to ``destination``'s AE title; wall seconds.
+
+    movescu opens no port of its own, so the sub-operations go to the third party that
+    ``server`` knows under that AE title; movescu exits once the final response came.
+    """
+    return run_scu([tool("movescu"), "-to", "30", "-S", "-k", "QueryRetrieveLevel=STUDY",
+                    "-k", f"StudyInstanceUID={study_uid}", "-aet", "BENCH",
+                    "-aec", server.aet, "-aem", destination.aet, HOST, str(server.port)])
+
+
+def node_archive(node: Server) -> Archive:
+    """The node's SQLite archive, opened beside it (no migration, no blob sweep); close it after use."""
+    database = node.workdir / NODE_DATA_DIR / "archive.db"
+    return Archive(f"sqlite:///{database}", migrate=False, sweep=False)
+
+
+def pending_instances(archive: Archive) -> int:
+    """Instances the node has acknowledged but not yet coded (deferred coding, issue 10).
+
+    The one place that knows how "pending" is read: ``ArchiveStats.pending``, the figure
+    ``latentpacs archive stats --json`` prints as ``pending`` (latent rows whose stream
+    coder is still ``received``). It is read in this process on an archive opened once,
+    since starting the CLI for every poll would cost about 1.5 s of CPU on the cores
+    being measured.
+    """
+    return archive.stats().pending
+
+
+def wait_until_coded(node: Server) -> float:
+    """Poll :func:`pending_instances` until it is 0; seconds from the call to that answer.
+
+    BenchError if the node exits, or anything is still pending after CODED_TIMEOUT_S.
+    """
+    start = time.perf_counter()
+    pause = 0.005
+    with node_archive(node) as archive:
+        while (pending := pending_instances(archive)) > 0:
+            if node.proc.poll() is not None:
+                raise BenchError(f"{node.name} exited with {pending} pending:\n{_tail(node.log)}")
+            if time.perf_counter() - start > CODED_TIMEOUT_S:
+                raise BenchError(f"{node.name}: {pending} instances still pending after "
+                                 f"{CODED_TIMEOUT_S:.0f} s:\n{_tail(node.log)}")
+            time.sleep(pause)
+            pause = min(pause * 1.5, 0.05)
+    return time.perf_counter() - start
