@@ -45,7 +45,7 @@ from pynetdicom.sop_class import (  # type: ignore[attr-defined]  # names genera
 
 from latentpacs.config import Config
 from latentpacs.errors import ConfigError
-from latentpacs.node import handlers
+from latentpacs.node import handlers, pdata
 from latentpacs.node.peers import MoveDestinations, PeerPolicy
 from latentpacs.node.tls import client_context, handshake_on_open, server_context
 from latentpacs.image.pixels import LOSSY_TRANSFER_SYNTAXES
@@ -193,7 +193,8 @@ def start_node(config: Config) -> Node:
     pynetdicom_config.STORE_RECV_CHUNKED_DATASET = True
     policy = PeerPolicy.from_config(config)  # settings first: they fail fast
     ssl_context = server_context(config)
-    destinations = MoveDestinations(config.destinations, client_context(config))
+    destinations = MoveDestinations(config.destinations, client_context(config),
+                                    evt_handlers=(pdata.ON_ACCEPTED,))
     service = open_service(config, background=True)
     storage_classes = (*MAMMOGRAPHY_CLASSES, *config["node.extra_storage_classes"])
     ae = build_ae(config, storage_classes)
@@ -203,6 +204,7 @@ def start_node(config: Config) -> Node:
         (evt.EVT_C_FIND, handlers.handle_find, [service, policy]),
         (evt.EVT_C_GET, handlers.handle_get, [service, policy]),
         (evt.EVT_C_MOVE, handlers.handle_move, [service, destinations, policy]),
+        pdata.ON_ACCEPTED,  # every message the node sends goes out in large writes
     ]
     if ssl_context is not None:
         bound.append((evt.EVT_CONN_OPEN, handshake_on_open))

@@ -188,7 +188,7 @@ def refuse_move(event: evt.Event, refusal: Dataset) -> tuple[None, None]:
 
     def send_refusal(primitive: Any, context_id: int) -> None:
         if isinstance(primitive, C_MOVE) and primitive.MessageIDBeingRespondedTo == message_id:
-            delattr(dimse, "send_msg")  # one response only: back to the provider's own method
+            setattr(dimse, "send_msg", send_msg)  # one response only: back to the sender before
             primitive.Status = int(refusal.Status)
             setattr(primitive, "ErrorComment", str(refusal.ErrorComment))
         send_msg(primitive, context_id)
@@ -202,6 +202,8 @@ class MoveDestinations:
     """C-MOVE destinations (PS3.4 C.4.2.1.2) by AE title, and how to reach each.
 
     ``tls`` is the client context for destinations marked ``tls = true`` (PS3.15 B.1).
+    ``evt_handlers`` are bound on every sub-association (``ae.associate(evt_handlers=...)``),
+    e.g. :data:`latentpacs.node.pdata.ON_ACCEPTED` for the fast sending path.
 
     Raises
     ------
@@ -211,6 +213,7 @@ class MoveDestinations:
 
     by_aet: Mapping[str, Destination]
     tls: ssl.SSLContext | None = None
+    evt_handlers: tuple[Any, ...] = ()
 
     def __post_init__(self) -> None:
         if self.tls is None:
@@ -226,11 +229,17 @@ class MoveDestinations:
 
         None for an AE title that is not configured. A TLS destination gets
         ``tls_args``: the client context and the host name the destination's certificate
-        must name (checked, BCP 195).
+        must name (checked, BCP 195); ``evt_handlers``, when there are any, go along as
+        ``evt_handlers``.
         """
         destination = self.by_aet.get(_ae_title(move_destination))
         if destination is None:
             return None
+        kwargs: dict[str, Any] = {}
         if destination.tls and self.tls is not None:
-            return destination.host, destination.port, {"tls_args": (self.tls, destination.host)}
+            kwargs["tls_args"] = (self.tls, destination.host)
+        if self.evt_handlers:
+            kwargs["evt_handlers"] = list(self.evt_handlers)
+        if kwargs:
+            return destination.host, destination.port, kwargs
         return destination.host, destination.port
