@@ -64,3 +64,53 @@ def test_corrupt_stream_raises_pixel_data_error() -> None:
         decode_stream(stream[:20])
     with pytest.raises(PixelDataError):
         decode_stream(b"not a jpeg-ls stream")
+
+
+def test_the_system_charls_is_used_and_writes_what_pyjpegls_writes() -> None:
+    """CI installs libcharls2: coding goes through it (GIL released), byte for byte the
+    codestream pyjpegls's bundled CharLS writes, and either decodes the other's."""
+    import jpeg_ls
+
+    from latentpacs.codec import charls
+
+    assert charls.available()
+    stored = _mammogram_like(12, shape=(301, 257), seed=4)
+    for near in (0, 3):
+        ours = encode_stream(stored, 12, near)
+        theirs = bytes(jpeg_ls.encode_buffer(stored.tobytes(), 301, 257, 1, 12, lossy_error=near))
+        assert ours == theirs
+        pixels, info = jpeg_ls.decode_buffer(ours)
+        assert info["bits_per_sample"] == 12
+        np.testing.assert_array_equal(decode_stream(theirs),
+                                      np.frombuffer(pixels, "<u2").reshape(301, 257))
+
+
+def test_coding_lets_other_python_threads_run() -> None:
+    """While one thread decodes a 2294x1914 stream, another thread keeps running Python:
+    a background coder or a decode ahead never stops the associations' threads."""
+    import threading
+    import time
+
+    stored = _mammogram_like(12, shape=(2294, 1914), seed=5)
+    stream = encode_stream(stored, 12, 0)
+    inside: list[float] = []
+    ticks: list[float] = []
+    started = threading.Event()
+
+    def decode() -> None:
+        started.set()
+        inside.append(time.monotonic())
+        decode_stream(stream)
+        inside.append(time.monotonic())
+
+    worker = threading.Thread(target=decode)
+    worker.start()
+    started.wait()
+    while worker.is_alive():
+        ticks.append(time.monotonic())
+    worker.join()
+    begin, end = inside
+    during = [begin, *(tick for tick in ticks if begin < tick < end), end]
+    longest_pause = max(later - earlier for earlier, later in zip(during, during[1:]))
+    # Holding the GIL, the decode would stop this thread for nearly all of its duration.
+    assert longest_pause < 0.5 * (end - begin)

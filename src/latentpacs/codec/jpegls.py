@@ -1,5 +1,8 @@
 """The exact and bounded streams of the fidelity tiers: JPEG-LS (ISO/IEC 14495-1) via CharLS.
 
+CharLS is called through :mod:`latentpacs.codec.charls` (the system library, GIL released)
+when it is installed, else through pyjpegls.
+
 The ``lossless`` and ``near-lossless:K`` tiers store the image's stored pixel values
 (PS3.3 C.7.6.3.1: Bits Stored, unsigned) coded with JPEG-LS at NEAR = 0 or K, beside the
 latent. The stream codes the stored values themselves, not a difference from the network
@@ -19,6 +22,7 @@ import _CharLS
 import jpeg_ls
 import numpy as np
 
+from latentpacs.codec import charls
 from latentpacs.errors import PixelDataError
 
 logger = logging.getLogger(__name__)
@@ -74,6 +78,12 @@ def encode_stream(stored: np.ndarray, bits_stored: int, near: int) -> bytes:
     """
     values = _check(np.asarray(stored), bits_stored, near)
     rows, cols = values.shape
+    if charls.available():  # releases the GIL while it codes
+        # JPEG-LS sample precision is 2 to 16 bits (ISO/IEC 14495-1 C.2.2): 1-bit data at 2.
+        stream = charls.encode(values, max(bits_stored, 2), near)
+        logger.debug("JPEG-LS %dx%d, %d bits, NEAR %d: %d bytes", rows, cols, bits_stored,
+                     near, len(stream))
+        return stream
     source = np.ascontiguousarray(values).tobytes()
     if len(source) >= _MIN_SOURCE_BYTES:
         stream = jpeg_ls.encode_buffer(source, rows, cols, 1, bits_stored, lossy_error=near)
@@ -94,6 +104,9 @@ def decode_stream(data: bytes) -> np.ndarray:
     PixelDataError
         When the stream is corrupt, truncated or not single-component.
     """
+    if charls.available():  # releases the GIL while it decodes
+        decoded, _ = charls.decode(data)
+        return decoded.astype(np.uint16)
     try:
         pixels, info = jpeg_ls.decode_buffer(bytes(data))
     except (RuntimeError, ValueError) as exc:
