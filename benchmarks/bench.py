@@ -58,9 +58,11 @@ from bench_report import (
     Timing,
     memory_ratios,
     memory_table,
+    readme_figures,
     speed_ratios,
     target_table,
     timing_table,
+    with_overall,
 )
 from tqdm import tqdm
 
@@ -252,7 +254,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             bar.update(1)
             results = run_network(plan, bar)
             timings += results.timings
-            memory += results.memory
+            memory += with_overall(results.memory)
         else:
             bar.update(1)
         if "engine" not in args.skip:
@@ -270,6 +272,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     report["ratios"] = {r.name: r.value for r in ratios}
     report["targets"] = [r.as_json() for r in ratios if r.goal is not None]
     report["memory"] = [{"phase": m.phase, "server": m.server, "peak_mib": m.peak_mib} for m in memory]
+    report["readme"] = readme_figures(timings, memory)  # the README template's placeholders
     args.out.write_text(json.dumps(report, indent=2))
     print_report(timings, memory, args.out, work)
     return 0

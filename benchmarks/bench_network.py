@@ -120,18 +120,41 @@ def _check_count(server: Server, expected: int, what: str) -> None:
         raise BenchError(f"{what}: {server.name} holds {got} of {expected} instances")
 
 
+@dataclass
+class _IngestRuns:
+    """Per server: seconds of each send, of each send until nothing was pending, peak KiB."""
+
+    sent: dict[str, list[float]]
+    coded: dict[str, list[float]]
+    peak_kib: dict[str, int]
+
+    def record(self, server: Server, sent: float, coded: float | None) -> None:
+        """One repetition's figures of ``server`` (its peak memory read now)."""
+        self.sent[server.name].append(sent)
+        if coded is not None:
+            self.coded[server.name].append(coded)
+        self.peak_kib[server.name] = max(self.peak_kib[server.name], server.peak_memory_kib())
+
+
+def _ingest_once(server: Server, images: ImageSet, phase: str, is_node: bool,
+                 send: Callable[[Server, Path], float], runs: _IngestRuns) -> None:
+    """Send ``images`` into ``server``; for a node, poll until coded; check every instance is held."""
+    sent = send(server, server.workdir / "scu")
+    coded = sent + wait_until_coded(server) if is_node else None
+    _check_count(server, len(images.files), phase)
+    runs.record(server, sent, coded)
+
+
 def _ingest_rounds(plan: NetworkPlan, images: ImageSet, phase: str, coded_phase: str,
                    send: Callable[[Server, Path], float], bar: tqdm, *, fork: bool = False,
                    destination: Server | None = None,
                    keep: ExitStack | None = None) -> tuple[Results, dict[str, Server]]:
     """``send`` into fresh servers ``repeats`` times; with ``keep``, the last round's stay up."""
-    results = Results()
-    runs: dict[str, list[float]] = {name: [] for name in plan.ingest_targets}
-    coded: dict[str, list[float]] = {name: [] for name in plan.nodes}
-    peaks: dict[str, int] = dict.fromkeys(plan.ingest_targets, 0)
+    names = plan.ingest_targets
+    runs = _IngestRuns({n: [] for n in names}, {n: [] for n in plan.nodes}, dict.fromkeys(names, 0))
     kept: dict[str, Server] = {}
     for rep in range(plan.repeats):
-        for name in plan.ingest_targets:
+        for name in names:
             bar.set_postfix_str(f"{phase}: {name}")
             workdir = plan.work / phase.replace(" ", "-") / f"{name}-{rep}"
             server = _start(plan, name, workdir, fork=fork, destination=destination)
@@ -140,23 +163,21 @@ def _ingest_rounds(plan: NetworkPlan, images: ImageSet, phase: str, coded_phase:
                 keep.callback(server.stop)  # stopped at the end, or on any failure
                 kept[name] = server
             try:
-                runs[name].append(send(server, workdir / "scu"))
-                if name in coded:
-                    coded[name].append(runs[name][-1] + wait_until_coded(server))
-                _check_count(server, len(images.files), phase)
-                peaks[name] = max(peaks[name], server.peak_memory_kib())
+                _ingest_once(server, images, phase, name in plan.nodes, send, runs)
             finally:
                 if not keeping:
                     server.stop()
             bar.update(1)
-    notes: dict[str, float | int | str] = {"associations": len(images.groups)}
+    notes: dict[str, float | int | str] = {"associations": len(images.groups),
+                                           "images_per_association": len(images.groups[0])}
     if fork:
         notes["storescp"] = "--fork"
-    for name in plan.ingest_targets:
+    results = Results()
+    for name in names:
         results.timings.append(Timing(phase, name, len(images.files), images.pixel_mb,
-                                      tuple(runs[name]), notes))
-        results.memory.append(Memory(phase, name, peaks[name]))
-    for name, seconds in coded.items():
+                                      tuple(runs.sent[name]), notes))
+        results.memory.append(Memory(phase, name, runs.peak_kib[name]))
+    for name, seconds in runs.coded.items():
         if plan.nodes[name].get("codec.tier") == "latent":
             continue  # nothing is coded after the acknowledgement at the latent tier
         results.timings.append(Timing(coded_phase, name, len(images.files), images.pixel_mb,

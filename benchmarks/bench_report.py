@@ -19,6 +19,8 @@ PARALLEL = "parallel ingest"
 PARALLEL_CODED = "parallel ingest+coded"
 GET = "c-get"
 MOVE = "c-move"
+#: The memory row that holds each server's largest peak over every phase.
+ALL_PHASES_ROW = "all phases"
 #: The phase whose peer figures a node's "+coded" phase is compared with.
 BASE_PHASE = {INGEST_CODED: INGEST, PARALLEL_CODED: PARALLEL}
 #: The servers a node is compared with, in the order of the table's columns.
@@ -74,6 +76,14 @@ class Memory:
     def peak_mib(self) -> float:
         """The peak in MiB."""
         return self.peak_kib / 1024
+
+
+def with_overall(memory: Sequence[Memory]) -> list[Memory]:
+    """``memory`` plus one :data:`ALL_PHASES_ROW` row per server: its largest peak of the run."""
+    overall: dict[str, int] = {}
+    for m in memory:
+        overall[m.server] = max(overall.get(m.server, 0), m.peak_kib)
+    return [*memory, *(Memory(ALL_PHASES_ROW, server, peak) for server, peak in overall.items())]
 
 
 @dataclass(frozen=True)
@@ -181,8 +191,8 @@ def timing_table(timings: Sequence[Timing]) -> str:
 
 def target_table(ratios: Iterable[Ratio]) -> str:
     """Every ratio that has a target, with met / not met."""
-    lines = [f"{'comparison':<48} {'ratio':>7} {'target':>8}  verdict"]
-    lines += [f"{r.name:<48} {r.value:>6.2f}x {str(r.goal):>8}  {r.verdict}"
+    lines = [f"{'comparison':<52} {'ratio':>7} {'target':>8}  verdict"]
+    lines += [f"{r.name:<52} {r.value:>6.2f}x {str(r.goal):>8}  {r.verdict}"
               for r in ratios if r.goal is not None]
     return "\n".join(lines)
 
@@ -208,3 +218,46 @@ def memory_table(memory: Sequence[Memory]) -> str:
             ratios.append(f"{text:>22}")
         lines.append(f"{phase:<22} {cells} {' '.join(ratios)}")
     return "\n".join(lines)
+
+
+#: Short names of the phases in README placeholders.
+_PHASE_KEYS = {INGEST: "ingest", INGEST_CODED: "ingest_coded", PARALLEL: "parallel",
+               PARALLEL_CODED: "parallel_coded", GET: "get", MOVE: "move", ALL_PHASES_ROW: "all"}
+
+
+def _key(text: str) -> str:
+    """A placeholder-safe name: ``node-near-lossless:2`` -> ``near_lossless_2``, ``pynetdicom-floor`` -> ``floor``."""
+    text = text.removeprefix(NODE_PREFIX).removeprefix("pynetdicom-")
+    return "".join(c if c.isalnum() else "_" for c in text.lower()).strip("_")
+
+
+def readme_figures(timings: Sequence[Timing], memory: Sequence[Memory]) -> dict[str, str]:
+    """Every figure under the placeholder name the README template uses, formatted as shown there.
+
+    Per row ``<phase>_<target>_s``, ``_img_s``, ``_mb_s``, ``_images``, ``_mb`` (e.g.
+    ``{ingest_lossless_img_s}``); per ratio ``<phase>_<target>_vs_<peer>`` and, with a
+    target, ``..._met`` (e.g. ``{ingest_lossless_vs_storescp}``); per memory figure
+    ``mem_<phase>_<server>_mib`` and ``mem_<phase>_<tier>_vs_orthanc[_met]``. Phases are
+    ingest, ingest_coded, parallel, parallel_coded, get, move (and encode, decode, train);
+    targets storescp, orthanc, floor and the node tiers (latent, lossless, ...).
+    """
+    out: dict[str, str] = {}
+    for t in timings:
+        row = f"{_PHASE_KEYS.get(t.phase, _key(t.phase))}_{_key(t.target)}"
+        out |= {f"{row}_s": f"{t.seconds:.3f}", f"{row}_img_s": f"{t.images_per_s:.1f}",
+                f"{row}_mb_s": f"{t.mb_per_s:.1f}", f"{row}_images": str(t.images),
+                f"{row}_mb": f"{t.megabytes:.1f}"}
+    for r in speed_ratios(timings):
+        phase, pair = r.name.rsplit(" ", 1)
+        mine, peer = pair.split("/")
+        key = f"{_PHASE_KEYS.get(phase, _key(phase))}_{_key(mine)}_vs_{_key(peer)}"
+        out[key] = f"{r.value:.2f}x"
+        if r.goal is not None:
+            out[f"{key}_met"] = r.verdict
+    for m in memory:
+        out[f"mem_{_PHASE_KEYS[m.phase]}_{_key(m.server)}_mib"] = f"{m.peak_mib:.0f}"
+    for r in memory_ratios(memory):
+        phase, pair = r.name.removeprefix("memory after ").rsplit(" ", 1)
+        key = f"mem_{_PHASE_KEYS[phase]}_{_key(pair.split('/')[0])}_vs_orthanc"
+        out |= {key: f"{r.value:.2f}x", f"{key}_met": r.verdict}
+    return out
