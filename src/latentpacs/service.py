@@ -34,8 +34,10 @@ from latentpacs.image.record import ImageRecord
 
 logger = logging.getLogger(__name__)
 
-#: Instances a retrieval decodes ahead of the one being sent (each one is held in memory).
-PREFETCH_DEPTH = 1
+#: Instances a retrieval decodes ahead of the one being sent, in parallel (each one is
+#: held in memory): two, so both cores decode while the sender writes (JPEG-LS and the
+#: integer decoder release the GIL).
+PREFETCH_DEPTH = 2
 #: What a retrieval iterates: an archive row id, loaded when its turn comes, or an image.
 _Match = int | ArchivedImage
 
@@ -60,7 +62,7 @@ class Limits:
     Pixel Data bytes), so decodes take at most ``max_image_pixels x 10 x
     max_concurrent_decodes`` bytes (64 Mi pixels x 10 B x 4 = 2.5 GiB by default), and the
     decoded objects waiting to be sent at most ``max_image_pixels x 2 x (PREFETCH_DEPTH + 1)``
-    bytes per association (256 MiB by default, times ``node.max_associations``).
+    bytes per association (384 MiB by default, times ``node.max_associations``).
 
     Parameters
     ----------
@@ -328,13 +330,14 @@ class Service:
 
         A match is an archive row id (from :meth:`matches`; the worker loads it) or an
         :class:`ArchivedImage`. A C-GET / C-MOVE (PS3.4 C.4.2.3, C.4.3.3) sends one
-        C-STORE sub-operation at a time; a worker thread loads and decodes the next
-        instances meanwhile, so decoding and sending overlap while at most ``depth + 1``
+        C-STORE sub-operation at a time; ``depth`` worker threads load and decode the
+        next instances meanwhile, so decoding and sending overlap while at most ``depth + 1``
         instances are held. A load or decode error is raised by the future's
         ``result()``. Closing the generator (the caller stops early: cancel, failure)
         drops the decodes not yet started.
         """
-        executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="latentpacs-prefetch")
+        executor = ThreadPoolExecutor(max_workers=max(depth, 1),
+                                      thread_name_prefix="latentpacs-prefetch")
         remaining = iter(matches)
         pending: deque[tuple[_Match, Future[Dataset]]] = deque()
         try:
