@@ -247,6 +247,8 @@ def readme_figures(timings: Sequence[Timing], memory: Sequence[Memory]) -> dict[
         out |= {f"{row}_s": f"{t.seconds:.3f}", f"{row}_img_s": f"{t.images_per_s:.1f}",
                 f"{row}_mb_s": f"{t.mb_per_s:.1f}", f"{row}_images": str(t.images),
                 f"{row}_mb": f"{t.megabytes:.1f}"}
+        if "projected_paper_run_s" in t.notes:  # training: the paper's 637 images x 1000 epochs
+            out[f"{row}_projected_h"] = f"{float(t.notes['projected_paper_run_s']) / 3600:.1f}"
     for r in speed_ratios(timings):
         phase, pair = r.name.rsplit(" ", 1)
         mine, peer = pair.split("/")
