@@ -20,13 +20,17 @@ Building (deterministic; elementwise IEEE float64 operations, exact maxima and
    scale 2**-f_c, with f_c = WEIGHT_BITS - e_c where max |W'_c| = m 2**e_c, 1/2 <= m < 1
    (lowered when needed so that the bias stays within 2**BIAS_BITS).
 4. Activations are integers A at a per-layer scale 2**-F (value A 2**-F). F is chosen
-   from an integer calibration pass (:data:`CALIBRATION_CODES` deterministic latents
-   through the integer layers already built) so that the largest accumulator seen
+   from an integer calibration pass (:data:`CALIBRATION_CODES` deterministic latents,
+   one at a time, through the integer layers already built; their activations are kept
+   as int32 between layers) so that the largest accumulator seen
    lands below 2**(ACTIVATION_BITS - HEADROOM_BITS); at run time activations are
    clamped to |A| <= 2**ACTIVATION_BITS.
 
 Running one layer (torch float64 on the engine's device, cuDNN disabled so only exact
-gemm / im2col / col2im kernels run):
+gemm / im2col / col2im kernels run; a strided transposed convolution whose kernel is
+larger than its stride runs as one matrix product per output phase and tap on shifted
+views of the padded input, :class:`_SubpixelConvTranspose`, the same integer products
+summed without a col2im scatter; on the CPU one latent at a time, in place):
 
 - accumulate: acc = sum Wq A + Bq (Bq = rint(b' 2**(F_in + f_c))), an integer at the
   scale 2**-(F_in + f_c);
@@ -49,9 +53,9 @@ weights per output channel; the shipped decoders sum at most 64 x 4 x 4 = 1024, 
 bound is about 2**48.
 
 Resizing the 16-bit model output back to rows x cols (:func:`resize_uint16`) is integer
-too (int32, separable, weights of :data:`RESIZE_FRAC_BITS` bits that sum exactly to
-2**RESIZE_FRAC_BITS): bilinear with ``align_corners=False`` for an enlargement, and a
-triangle (antialiased bilinear) filter of support ``in / out`` for a shrink, the kernels
+too (numpy int32, separable, in blocks of output rows, weights of
+:data:`RESIZE_FRAC_BITS` bits that sum exactly to 2**RESIZE_FRAC_BITS): bilinear with
+``align_corners=False`` for an enlargement, and a triangle (antialiased bilinear) filter of support ``in / out`` for a shrink, the kernels
 of :func:`~latentpacs.codec.engine.resize_bilinear`, each pass rounded half up to 16 bits. The
 canonical image handed to callers is then ``v / 65535`` in float32, an exact function of
 the 16-bit image.
@@ -173,6 +177,9 @@ class IntegerPlan:
 class IntegerDecoder:
     """Run an :class:`IntegerPlan` on one device in float64 holding exact integers.
 
+    On the CPU a batch runs one latent at a time (the result does not depend on the
+    batch, and the temporaries of one image are all that is held); on CUDA it runs whole.
+
     Parameters
     ----------
     plan:
@@ -186,6 +193,7 @@ class IntegerDecoder:
         self.device = torch.device(device)
         self._layers = [_LayerTensors(layer, self.device) for layer in plan.layers]
         self._lut = torch.from_numpy(plan.lut.astype(np.int32)).to(self.device)
+        self._chunk = 1 if self.device.type == "cpu" else 1 << 30
 
     def decode_indices(self, indices: np.ndarray) -> np.ndarray:
         """Decode latent bin indices (B, D) to 16-bit images (B, S, S), uint16.
@@ -205,18 +213,24 @@ class IntegerDecoder:
             raise LatentFormatError(f"latent indices must be integers, got {codes.dtype}")
         if codes.size and (codes.min() < 0 or codes.max() >= plan.levels):
             raise LatentFormatError(f"latent indices must lie in [0, {plan.levels - 1}]")
-        if codes.shape[0] == 0:
-            return np.zeros((0, plan.image_size, plan.image_size), np.uint16)
-        x = torch.from_numpy(codes.astype(np.float64)).to(self.device)
-        with torch.inference_mode(), torch.backends.cudnn.flags(enabled=False):
-            logits = _forward(self._layers, x, plan)
-            index = logits.to(torch.int64) + LOGIT_LIMIT * (1 << LOGIT_FRAC_BITS)
-            out = self._lut[index][:, 0]
-        return out.cpu().numpy().astype(np.uint16)
+        size = plan.image_size
+        out = np.empty((codes.shape[0], size, size), np.uint16)
+        for start in range(0, codes.shape[0], self._chunk):
+            stop = min(codes.shape[0], start + self._chunk)
+            x = torch.from_numpy(codes[start:stop].astype(np.float64)).to(self.device)
+            with torch.inference_mode(), torch.backends.cudnn.flags(enabled=False):
+                logits = _forward(self._layers, x, plan)
+                # exact integers in [0, 2 LOGIT_LIMIT 2**LOGIT_FRAC_BITS]: the table's index
+                index = logits.add_(LOGIT_LIMIT << LOGIT_FRAC_BITS)[:, 0].to(torch.int32)
+                if self.device.type == "cpu":
+                    np.take(plan.lut, index.numpy(), out=out[start:stop], mode="clip")
+                else:
+                    out[start:stop] = self._lut[index.long()].cpu().numpy().astype(np.uint16)
+        return out
 
 
 class _LayerTensors:
-    """An :class:`IntegerLayer`'s arrays as float64 tensors on a device."""
+    """An :class:`IntegerLayer`'s arrays as float64 tensors on a device, and its two steps."""
 
     def __init__(self, layer: IntegerLayer, device: torch.device) -> None:
         self.layer = layer
@@ -227,33 +241,143 @@ class _LayerTensors:
         self.scale = torch.from_numpy(np.ldexp(1.0, -layer.shift)).to(device).view(view)
         offset = np.where(layer.shift > 0, np.ldexp(1.0, layer.shift - 1), 0.0)
         self.offset = torch.from_numpy(offset).to(device).view(view)
+        # Bq + 2**(k - 1): an integer below the proven bound, so exact
+        self.bias_offset = self.bias + self.offset
+        self.slope = None if layer.slope is None else float(np.ldexp(layer.slope, -SLOPE_BITS))
+        self.subpixel = (
+            _SubpixelConvTranspose(self.weight, layer.stride, layer.padding, layer.dilation)
+            if layer.kind == "conv_transpose" else None
+        )
+        if self.subpixel is not None and not self.subpixel.useful:
+            self.subpixel = None
 
     def accumulate(self, x: Tensor) -> Tensor:
+        """sum Wq A, without the bias (exact: every partial sum is below the bound)."""
         layer = self.layer
         if layer.kind == "linear":
-            acc = F.linear(x, self.weight)
-        elif layer.kind == "conv_transpose":
-            acc = F.conv_transpose2d(
+            return F.linear(x, self.weight)
+        if self.subpixel is not None:
+            return self.subpixel(x, layer.output_padding)
+        if layer.kind == "conv_transpose":
+            return F.conv_transpose2d(
                 x, self.weight, None, layer.stride, layer.padding, layer.output_padding,
                 1, layer.dilation,
             )
-        else:
-            acc = F.conv2d(x, self.weight, None, layer.stride, layer.padding, layer.dilation)
-        return acc + self.bias
+        return F.conv2d(x, self.weight, None, layer.stride, layer.padding, layer.dilation)
 
-    def requantise(self, acc: Tensor) -> Tensor:
+    def requantise_(self, acc: Tensor, *, biased: bool = False) -> Tensor:
+        """In place: add Bq (unless ``biased``) and 2**(k-1), scale, floor, clamp, activate.
+
+        Each step is exact on integers below 2**53: adding integers, multiplying by a
+        power of two, ``floor``, clamping to integers, and the LeakyReLU product
+        y n 2**-SLOPE_BITS (|y n| < 2**53) before its ``floor``. For y >= 0 the floor
+        leaves y; for y < 0, floor(y n / 2**SLOPE_BITS) is the integer LeakyReLU.
+        """
         layer = self.layer
-        y = acc.add_(self.offset).mul_(self.scale).floor_().clamp_(-layer.clamp, layer.clamp)
-        if layer.slope is not None:
-            # y * (n / 2**SLOPE_BITS) is exact (|y n| < 2**53), and for 0 <= n / 2**SLOPE_BITS
-            # < 1, max(y, floor(y n / 2**SLOPE_BITS)) is y when y >= 0 and the floor when y < 0
-            y = torch.maximum(y, torch.floor(y * np.ldexp(float(layer.slope), -SLOPE_BITS)))
-        return y
+        acc.add_(self.offset if biased else self.bias_offset).mul_(self.scale).floor_()
+        acc.clamp_(-layer.clamp, layer.clamp)
+        if self.slope is not None:
+            F.leaky_relu(acc, self.slope, inplace=True).floor_()
+        return acc
+
+
+class _SubpixelConvTranspose:
+    """A strided transposed convolution as s_h s_w ordinary matrix products, one per phase.
+
+    Output row Y = s m + r (phase r) gathers only the kernel rows k = r + p (mod s), each
+    from input row m + (r + p - k) / s; so each phase (r_h, r_w) is a sum, over its taps,
+    of (Cout x Cin) weight matrices times shifted views of the zero-padded input, taken
+    as flat offsets into it (no im2col copy, no col2im scatter-add). Phases with the same
+    shifts share one product (their weights stacked). The sums are of the same exact
+    integer products as :func:`torch.nn.functional.conv_transpose2d`'s, so the result is
+    identical (every partial sum is an integer below 2**53).
+    """
+
+    def __init__(
+        self, weight: Tensor, stride: tuple[int, ...], padding: tuple[int, ...],
+        dilation: tuple[int, ...],
+    ) -> None:
+        cin, cout, kh, kw = (int(n) for n in weight.shape)
+        self.cin, self.cout, self.kernel = cin, cout, (kh, kw)
+        self.stride = (int(stride[0]), int(stride[1]))
+        self.padding = (int(padding[0]), int(padding[1]))
+        # worth it when taps of a phase overlap: a stride above 1 and a larger kernel
+        self.useful = tuple(dilation) == (1, 1) and any(
+            s > 1 and k > s for s, k in zip(self.stride, self.kernel)
+        )
+        rows = _axis_phases(kh, self.stride[0], self.padding[0])
+        cols = _axis_phases(kw, self.stride[1], self.padding[1])
+        taps = weight.permute(2, 3, 1, 0)  # (kh, kw, Cout, Cin)
+        grouped: dict[tuple[tuple[int, ...], tuple[int, ...]], list[tuple[int, int]]] = {}
+        for ry, (y_taps, _) in enumerate(rows):
+            for rx, (x_taps, _) in enumerate(cols):
+                grouped.setdefault((rows[ry][1], cols[rx][1]), []).append((ry, rx))
+        #: per group: phases, shifts (dy, dx) per tap, stacked weights per tap
+        self.groups: list[tuple[list[tuple[int, int]], list[tuple[int, int]], list[Tensor]]] = []
+        for (dys, dxs), phases in grouped.items():
+            shifts, mats = [], []
+            for iy, dy in enumerate(dys):
+                for ix, dx in enumerate(dxs):
+                    shifts.append((dy, dx))
+                    mats.append(torch.cat(
+                        [taps[rows[ry][0][iy], cols[rx][0][ix]] for ry, rx in phases]
+                    ).contiguous())
+            self.groups.append((phases, shifts, mats))
+        all_dy = [dy for _, shifts, _ in self.groups for dy, _ in shifts] or [0]
+        all_dx = [dx for _, shifts, _ in self.groups for _, dx in shifts] or [0]
+        self._dy, self._dx = (min(all_dy), max(all_dy)), (min(all_dx), max(all_dx))
+
+    def __call__(self, x: Tensor, output_padding: tuple[int, ...]) -> Tensor:
+        batch, _, h, w = (int(n) for n in x.shape)
+        (sh, sw), (ph, pw), (kh, kw) = self.stride, self.padding, self.kernel
+        ho = (h - 1) * sh - 2 * ph + kh + int(output_padding[0])
+        wo = (w - 1) * sw - 2 * pw + kw + int(output_padding[1])
+        rows_max, cols_max = -(-ho // sh), -(-wo // sw)  # phase 0 has the most
+        top, left = max(0, -self._dy[0]), max(0, -self._dx[0])
+        width = max(w + left, cols_max + self._dx[1] + left)
+        height = max(h + top, rows_max + self._dy[1] + top) + 1  # a spare row for the flat views
+        padded = x.new_zeros((batch, self.cin, height, width))
+        padded[:, :, top : top + h, left : left + w] = x
+        flat = padded.view(batch, self.cin, height * width)
+        out = x.new_empty((batch, self.cout, ho, wo))
+        span = rows_max * width
+        for phases, shifts, mats in self.groups:
+            acc = x.new_empty((len(phases) * self.cout, span))
+            grid = acc.view(len(phases), self.cout, rows_max, width)
+            for b in range(batch):
+                if not shifts:
+                    acc.zero_()
+                for i, ((dy, dx), mat) in enumerate(zip(shifts, mats)):
+                    start = (dy + top) * width + dx + left
+                    source = flat[b, :, start : start + span]
+                    if i == 0:
+                        torch.mm(mat, source, out=acc)
+                    else:
+                        acc.addmm_(mat, source)
+                for j, (ry, rx) in enumerate(phases):
+                    target = out[b, :, ry::sh, rx::sw]
+                    target.copy_(grid[j, :, : target.shape[1], : target.shape[2]])
+        return out
+
+
+def _axis_phases(
+    kernel: int, stride: int, padding: int
+) -> list[tuple[tuple[int, ...], tuple[int, ...]]]:
+    """Per output phase r along one axis: its kernel taps k and their input shifts d.
+
+    Output index s m + r takes kernel tap k = r + p (mod s) from input index m + d,
+    d = (r + p - k) / s.
+    """
+    phases = []
+    for r in range(stride):
+        taps = tuple(k for k in range(kernel) if (r + padding - k) % stride == 0)
+        phases.append((taps, tuple((r + padding - k) // stride for k in taps)))
+    return phases
 
 
 def _forward(layers: list[_LayerTensors], x: Tensor, plan: IntegerPlan) -> Tensor:
     for position, layer in enumerate(layers):
-        x = layer.requantise(layer.accumulate(x))
+        x = layer.requantise_(layer.accumulate(x))
         if position == 0:
             x = x.view(-1, plan.channels, plan.side, plan.side)
     return x
@@ -293,7 +417,10 @@ def build_integer_decoder(
 
     weight, bias = _fold_latent(model.from_latent, latent_format)
     layers: list[IntegerLayer] = []
-    x = calibration
+    cpu = torch.device("cpu")
+    # one calibration latent at a time: the peaks are maxima, the same for any batching,
+    # and only one image's temporaries (plus the codes' integer activations) are held
+    codes = [calibration[i : i + 1] for i in range(len(calibration))]
     specs: list[_Spec] = [("linear", weight, bias, None, {})] + blocks
     in_frac, in_bound = 0, levels - 1
     for position, (kind, w, b, slope, geometry) in enumerate(specs):
@@ -304,13 +431,19 @@ def build_integer_decoder(
         draft = IntegerLayer(
             kind, wq, bq, np.zeros(len(bq), np.int64), in_frac, 0, 0, slope, 0, **geometry
         )
-        tensors = _LayerTensors(draft, torch.device("cpu"))
+        tensors = _LayerTensors(draft, cpu)
+        peaks: Tensor | None = None
         with torch.inference_mode():
-            acc = tensors.accumulate(x)
+            for x in codes:
+                acc = tensors.accumulate(x.to(torch.float64)).add_(tensors.bias)
+                peak = _channel_peaks(acc, kind)
+                peaks = peak if peaks is None else torch.maximum(peaks, peak)
         if last:
             out_frac, clamp = LOGIT_FRAC_BITS, LOGIT_LIMIT << LOGIT_FRAC_BITS
         else:
-            out_frac, clamp = _choose_frac(acc, kind, in_frac + w_frac, target), act_max
+            if peaks is None:
+                raise ModelError(f"{name}: no calibration latents")
+            out_frac, clamp = _choose_frac(peaks, in_frac + w_frac, target), act_max
         shift = (in_frac + w_frac - out_frac).astype(np.int64)
         offsets = [1 << int(k - 1) if k > 0 else 0 for k in shift]
         bounds = [
@@ -325,14 +458,23 @@ def build_integer_decoder(
         layer = IntegerLayer(
             kind, wq, bq, shift, in_frac, out_frac, clamp, slope, bound, **geometry
         )
+        final = _LayerTensors(layer, cpu)
+        # activations are integers of magnitude <= clamp: int32 holds them exactly
+        store = torch.int32 if clamp < 1 << 31 else torch.float64
         with torch.inference_mode():
-            x = _LayerTensors(layer, torch.device("cpu")).requantise(acc)
-        if position == 0:
-            x = x.view(-1, model.channels, model.side, model.side)
+            outputs = []
+            for x in codes:
+                y = final.requantise_(final.accumulate(x.to(torch.float64)))
+                if position == 0:
+                    y = y.view(-1, model.channels, model.side, model.side)
+                outputs.append(y.to(store))
+            codes = outputs
         layers.append(layer)
         in_frac, in_bound = out_frac, clamp
-    if tuple(x.shape[1:]) != (1, model.image_size, model.image_size):
-        raise ModelError(f"{model.arch}: decoder output {tuple(x.shape[1:])} is not one image")
+    if tuple(codes[0].shape[1:]) != (1, model.image_size, model.image_size):
+        raise ModelError(
+            f"{model.arch}: decoder output {tuple(codes[0].shape[1:])} is not one image"
+        )
     plan = IntegerPlan(
         tuple(layers), sigmoid_table(LOGIT_FRAC_BITS, LOGIT_LIMIT), model.latent_dim, levels,
         model.channels, model.side, model.image_size,
@@ -462,13 +604,17 @@ def _abs_sum_per_channel(wq: np.ndarray, kind: str) -> list[int]:
     return [int(s) for s in np.sum(np.abs(moved).astype(np.int64), axis=1)]
 
 
-def _choose_frac(acc: Tensor, kind: str, acc_frac: np.ndarray, target_bits: int) -> int:
-    """Largest F so the calibration's largest |accumulator| sits below 2**target_bits."""
+def _channel_peaks(acc: Tensor, kind: str) -> Tensor:
+    """Largest |accumulator| of each output channel (exact maxima)."""
     dims = [0] if kind == "linear" else [0, 2, 3]
-    peaks = torch.amax(torch.abs(acc), dim=dims).numpy()
+    return torch.amax(torch.abs(acc), dim=dims)
+
+
+def _choose_frac(peaks: Tensor, acc_frac: np.ndarray, target_bits: int) -> int:
+    """Largest F so the calibration's largest |accumulator| sits below 2**target_bits."""
     candidates = [
         target_bits + int(f) - int(peak).bit_length()
-        for peak, f in zip(peaks, acc_frac)
+        for peak, f in zip(peaks.numpy(), acc_frac)
         if peak > 0
     ]
     return min(candidates) if candidates else target_bits
@@ -611,7 +757,10 @@ def resize_uint16(image: np.ndarray, shape: tuple[int, int]) -> np.ndarray:
         if row_taps is None:
             part = source[start:stop]
         else:
-            block_taps = tuple((index[start:stop], weight[start:stop]) for index, weight in row_taps)
+            block_taps = tuple(
+                (index[start:stop], weight[start:stop])
+                for index, weight in row_taps
+            )
             part = _interpolate(source, block_taps, 0, row_acc[:n], row_term[:n])
             np.add(part, half, out=part)
             np.right_shift(part, RESIZE_FRAC_BITS, out=part)
@@ -625,5 +774,9 @@ def resize_uint16(image: np.ndarray, shape: tuple[int, int]) -> np.ndarray:
 
 
 def to_canonical(image: np.ndarray) -> np.ndarray:
-    """The canonical float32 image of a 16-bit one: ``v / 65535`` (correctly rounded)."""
-    return np.divide(image.astype(np.float32), np.float32(OUTPUT_MAX), dtype=np.float32)
+    """The canonical float32 image of a 16-bit one: ``v / 65535`` (correctly rounded).
+
+    One float32 division per pixel (uint16 -> float32 is exact), cast inside the ufunc's
+    loop, so no float32 copy of the image is made first.
+    """
+    return np.divide(image, np.float32(OUTPUT_MAX), dtype=np.float32)
