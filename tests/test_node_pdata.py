@@ -11,7 +11,7 @@
   ``-pdu`` sizes (odd ones too) receives files identical to a retrieval with the fast
   path unbound (pynetdicom's own path), and the process-wide counters show that the fast
   path sent every C-STORE in fewer writes than PDUs; C-MOVE to DCMTK ``storescp`` takes
-  it on the sub-association; TLS too.
+  it on the sub-association; so do a C-GET and a C-MOVE over TLS.
 * Mid-transfer: a peer killed while a large C-STORE is being written, a peer that sends
   A-ABORT mid-message, and a C-CANCEL sent mid-message: the node keeps serving (C-ECHO,
   a complete C-GET afterwards), and the cancelled C-GET ends Cancel (FE00) after the one
@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import os
 import signal
+import ssl
 import subprocess
 import threading
 from collections.abc import Iterator, Sequence
@@ -58,7 +59,7 @@ from netpeers import (
     start_storescp,
     storescu,
 )
-from test_tls import _tls_args, pki  # noqa: F401  (pki is a fixture)
+from test_tls import _move_over_tls, _tls_args, _tls_storescp, pki  # noqa: F401  (pki is a fixture)
 
 MAMMOGRAPHY = "1.2.840.10008.5.1.4.1.1.1.2"
 #: 2294 x 1914 x 16 bits: an 8.8 MB mammogram, about 540 PDUs at 16 KiB.
@@ -365,7 +366,11 @@ def test_an_abort_mid_transfer_leaves_the_node_serving(served, tmp_path) -> None
         stored.append(str(event.request.AffectedSOPInstanceUID))
         return 0x0000
 
-    assoc = _get_requestor(16384).associate(
+    requestor = _get_requestor(16384)
+    # After its own abort, pynetdicom's send_c_get waits out its DIMSE timeout for a
+    # response that cannot come: 5 s instead of 30 (the node answers within a second).
+    requestor.dimse_timeout = 5
+    assoc = requestor.associate(
         HOST, served.node.port, ae_title="LATENTPACS",
         ext_neg=[build_role(MAMMOGRAPHY, scp_role=True)],
         evt_handlers=[(evt.EVT_PDU_RECV, on_pdu), (evt.EVT_C_STORE, on_store)])
@@ -380,24 +385,47 @@ def test_an_abort_mid_transfer_leaves_the_node_serving(served, tmp_path) -> None
     assert files == served.reference
 
 
-def test_get_over_tls_goes_through_the_fast_path(tmp_path, pki, big_images) -> None:  # noqa: F811
-    security = (f'[security]\ntls_cert = "{pki["server"][1]}"\ntls_key = "{pki["server"][0]}"\n'
-                f'tls_ca = "{pki["ca"][1]}"\ntls_require_client_cert = true\n')
-    tls = _tls_args(pki, "client")
-    with _node(_config(tmp_path, security)) as node:
-        stored = _run([require("storescu"), "-to", "10", *tls, "-aet", "TLSSCU",
-                       "-aec", "LATENTPACS", HOST, str(node.port), *map(str, big_images[:2])],
-                      SCU_TIMEOUT_S)
-        assert stored.returncode == 0, stored.stdout + stored.stderr
-        before = _sent_stores()
-        study = str(pydicom.dcmread(big_images[0]).StudyInstanceUID)
-        proc, files = _getscu(node.port, tmp_path / "get", study, pdu=16383, extra=tls)
-        assert final_response(proc).status == Status.SUCCESS
-        assert _sent_stores() - before == 2
-    assert len(files) == 2
-    for data in files.values():
-        ds = pydicom.dcmread(BytesIO(data))
-        original = next(pydicom.dcmread(path) for path in big_images
-                        if pydicom.dcmread(path, stop_before_pixels=True).SOPInstanceUID
-                        == ds.SOPInstanceUID)
-        assert ds.PixelData == original.PixelData
+def test_get_and_move_over_tls_go_through_the_fast_path(tmp_path, pki, big_images) -> None:  # noqa: F811
+    """TLS (PS3.15 B.1) both ways: a C-GET from a pynetdicom SCU over TLS at an odd
+    maximum PDU length (DCMTK 3.6's getscu has no ``+tls``), and a C-MOVE whose
+    sub-association goes to a TLS-only ``storescp +tls`` (the node as TLS client)."""
+    images = big_images[:2]
+    pixels = {str(ds.SOPInstanceUID): ds.PixelData for ds in map(pydicom.dcmread, images)}
+    study = str(pydicom.dcmread(images[0]).StudyInstanceUID)
+    received = tmp_path / "received"
+    with _tls_storescp(received, pki, "SECURE") as scp_port:
+        security = (f'[security]\ntls_cert = "{pki["server"][1]}"\n'
+                    f'tls_key = "{pki["server"][0]}"\ntls_ca = "{pki["ca"][1]}"\n'
+                    "tls_require_client_cert = true\n"
+                    f'[destinations.SECURE]\nhost = "{HOST}"\nport = {scp_port}\ntls = true\n')
+        with _node(_config(tmp_path, security)) as node:
+            stored = _run([require("storescu"), "-to", "10", *_tls_args(pki, "client"),
+                           "-aet", "TLSSCU", "-aec", "LATENTPACS", HOST, str(node.port),
+                           *map(str, images)], SCU_TIMEOUT_S)
+            assert stored.returncode == 0, stored.stdout + stored.stderr
+
+            got: dict[str, bytes] = {}
+
+            def on_store(event: evt.Event) -> int:
+                got[str(event.request.AffectedSOPInstanceUID)] = event.dataset.PixelData
+                return 0x0000
+
+            context = ssl.create_default_context(cafile=str(pki["ca"][1]))
+            context.load_cert_chain(certfile=str(pki["client"][1]), keyfile=str(pki["client"][0]))
+            before = _sent_stores()
+            assoc = _get_requestor(16383).associate(
+                HOST, node.port, ae_title="LATENTPACS", tls_args=(context, HOST),
+                ext_neg=[build_role(MAMMOGRAPHY, scp_role=True)],
+                evt_handlers=[(evt.EVT_C_STORE, on_store)])
+            assert assoc.is_established
+            responses = [status for status, _ in assoc.send_c_get(_study_identifier(study), GET)]
+            assoc.release()
+            assert responses[-1].Status == Status.SUCCESS
+            assert got == pixels
+            assert _sent_stores() - before == 2
+
+            moved = _move_over_tls(node.port, pki, study, "SECURE")
+            assert (moved.Status, moved.NumberOfCompletedSuboperations) == (Status.SUCCESS, 2)
+            assert _sent_stores() - before == 4
+    files = sorted(received.glob("*.dcm"))
+    assert {str(ds.SOPInstanceUID): ds.PixelData for ds in map(pydicom.dcmread, files)} == pixels
