@@ -127,6 +127,23 @@ def test_runs_are_the_bytes_pynetdicom_sends(messages, kind: str, max_pdu: int) 
         assert sum(run.pdus for run in runs) == 538 and len(runs) == 9
 
 
+def test_messages_the_path_leaves_to_pynetdicom(messages, tmp_path) -> None:
+    """A data set sent from a file, or a maximum PDU length pynetdicom refuses (1 to 6),
+    goes through pynetdicom's own path; a C-STORE from memory at any usable length does not."""
+    assert not pdata.encodable(messages["odd data set"], 6)
+    primitive = C_STORE()
+    primitive.MessageID = 4
+    primitive.AffectedSOPClassUID = MAMMOGRAPHY
+    primitive.AffectedSOPInstanceUID = "2.25.1235"
+    primitive.Priority = 0
+    (tmp_path / "ds").write_bytes(b"\0" * 64)
+    setattr(primitive, "_dataset_path", (tmp_path / "ds", 0))
+    from_file = C_STORE_RQ()
+    from_file.primitive_to_message(primitive)
+    assert not pdata.encodable(from_file, 16384)
+    assert all(pdata.encodable(messages["odd data set"], size) for size in (0, 7, 16383))
+
+
 def test_the_pynetdicom_internals_the_path_relies_on() -> None:
     """DT-1 and AR-7 send through ``dul._send(P_DATA_TF(primitive))``, and a P-DATA-TF
     built from a primitive keeps each PDV's value object: the wrapper recognises a run."""
