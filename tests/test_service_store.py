@@ -54,7 +54,7 @@ def test_a_stream_tier_never_runs_the_engine(tmp_path: Path, tier: str) -> None:
     service = open_service(config)
     try:
         assert service.store(pydicom.dcmread(path)) is StoreResult.STORED
-        assert service.engines.primary.images_run == 0
+        assert service.engines.loaded == []  # no engine was even loaded
         (archived,) = service.archive.iter_images()
         assert archived.latent == b"" and archived.stream
         returned = service.returned(archived)
@@ -65,3 +65,30 @@ def test_a_stream_tier_never_runs_the_engine(tmp_path: Path, tier: str) -> None:
             assert returned.SOPInstanceUID != original.SOPInstanceUID
     finally:
         service.close()
+
+
+def test_a_lossless_node_process_never_imports_torch(tmp_path: Path) -> None:
+    """The memory a lossless node saves: torch and the model are loaded only when a
+    latent must be encoded or decoded (here: never)."""
+    import subprocess
+    import sys
+
+    (path,) = phantom.generate(tmp_path / "images", 1, 23, size=(96, 80))
+    script = f"""
+import sys, pydicom
+from latentpacs.config import load_config
+from latentpacs.service import open_service
+config = load_config(None, environ={{}}, overrides={{
+    "archive.data_dir": {str(tmp_path / "data")!r}, "codec.tier": "lossless"}})
+service = open_service(config, background=True)
+service.store(pydicom.dcmread({str(path)!r}), received={str(path)!r})
+assert service.deferred.wait_idle(120)
+(archived,) = service.archive.iter_images()
+assert archived.stream_coder == "jpeg-ls", archived.stream_coder
+service.returned(archived)
+service.close()
+print("torch" in sys.modules)
+"""
+    done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.strip() == "False"

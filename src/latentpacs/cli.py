@@ -280,7 +280,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
     for signum in (signal.SIGTERM, signal.SIGINT):
         signal.signal(signum, request_stop)
     node = start_node(config)
-    card = node.service.engines.primary.loaded.card
+    card = node.service.engines.primary_card
     print(
         f"{config['node.aet']} listening on {config['node.host']}:{node.port} "
         f"(tier {config.tier}, model {card.name} sha256 {card.sha256[:16]}, "

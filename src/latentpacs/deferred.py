@@ -156,7 +156,7 @@ def code_one(archive: Archive, engines: EnginePool, coder: str, instance_id: int
         ds = dcmread(BytesIO(archived.stream))
     except Exception as exc:
         raise InvalidDicomError(f"the object as received cannot be read: {exc}") from exc
-    (coded,) = chain.encode([ds], engines.primary, record.tier, coder)
+    (coded,) = chain.encode([ds], engines, record.tier, coder)
     expected = hashlib.sha256(archived.stream).hexdigest()
     done = archive.recode(instance_id, expected, coded.to_archived())
     if done:

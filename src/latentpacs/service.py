@@ -170,7 +170,7 @@ class Service:
         self.decodes = DecodeBudget(self.limits.max_concurrent_decodes, self.limits.decode_wait_s)
         #: The background coder, when deferred coding is on (:mod:`latentpacs.deferred`).
         self.deferred = DeferredCoder(archive, engines, self.coder) if deferred else None
-        card = engines.primary.loaded.card
+        card = engines.primary_card
         archive.register_model(
             sha256=card.sha256, name=card.name, arch=card.arch, card=json.loads(card.to_json())
         )
@@ -206,9 +206,9 @@ class Service:
             return StoreResult.KEPT_EXISTING
         deferred = self.deferred if received is not None and chain.defers(ds, self.tier) else None
         if deferred is not None and received is not None:
-            record = chain.received(ds, _read_received(received), self.engines.primary, self.tier)
+            record = chain.received(ds, _read_received(received), self.engines, self.tier)
         else:
-            (record,) = chain.encode([ds], self.engines.primary, self.tier, self.coder)
+            (record,) = chain.encode([ds], self.engines, self.tier, self.coder)
         archived = record.to_archived()
         result = self.archive.store(archived, duplicates=self.duplicates)
         if deferred is not None and result is not StoreResult.KEPT_EXISTING:
@@ -364,23 +364,29 @@ def open_engines(config: Config, *, encode: bool = True) -> EnginePool:
     """The engine pool of a configuration: ``codec.model`` on ``codec.device``, batches of
     ``codec.max_batch`` (the CLI's ``encode``/``decode`` use it as the node does).
 
-    ``encode=False`` loads no model up front (decoding finds each by its hash).
+    ``encode=False`` loads no model up front (decoding finds each by its hash). At a
+    stream tier the model is hash-checked now but its engine (and torch) is loaded only
+    if a latent is ever encoded or decoded: those records name the model, never run it.
 
     Raises
     ------
     ModelError
         For a missing or hash-mismatched model, or an unusable device.
     """
+    device = config["codec.device"] or None
+    pool = {"models_dir": config.models_dir, "device": device, "max_batch": config["codec.max_batch"]}
+    if not encode:
+        return EnginePool(**pool)
+    if config.tier.has_stream:
+        from latentpacs.codec.cards import verified_card
+
+        return EnginePool(primary_model=verified_card(config["codec.model"],
+                                                      models_dir=config.models_dir), **pool)
     from latentpacs.codec.engine import Engine
     from latentpacs.codec.modelfile import load_model
 
-    device = config["codec.device"] or None
-    primary = None
-    if encode:
-        loaded = load_model(config["codec.model"], models_dir=config.models_dir)
-        primary = Engine(loaded, device=device, max_batch=config["codec.max_batch"])
-    return EnginePool(primary, models_dir=config.models_dir, device=device,
-                      max_batch=config["codec.max_batch"])
+    loaded = load_model(config["codec.model"], models_dir=config.models_dir)
+    return EnginePool(Engine(loaded, device=device, max_batch=config["codec.max_batch"]), **pool)
 
 
 def open_service(config: Config, *, background: bool = False) -> Service:

@@ -60,6 +60,7 @@ from latentpacs.image.record import ImageRecord, ModelRef
 from latentpacs.uid import check_uid
 
 if TYPE_CHECKING:
+    from latentpacs.codec.cards import ModelCard
     from latentpacs.codec.engine import Engine
 
 logger = logging.getLogger(__name__)
@@ -70,10 +71,8 @@ NATIVE_SYNTAXES = frozenset({ExplicitVRLittleEndian, ImplicitVRLittleEndian})
 LOSSLESS_ENCODINGS = (JPEGLSLossless, JPEGLSNearLossless, JPEG2000Lossless, RLELossless)
 
 
-def model_ref(engine: Engine) -> ModelRef:
-    """The identity of the engine's model."""
-    card = engine.loaded.card
-    return ModelRef(card.name, card.sha256, card.arch, card.latent_dim, card.latent_bits)
+def _pool(engines: EnginePool | Engine) -> EnginePool:
+    return engines if isinstance(engines, EnginePool) else EnginePool(engines)
 
 
 def check_identity(ds: Dataset) -> None:
@@ -101,9 +100,12 @@ def check_identity(ds: Dataset) -> None:
 
 
 def encode(
-    datasets: Sequence[Dataset], engine: Engine, tier: Tier, coder: str = DEFAULT_CODER
+    datasets: Sequence[Dataset], engines: EnginePool | Engine, tier: Tier,
+    coder: str = DEFAULT_CODER,
 ) -> list[ImageRecord]:
     """Encode data sets at ``tier`` into image records, sharing one engine batch.
+
+    ``engines`` is the pool whose primary model new images name (or that model's engine).
 
     Each image's pixel data is decoded exactly once. The ``latent`` tier runs the
     engine; the stream tiers do not (nothing ever reads the latent of an image whose
@@ -129,8 +131,8 @@ def encode(
         latents = [b""] * len(datasets)
     else:
         images = [stored_to_canonical(stored, module) for stored, (_, module) in zip(values, decoded)]
-        latents = engine.encode(images)
-    model = model_ref(engine)
+        latents = _pool(engines).primary.encode(images)
+    model = _pool(engines).primary_ref
     records = []
     for ds, (cells, module), stored, latent in zip(datasets, decoded, values, latents):
         pixel_sha256 = cells_sha256(cells, module)
@@ -162,7 +164,7 @@ def defers(ds: Dataset, tier: Tier) -> bool:
     return syntax is not None and not UID(syntax).is_compressed
 
 
-def received(ds: Dataset, raw: bytes, engine: Engine, tier: Tier) -> ImageRecord:
+def received(ds: Dataset, raw: bytes, engines: EnginePool, tier: Tier) -> ImageRecord:
     """The record of an image archived as received: its stream is ``raw``, coded later.
 
     ``raw`` is the PS3.10 file the node received (what :func:`decode` reads back for a
@@ -179,7 +181,7 @@ def received(ds: Dataset, raw: bytes, engine: Engine, tier: Tier) -> ImageRecord
     """
     check_identity(ds)
     _, module = pixel_cells(ds)
-    return _record(ds, module, model_ref(engine), tier, b"", raw, stream_coder=RECEIVED,
+    return _record(ds, module, engines.primary_ref, tier, b"", raw, stream_coder=RECEIVED,
                    stream_coder_version=1)
 
 
@@ -354,10 +356,18 @@ class EnginePool:
     whichever model made it; ``latentpacs decode`` likewise decodes ``.lpz`` files of any
     model. Every engine runs batches of at most ``max_batch`` (``codec.max_batch``).
 
+    The primary model (the one new images name) is an :class:`Engine`, or just its
+    hash-checked card and weights path: a node that archives streams names the model in
+    every record but never runs it, so its engine (and torch) is loaded only when a
+    latent must be encoded or decoded.
+
     Parameters
     ----------
     primary:
-        The engine new images are encoded with, or None (decoding only).
+        The engine new images are encoded with, or None.
+    primary_model:
+        Instead of ``primary``: (weights path, card) of the model new images name, its
+        engine loaded on first use (:func:`latentpacs.codec.cards.verified_card`).
     models_dir:
         Where models are looked up by hash; None: the shipped models and their retired ones.
     device:
@@ -366,9 +376,10 @@ class EnginePool:
         Largest batch of every engine the pool loads.
     """
 
-    def __init__(self, primary: Engine | None = None, *, models_dir: Path | None = None,
-                 device: str | None = None, max_batch: int = 8) -> None:
+    def __init__(self, primary: Engine | None = None, *, primary_model: tuple[Path, ModelCard] | None = None,
+                 models_dir: Path | None = None, device: str | None = None, max_batch: int = 8) -> None:
         self._primary = primary
+        self._primary_model = primary_model
         self._models_dir = models_dir
         self._device = device
         self._max_batch = max_batch
@@ -378,29 +389,69 @@ class EnginePool:
         self._lock = threading.Lock()
 
     @property
-    def primary(self) -> Engine:
-        """The engine new images are encoded with.
+    def primary_card(self) -> ModelCard:
+        """The card of the model new images name (no engine is loaded for it).
 
         Raises
         ------
         LatentFormatError
             When the pool was made for decoding only.
         """
-        if self._primary is None:
+        if self._primary is not None:
+            return self._primary.loaded.card
+        if self._primary_model is None:
             raise LatentFormatError("this engine pool has no model to encode with")
+        return self._primary_model[1]
+
+    @property
+    def primary_ref(self) -> ModelRef:
+        """The identity of the model new images name."""
+        card = self.primary_card
+        return ModelRef(card.name, card.sha256, card.arch, card.latent_dim, card.latent_bits)
+
+    @property
+    def primary(self) -> Engine:
+        """The engine new images are encoded with (loaded now when it was deferred).
+
+        Raises
+        ------
+        LatentFormatError
+            When the pool was made for decoding only.
+        ModelError
+            When the deferred model cannot be loaded.
+        """
+        if self._primary is None:
+            card = self.primary_card
+            path = self._primary_model[0] if self._primary_model is not None else None
+            with self._lock:
+                if self._primary is None:
+                    self._primary = self._engines.get(card.sha256) or self._load(
+                        card.sha256, path)
+                    self._engines[card.sha256] = self._primary
         return self._primary
+
+    @property
+    def loaded(self) -> list[str]:
+        """SHA-256 of the models whose engines are loaded."""
+        with self._lock:
+            return sorted(self._engines)
+
+    def _load(self, sha256: str, path: Path | None = None) -> Engine:
+        from latentpacs.codec.engine import Engine
+        from latentpacs.codec.modelfile import find_model_by_sha256, load_model
+
+        path = path or find_model_by_sha256(sha256, self._models_dir)
+        loaded = load_model(path, expected_sha256=sha256)
+        return Engine(loaded, device=self._device, max_batch=self._max_batch)
 
     def for_sha256(self, sha256: str) -> Engine:
         """The engine of the model with this weights hash (loaded and hash-checked once)."""
+        if self._primary is None and self._primary_model is not None \
+                and self._primary_model[1].sha256 == sha256:
+            return self.primary
         with self._lock:
             if sha256 not in self._engines:
-                from latentpacs.codec.engine import Engine
-                from latentpacs.codec.modelfile import find_model_by_sha256, load_model
-
-                path = find_model_by_sha256(sha256, self._models_dir)
-                loaded = load_model(path, expected_sha256=sha256)
-                self._engines[sha256] = Engine(loaded, device=self._device,
-                                               max_batch=self._max_batch)
+                self._engines[sha256] = self._load(sha256)
             return self._engines[sha256]
 
     def for_record(self, record: ImageRecord) -> Engine | None:

@@ -219,7 +219,7 @@ def start_node(config: Config) -> Node:
             f"cannot listen on {config['node.host']}:{config['node.port']}: {exc.strerror}"
         ) from exc
     node = Node(service, server, config["node.shutdown_grace"])
-    card = service.engines.primary.loaded.card
+    card = service.engines.primary_card
     logger.info(
         "%s listening on %s:%d, model %s (sha256 %s), tier %s",
         config["node.aet"],
