@@ -21,8 +21,8 @@ Building (deterministic; elementwise IEEE float64 operations, exact maxima and
    (lowered when needed so that the bias stays within 2**BIAS_BITS).
 4. Activations are integers A at a per-layer scale 2**-F (value A 2**-F). F is chosen
    from an integer calibration pass (:data:`CALIBRATION_CODES` deterministic latents,
-   one at a time, through the integer layers already built; their activations are kept
-   as int32 between layers) so that the largest accumulator seen
+   one at a time, through the integer layers already built) so that the largest
+   accumulator seen
    lands below 2**(ACTIVATION_BITS - HEADROOM_BITS); at run time activations are
    clamped to |A| <= 2**ACTIVATION_BITS.
 
@@ -219,7 +219,7 @@ class IntegerDecoder:
             stop = min(codes.shape[0], start + self._chunk)
             x = torch.from_numpy(codes[start:stop].astype(np.float64)).to(self.device)
             with torch.inference_mode(), torch.backends.cudnn.flags(enabled=False):
-                logits = _forward(self._layers, x, plan)
+                logits = _forward(self._layers, x, plan.channels, plan.side)
                 # exact integers in [0, 2 LOGIT_LIMIT 2**LOGIT_FRAC_BITS]: the table's index
                 index = logits.add_(LOGIT_LIMIT << LOGIT_FRAC_BITS)[:, 0].to(torch.int32)
                 if self.device.type == "cpu":
@@ -375,11 +375,12 @@ def _axis_phases(
     return phases
 
 
-def _forward(layers: list[_LayerTensors], x: Tensor, plan: IntegerPlan) -> Tensor:
+def _forward(layers: list[_LayerTensors], x: Tensor, channels: int, side: int) -> Tensor:
+    """Run integer layers on latent indices (B, D); the dense output is viewed (C, s, s)."""
     for position, layer in enumerate(layers):
         x = layer.requantise_(layer.accumulate(x))
         if position == 0:
-            x = x.view(-1, plan.channels, plan.side, plan.side)
+            x = x.view(-1, channels, side, side)
     return x
 
 
@@ -418,11 +419,13 @@ def build_integer_decoder(
     weight, bias = _fold_latent(model.from_latent, latent_format)
     layers: list[IntegerLayer] = []
     cpu = torch.device("cpu")
-    # one calibration latent at a time: the peaks are maxima, the same for any batching,
-    # and only one image's temporaries (plus the codes' integer activations) are held
-    codes = [calibration[i : i + 1] for i in range(len(calibration))]
+    # One calibration latent at a time (the peaks are maxima, the same for any batching):
+    # between layers each latent's activations are kept as int32 (exact: |A| <= clamp),
+    # and a layer's accumulators are reused for its output once its scale is chosen.
+    inputs: list[Tensor] = [calibration[i : i + 1] for i in range(len(calibration))]
     specs: list[_Spec] = [("linear", weight, bias, None, {})] + blocks
     in_frac, in_bound = 0, levels - 1
+    out_shape: tuple[int, ...] = ()
     for position, (kind, w, b, slope, geometry) in enumerate(specs):
         last = position == len(specs) - 1
         wq, bq, w_frac = _quantise(w, b, kind, in_frac, weight_bits)
@@ -432,12 +435,15 @@ def build_integer_decoder(
             kind, wq, bq, np.zeros(len(bq), np.int64), in_frac, 0, 0, slope, 0, **geometry
         )
         tensors = _LayerTensors(draft, cpu)
+        accumulators: list[Tensor] = []
         peaks: Tensor | None = None
         with torch.inference_mode():
-            for x in codes:
-                acc = tensors.accumulate(x.to(torch.float64)).add_(tensors.bias)
+            while inputs:
+                acc = tensors.accumulate(inputs.pop(0).to(torch.float64)).add_(tensors.bias)
                 peak = _channel_peaks(acc, kind)
                 peaks = peak if peaks is None else torch.maximum(peaks, peak)
+                out_shape = tuple(acc.shape)
+                accumulators.append(acc)
         if last:
             out_frac, clamp = LOGIT_FRAC_BITS, LOGIT_LIMIT << LOGIT_FRAC_BITS
         else:
@@ -458,23 +464,20 @@ def build_integer_decoder(
         layer = IntegerLayer(
             kind, wq, bq, shift, in_frac, out_frac, clamp, slope, bound, **geometry
         )
-        final = _LayerTensors(layer, cpu)
-        # activations are integers of magnitude <= clamp: int32 holds them exactly
-        store = torch.int32 if clamp < 1 << 31 else torch.float64
-        with torch.inference_mode():
-            outputs = []
-            for x in codes:
-                y = final.requantise_(final.accumulate(x.to(torch.float64)))
-                if position == 0:
-                    y = y.view(-1, model.channels, model.side, model.side)
-                outputs.append(y.to(store))
-            codes = outputs
         layers.append(layer)
+        if not last:
+            final = _LayerTensors(layer, cpu)
+            store = torch.int32 if clamp < 1 << 31 else torch.float64
+            with torch.inference_mode():
+                while accumulators:
+                    y = final.requantise_(accumulators.pop(0), biased=True)
+                    if position == 0:
+                        y = y.view(-1, model.channels, model.side, model.side)
+                    inputs.append(y.to(store))
+        accumulators.clear()
         in_frac, in_bound = out_frac, clamp
-    if tuple(codes[0].shape[1:]) != (1, model.image_size, model.image_size):
-        raise ModelError(
-            f"{model.arch}: decoder output {tuple(codes[0].shape[1:])} is not one image"
-        )
+    if out_shape[1:] != (1, model.image_size, model.image_size):
+        raise ModelError(f"{model.arch}: decoder output {out_shape[1:]} is not one image")
     plan = IntegerPlan(
         tuple(layers), sigmoid_table(LOGIT_FRAC_BITS, LOGIT_LIMIT), model.latent_dim, levels,
         model.channels, model.side, model.image_size,
@@ -605,9 +608,9 @@ def _abs_sum_per_channel(wq: np.ndarray, kind: str) -> list[int]:
 
 
 def _channel_peaks(acc: Tensor, kind: str) -> Tensor:
-    """Largest |accumulator| of each output channel (exact maxima)."""
+    """Largest |accumulator| of each output channel: max(max, -min), exact, no copy."""
     dims = [0] if kind == "linear" else [0, 2, 3]
-    return torch.amax(torch.abs(acc), dim=dims)
+    return torch.maximum(torch.amax(acc, dim=dims), torch.neg(torch.amin(acc, dim=dims)))
 
 
 def _choose_frac(peaks: Tensor, acc_frac: np.ndarray, target_bits: int) -> int:
