@@ -277,9 +277,17 @@ class Engine:
         values = np.asarray(image, dtype=np.float32)
         if values.ndim != 2:
             raise UnsupportedImageError(f"expected a 2-D canonical image, got shape {values.shape}")
+        size = (self.image_size, self.image_size)
+        if values.size:
+            # the usual case, an image already in [0, 1], needs no clipped copy: the
+            # minimum and maximum are NaN or infinite when any value is, and clipping an
+            # in-range image changes no bit
+            low, high = float(values.min()), float(values.max())
+            if 0.0 <= low and high <= 1.0:
+                return resize_bilinear(values, size)
         if not np.all(np.isfinite(values)):
             raise PixelDataError("canonical image holds a non-finite value")
-        return resize_bilinear(np.clip(values, 0.0, 1.0), (self.image_size, self.image_size))
+        return resize_bilinear(np.clip(values, 0.0, 1.0), size)
 
     def _submit(self, kind: str, batch: np.ndarray) -> np.ndarray:
         request = _Request(kind, batch)
