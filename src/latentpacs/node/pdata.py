@@ -187,7 +187,8 @@ class FastPath:
     """The sending path of one association, and what it has sent.
 
     ``messages`` counts messages by DIMSE message class name (``C_STORE_RQ``, ...);
-    ``runs`` and ``pdus`` the writes and the P-DATA-TF PDUs in them.
+    ``runs`` and ``pdus`` the writes (a failed one counts too: it became Evt17) and the
+    P-DATA-TF PDUs in them.
     """
 
     assoc: Any
@@ -213,7 +214,7 @@ class FastPath:
             for pdata in dimse_msg.encode_msg(context_id, max_pdu):
                 dimse.dul.send_pdu(pdata)
             return
-        with self._one_message:  # no PDU of another message between these (PS3.8 9.3.1)
+        with self._one_message:  # no PDU of another message between these (PS3.8 Annex E)
             for run in encode_runs(dimse_msg, context_id, max_pdu):
                 if not self._queue(RunPrimitive(context_id, run)):
                     return  # the association has ended; pynetdicom drops what is left too
