@@ -8,7 +8,9 @@ batches under ``torch.inference_mode()``. So concurrent C-STOREs share GPU batch
 error in a batch reaches every caller of that batch instead of hanging them.
 
 Encoding is float inference (``torch.autocast`` with float16 on CUDA): a latent is
-computed once and archived. Decoding is integer-valued (:mod:`latentpacs.codec.integer`,
+computed once and archived. On the CPU a batch's images run one at a time through the
+network (a batch gains little there and would hold every image's activations at once;
+the memory a node needs then does not grow with ``max_batch``). Decoding is integer-valued (:mod:`latentpacs.codec.integer`,
 built once per model and process): a latent decodes to the same 16-bit image whatever the
 batch, thread count, process, machine or device, so a derived SOP Instance UID always
 carries the same pixels.
@@ -202,7 +204,10 @@ class Engine:
         """
         if not images:
             return []
-        batch = np.stack([self._prepare(image) for image in images])
+        size = self.image_size
+        batch = np.empty((len(images), size, size), np.float32)
+        for i, image in enumerate(images):  # each resized straight into the batch
+            batch[i] = self._prepare(image)
         latents = self._submit(_ENCODE, batch)
         return [self.latent_format.to_bytes(z) for z in latents]
 
@@ -219,7 +224,8 @@ class Engine:
         LatentFormatError
             When a latent has the wrong length, or the counts differ.
         """
-        return [to_canonical(image) for image in self.decode_uint16(latents, shapes)]
+        small = self._decode_model_size(latents, shapes)
+        return [to_canonical(resize_uint16(image, shape)) for image, shape in zip(small, shapes)]
 
     def decode_uint16(
         self, latents: Sequence[bytes], shapes: Sequence[tuple[int, int]]
@@ -234,13 +240,20 @@ class Engine:
         LatentFormatError
             When a latent has the wrong length, or the counts differ.
         """
+        small = self._decode_model_size(latents, shapes)
+        return [resize_uint16(image, shape) for image, shape in zip(small, shapes)]
+
+    def _decode_model_size(
+        self, latents: Sequence[bytes], shapes: Sequence[tuple[int, int]]
+    ) -> np.ndarray:
+        """The 16-bit images (B, S, S) at the model's size; each caller resizes one at a time,
+        so a batch holds one full-size temporary, not one per image."""
         if len(latents) != len(shapes):
             raise LatentFormatError(f"{len(latents)} latents but {len(shapes)} shapes")
         if not latents:
-            return []
+            return np.zeros((0, self.image_size, self.image_size), np.uint16)
         codes = np.stack([self.latent_format.indices_from_bytes(bytes(data)) for data in latents])
-        images = self._submit(_DECODE, codes)
-        return [resize_uint16(image, shape) for image, shape in zip(images, shapes)]
+        return self._submit(_DECODE, codes)
 
     def encode_resized(self, batch: np.ndarray) -> np.ndarray:
         """Float latents (B, D) of images already at the model's size, shape (B, S, S)."""
@@ -352,12 +365,18 @@ class Engine:
             self._batches_run += 1
             self._images_run += len(inputs)
             return images
-        tensor = torch.from_numpy(inputs).to(self.device)
-        precision = (
-            torch.autocast("cuda", torch.float16) if self.device.type == "cuda" else nullcontext()
-        )
-        with torch.inference_mode(), precision:
-            output = self.model.encode(tensor[:, None])
+        cuda = self.device.type == "cuda"
+        # On the CPU one image at a time: a batch gains little there, its activations
+        # would be held for every image at once, and a latent then does not depend on
+        # which requests shared its batch. On CUDA the batch runs whole.
+        step = len(inputs) if cuda else 1
+        latents = np.empty((len(inputs), self.latent_format.latent_dim), np.float32)
+        for start in range(0, len(inputs), step):
+            tensor = torch.from_numpy(inputs[start : start + step]).to(self.device)
+            precision = torch.autocast("cuda", torch.float16) if cuda else nullcontext()
+            with torch.inference_mode(), precision:
+                output = self.model.encode(tensor[:, None])
+            latents[start : start + step] = output.float().cpu().numpy()
         self._batches_run += 1
         self._images_run += len(inputs)
-        return output.float().cpu().numpy()
+        return latents
