@@ -180,9 +180,13 @@ def _store_each_group(node, files: dict[str, Path]) -> dict[str, DimseResponse]:
     return answers
 
 
-def test_every_malformed_object_is_refused_with_a_comment(corpus, node_factory, tmp_path) -> None:
+@pytest.mark.parametrize("tier", ["latent", "lossless"])
+def test_every_malformed_object_is_refused_with_a_comment(corpus, node_factory, tmp_path,
+                                                          tier) -> None:
+    """At ``lossless`` native images are archived as received (deferred coding): they
+    must still be refused before the answer, never acknowledged and then failed."""
     files, good = corpus
-    node = node_factory(f"sqlite:///{tmp_path / 'a.db'}")
+    node = node_factory(f"sqlite:///{tmp_path / 'a.db'}", codec={"tier": tier})
     (first,) = dimse_responses(storescu(node.port, node.aet, good[:1]))
     answers = _store_each_group(node, files)
     assert set(answers) == set(CORPUS)

@@ -50,6 +50,7 @@ from latentpacs.image.pixels import (
     arrival_lossy_method,
     canonical_to_stored,
     cells_sha256,
+    checked_native,
     lossy_on_arrival,
     mask_to_stored,
     original_stored_bytes,
@@ -180,7 +181,9 @@ def received(ds: Dataset, raw: bytes, engines: EnginePool, tier: Tier) -> ImageR
         When the image cannot be archived (the subclass names what is wrong).
     """
     check_identity(ds)
-    _, module = pixel_cells(ds)
+    module = checked_native(ds)
+    if module is None:
+        raise UnsupportedImageError("only native Pixel Data is archived as received")
     return _record(ds, module, engines.primary_ref, tier, b"", raw, stream_coder=RECEIVED,
                    stream_coder_version=1)
 

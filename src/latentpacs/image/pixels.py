@@ -408,6 +408,27 @@ def pixel_cells(ds: Dataset) -> tuple[np.ndarray, PixelModule]:
     return cells, module
 
 
+def checked_native(ds: Dataset) -> PixelModule | None:
+    """The validated module of native Pixel Data, checked as :func:`pixel_cells` would,
+    without copying the pixels; None when the Pixel Data is encapsulated (decode it).
+
+    Native cells fit Bits Allocated by construction, so the module, the transfer syntax
+    and the value length are everything :func:`pixel_cells` can refuse (PS3.5 8.1.1).
+
+    Raises
+    ------
+    UnsupportedImageError, PixelDataError
+        See the module documentation.
+    """
+    module = PixelModule.from_dataset(ds)
+    element = _pixel_data(ds)
+    syntax, encapsulated = _transfer_syntax(ds, element)
+    if encapsulated:
+        return None
+    _native_values(element, module, syntax)  # a view: checks the length only
+    return module
+
+
 def mask_to_stored(cells: np.ndarray, module: PixelModule) -> np.ndarray:
     """The stored values of pixel cells: bits above High Bit cleared (PS3.5 8.1.1).
 
