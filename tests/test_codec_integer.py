@@ -31,7 +31,7 @@ from latentpacs.codec.integer import (
     sigmoid_table,
     to_canonical,
 )
-from latentpacs.codec.integer import _axis_weights, _SubpixelConvTranspose
+from latentpacs.codec.integer import _axis_weights, transposed_sums
 from latentpacs.codec.latent import LatentFormat, calibrate
 from latentpacs.codec.modelfile import LoadedModel, load_model, save_model
 from latentpacs.codec.models import build_model
@@ -281,6 +281,7 @@ TRANSPOSED_GEOMETRIES = [
     ((1, 64, 16, 16), (64, 64, 4, 4), (2, 2), (1, 1), (0, 0)),
     ((2, 32, 20, 12), (32, 16, 4, 4), (2, 2), (1, 1), (0, 0)),
     ((1, 16, 24, 24), (16, 1, 4, 4), (4, 4), (0, 0), (0, 0)),
+    ((2, 8, 5, 7), (8, 3, 2, 3), (2, 3), (0, 0), (0, 0)),
     ((2, 32, 9, 11), (32, 1, 3, 3), (1, 1), (1, 1), (0, 0)),
     ((3, 5, 7, 9), (5, 4, 5, 3), (3, 2), (2, 1), (1, 1)),
     ((2, 4, 6, 5), (4, 3, 2, 2), (3, 3), (0, 0), (2, 1)),
@@ -291,17 +292,18 @@ TRANSPOSED_GEOMETRIES = [
 @pytest.mark.parametrize(
     ("x_shape", "w_shape", "stride", "padding", "out_pad"), TRANSPOSED_GEOMETRIES
 )
-def test_the_sub_pixel_transposed_convolution_gives_torch_s_exact_sums(
+def test_the_fast_transposed_convolutions_give_torch_s_exact_sums(
     x_shape: tuple[int, ...], w_shape: tuple[int, ...], stride: tuple[int, int],
     padding: tuple[int, int], out_pad: tuple[int, int],
 ) -> None:
     """Full-scale integers (20-bit activations, 18-bit weights): every sum is exact, so
-    the per-phase matrix products must equal torch's im2col / col2im kernel bit for bit."""
+    the patch and per-phase matrix products must equal torch's im2col / col2im kernel
+    bit for bit."""
     g = torch.Generator().manual_seed(sum(x_shape) + sum(w_shape))
     x = torch.randint(-(2**20), 2**20 + 1, x_shape, generator=g).double()
     w = torch.randint(-(2**18), 2**18 + 1, w_shape, generator=g).double()
     want = torch.nn.functional.conv_transpose2d(x, w, None, stride, padding, out_pad)
-    got = _SubpixelConvTranspose(w, stride, padding, (1, 1))(x, out_pad)
+    got = transposed_sums(w, stride, padding, out_pad, (1, 1))(x)
     assert got.shape == want.shape
     assert torch.equal(got, want)
     assert float(want.abs().max()) > 2.0**36  # the sums are far beyond float32's 2**24

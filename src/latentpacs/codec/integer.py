@@ -66,7 +66,7 @@ from __future__ import annotations
 import decimal
 import functools
 import logging
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 
 import numpy as np
@@ -244,25 +244,20 @@ class _LayerTensors:
         # Bq + 2**(k - 1): an integer below the proven bound, so exact
         self.bias_offset = self.bias + self.offset
         self.slope = None if layer.slope is None else float(np.ldexp(layer.slope, -SLOPE_BITS))
-        self.subpixel = (
-            _SubpixelConvTranspose(self.weight, layer.stride, layer.padding, layer.dilation)
+        self.transposed = (
+            transposed_sums(
+                self.weight, layer.stride, layer.padding, layer.output_padding, layer.dilation
+            )
             if layer.kind == "conv_transpose" else None
         )
-        if self.subpixel is not None and not self.subpixel.useful:
-            self.subpixel = None
 
     def accumulate(self, x: Tensor) -> Tensor:
         """sum Wq A, without the bias (exact: every partial sum is below the bound)."""
         layer = self.layer
         if layer.kind == "linear":
             return F.linear(x, self.weight)
-        if self.subpixel is not None:
-            return self.subpixel(x, layer.output_padding)
-        if layer.kind == "conv_transpose":
-            return F.conv_transpose2d(
-                x, self.weight, None, layer.stride, layer.padding, layer.output_padding,
-                1, layer.dilation,
-            )
+        if self.transposed is not None:
+            return self.transposed(x)
         return F.conv2d(x, self.weight, None, layer.stride, layer.padding, layer.dilation)
 
     def requantise_(self, acc: Tensor, *, biased: bool = False) -> Tensor:
@@ -279,6 +274,51 @@ class _LayerTensors:
         if self.slope is not None:
             F.leaky_relu(acc, self.slope, inplace=True).floor_()
         return acc
+
+
+def transposed_sums(
+    weight: Tensor, stride: tuple[int, ...], padding: tuple[int, ...],
+    output_padding: tuple[int, ...], dilation: tuple[int, ...],
+) -> Callable[[Tensor], Tensor]:
+    """The integer sums of a transposed convolution (no bias), by the cheapest exact route.
+
+    A kernel equal to its stride with no padding (non-overlapping patches) is one matrix
+    product and a reordering copy; a kernel larger than a stride above 1 runs by output
+    phases (:class:`_SubpixelConvTranspose`); anything else is torch's
+    ``conv_transpose2d``. Each route sums the same exact integer products, so all agree
+    bit for bit with ``conv_transpose2d``.
+    """
+    stride, padding = tuple(int(n) for n in stride), tuple(int(n) for n in padding)
+    output_padding, dilation = tuple(int(n) for n in output_padding), tuple(dilation)
+    kernel = (int(weight.shape[2]), int(weight.shape[3]))
+    if dilation == (1, 1) and kernel == stride and padding == output_padding == (0, 0):
+        return functools.partial(_patches, _patch_matrix(weight), kernel, int(weight.shape[1]))
+    subpixel = _SubpixelConvTranspose(weight, stride, padding, dilation)
+    if subpixel.useful:
+        return functools.partial(subpixel, output_padding=output_padding)
+    return functools.partial(
+        F.conv_transpose2d, weight=weight, bias=None, stride=stride, padding=padding,
+        output_padding=output_padding, groups=1, dilation=dilation,
+    )
+
+
+def _patch_matrix(weight: Tensor) -> Tensor:
+    """(Cin, Cout, kh, kw) -> (kh kw Cout, Cin): one row per output pixel of a patch."""
+    cin, cout, kh, kw = (int(n) for n in weight.shape)
+    return weight.permute(2, 3, 1, 0).reshape(kh * kw * cout, cin).contiguous()
+
+
+def _patches(matrix: Tensor, kernel: tuple[int, int], cout: int, x: Tensor) -> Tensor:
+    """Transposed convolution with kernel = stride, no padding: each input pixel owns the
+    kh x kw output patch it multiplies, so out = reorder(matrix @ x) with no overlap."""
+    batch, cin, h, w = (int(n) for n in x.shape)
+    kh, kw = kernel
+    out = x.new_empty((batch, cout, h * kh, w * kw))
+    for b in range(batch):
+        product = torch.mm(matrix, x[b].reshape(cin, h * w))
+        patches = product.view(kh, kw, cout, h, w).permute(2, 3, 0, 4, 1)
+        out[b].view(cout, h, kh, w, kw).copy_(patches)
+    return out
 
 
 class _SubpixelConvTranspose:
