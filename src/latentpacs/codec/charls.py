@@ -1,4 +1,4 @@
-"""CharLS's C API (the system ``libcharls.so.2``, Debian package libcharls2) through ctypes.
+"""CharLS's C API through ctypes: the copy the imagecodecs wheel ships, else the system's.
 
 Why not only pyjpegls: its extension holds the GIL for the whole 200–400 ms of coding
 a mammogram, so a background coder or a retrieval's decode ahead stops every other
@@ -9,8 +9,9 @@ Only the calls a single-component image needs (CharLS 2.x ``charls.h``): an enco
 frame info, NEAR and a destination buffer; a decoder that reads the header, then decodes
 into a buffer. The stream is a plain JPEG-LS interchange format (ISO/IEC 14495-1), the
 same codestream DICOM carries for the JPEG-LS transfer syntaxes (PS3.5 A.4.3).
-:func:`available` says whether the library was found; :mod:`latentpacs.codec.jpegls`
-falls back to pyjpegls when it was not.
+:func:`available` says whether a library was found (imagecodecs, a dependency, ships
+one; Debian's libcharls2 is the second choice); :mod:`latentpacs.codec.jpegls` falls back
+to pyjpegls when none was.
 """
 
 from __future__ import annotations
@@ -19,6 +20,7 @@ import ctypes
 import ctypes.util
 import logging
 from functools import lru_cache
+from pathlib import Path
 
 import numpy as np
 
@@ -26,8 +28,26 @@ from latentpacs.errors import PixelDataError
 
 logger = logging.getLogger(__name__)
 
-#: The library names tried, in order.
+#: The system library names tried after imagecodecs's copy, in order.
 LIBRARY_NAMES = ("libcharls.so.2", "charls")
+
+
+def _candidates() -> list[str]:
+    """CharLS builds to try: the one the imagecodecs wheel ships (a dependency; an
+    optimised 2.4 build, twice as fast as Debian's 2.4.1 here), then the system's."""
+    found = []
+    try:
+        import imagecodecs
+
+        libs = Path(imagecodecs.__file__).resolve().parents[1] / "imagecodecs.libs"
+        found += [str(path) for path in sorted(libs.glob("libcharls*.so*"))]
+    except ImportError:
+        pass
+    for name in LIBRARY_NAMES:
+        path = name if name.endswith(".2") else ctypes.util.find_library(name)
+        if path:
+            found.append(path)
+    return found
 
 
 class _FrameInfo(ctypes.Structure):
@@ -39,17 +59,15 @@ class _FrameInfo(ctypes.Structure):
 
 @lru_cache(maxsize=1)
 def _library() -> ctypes.CDLL | None:
-    for name in LIBRARY_NAMES:
-        path = name if name.endswith(".2") else ctypes.util.find_library(name)
-        if not path:
-            continue
+    for path in _candidates():
         try:
             lib = ctypes.CDLL(path)
-        except OSError:
+            _declare(lib)
+        except (OSError, AttributeError):
             continue
-        _declare(lib)
+        logger.debug("JPEG-LS through %s", path)
         return lib
-    logger.info("libcharls.so.2 not found: JPEG-LS coding holds the GIL (pyjpegls)")
+    logger.info("no CharLS library found: JPEG-LS coding holds the GIL (pyjpegls)")
     return None
 
 
@@ -82,7 +100,7 @@ def _declare(lib: ctypes.CDLL) -> None:
 
 
 def available() -> bool:
-    """Whether the system CharLS library was found (coding then releases the GIL)."""
+    """Whether a CharLS library was found (coding then releases the GIL)."""
     return _library() is not None
 
 
@@ -104,7 +122,7 @@ def encode(values: np.ndarray, bits_per_sample: int, near: int) -> bytes:
     """
     lib = _library()
     if lib is None:
-        raise PixelDataError("libcharls.so.2 is not installed (Debian package libcharls2)")
+        raise PixelDataError("no CharLS library (imagecodecs, or Debian package libcharls2)")
     source = np.ascontiguousarray(values)
     rows, cols = source.shape
     encoder = lib.charls_jpegls_encoder_create()
@@ -143,7 +161,7 @@ def decode(data: bytes) -> tuple[np.ndarray, int]:
     """
     lib = _library()
     if lib is None:
-        raise PixelDataError("libcharls.so.2 is not installed (Debian package libcharls2)")
+        raise PixelDataError("no CharLS library (imagecodecs, or Debian package libcharls2)")
     source = bytes(data)
     decoder = lib.charls_jpegls_decoder_create()
     if not decoder:
