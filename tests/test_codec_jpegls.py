@@ -67,8 +67,8 @@ def test_corrupt_stream_raises_pixel_data_error() -> None:
 
 
 def test_the_system_charls_is_used_and_writes_what_pyjpegls_writes() -> None:
-    """CI installs libcharls2: coding goes through it (GIL released), byte for byte the
-    codestream pyjpegls's bundled CharLS writes, and either decodes the other's."""
+    """Coding goes through the CharLS that imagecodecs ships (ctypes, GIL released), byte
+    for byte the codestream pyjpegls's bundled CharLS writes; either decodes the other's."""
     import jpeg_ls
 
     from latentpacs.codec import charls
