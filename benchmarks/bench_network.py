@@ -39,7 +39,7 @@ from bench_peers import (
     storescu_parallel,
     wait_until_coded,
 )
-from bench_report import GET, INGEST, INGEST_CODED, MOVE, NODE_PREFIX, PARALLEL, PARALLEL_CODED, Memory, Timing
+from bench_report import GET, GET_JLS, INGEST, INGEST_CODED, MOVE, NODE_PREFIX, PARALLEL, PARALLEL_CODED, Memory, Timing
 from tqdm import tqdm
 
 MOVE_AET = "MOVEDEST"
@@ -92,7 +92,7 @@ class NetworkPlan:
         ingest = len(self.ingest_targets)
         retrieve = len(self.nodes) + 2  # the nodes, Orthanc, the pynetdicom floor
         return self.repeats * (ingest + (ingest if PARALLEL in self.phases else 0)
-                               + sum(retrieve for p in (GET, MOVE) if p in self.phases))
+                               + sum(retrieve for p in (GET, GET, MOVE) if p in self.phases))
 
 
 @dataclass
@@ -203,18 +203,24 @@ def _retrieve_rounds(plan: NetworkPlan, servers: Sequence[Server], phase: str,
     return results
 
 
-def bench_get(plan: NetworkPlan, servers: Sequence[Server], bar: tqdm) -> Results:
-    """C-GET the study from each server; every image must arrive."""
+def bench_get(plan: NetworkPlan, servers: Sequence[Server], bar: tqdm, *,
+              jpeg_ls: bool = False) -> Results:
+    """C-GET the study from each server; every image must arrive.
+
+    ``jpeg_ls``: getscu accepts JPEG-LS lossless (``+xt``), so a server that keeps JPEG-LS
+    streams may send them as they are.
+    """
     def fetch(server: Server, rep: int) -> float:
         out = plan.work / "c-get" / f"{server.name}-{rep}"
-        seconds = getscu_study(server, plan.study.study_uid, out, plan.get_pdu)
+        seconds = getscu_study(server, plan.study.study_uid, out, plan.get_pdu, jpeg_ls=jpeg_ls)
         got = len(list(out.iterdir()))
         shutil.rmtree(out)
         if got != len(plan.study.files):
             raise BenchError(f"C-GET from {server.name} returned {got} of {len(plan.study.files)} images")
         return seconds
 
-    return _retrieve_rounds(plan, servers, GET, fetch, {"getscu_max_pdu": plan.get_pdu or 16384}, bar)
+    return _retrieve_rounds(plan, servers, GET_JLS if jpeg_ls else GET, fetch,
+                            {"getscu_max_pdu": plan.get_pdu or 16384}, bar)
 
 
 def bench_move(plan: NetworkPlan, servers: Sequence[Server], destination: Server,
@@ -250,9 +256,10 @@ def run_network(plan: NetworkPlan, bar: tqdm) -> Results:
             stack.callback(floor.stop)
             servers = [*(kept[name] for name in plan.nodes), kept["orthanc"], floor]
             if GET in plan.phases:
-                done = bench_get(plan, servers, bar)
-                results.timings += done.timings
-                results.memory += done.memory
+                for jpeg_ls in (False, True):
+                    done = bench_get(plan, servers, bar, jpeg_ls=jpeg_ls)
+                    results.timings += done.timings
+                    results.memory += done.memory
             if destination is not None:
                 done = bench_move(plan, servers, destination, bar)
                 results.timings += done.timings

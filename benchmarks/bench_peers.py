@@ -190,12 +190,13 @@ def start_node(workdir: Path, *, name: str = "node", settings: dict[str, str | i
 
 def start_pynetdicom_floor(workdir: Path, files: Sequence[Path],
                            destination: Server | None = None) -> Server:
-    """A bare pynetdicom C-GET / C-MOVE SCP serving ``files`` from memory (``pynetdicom_floor.py``)."""
+    """A bare pynetdicom C-GET / C-MOVE SCP serving ``files`` from memory (``pynetdicom_floor.py``),
+    sending through the node's own sending path (``--fast``): the cost of sending alone."""
     workdir.mkdir(parents=True, exist_ok=True)
     port, log = free_port(), workdir / "floor.log"
     script = Path(__file__).with_name("pynetdicom_floor.py")
     move = ["--move-destination", destination.aet, HOST, str(destination.port)] if destination else []
-    proc = _spawn([sys.executable, script, str(port), *move, *files], log, workdir)
+    proc = _spawn([sys.executable, script, str(port), "--fast", *move, *files], log, workdir)
     return _started("pynetdicom-floor", port, "FLOOR", proc, log, workdir)
 
 
@@ -305,14 +306,18 @@ def storescu_parallel(server: Server, groups: Sequence[Sequence[Path]], logs: Pa
     return elapsed
 
 
-def getscu_study(server: Server, study_uid: str, out_dir: Path, max_pdu: int | None = None) -> float:
+def getscu_study(server: Server, study_uid: str, out_dir: Path, max_pdu: int | None = None,
+                 *, jpeg_ls: bool = False) -> float:
     """C-GET one study (Study Root, PS3.4 C.4.3) into ``out_dir``; wall seconds.
 
     ``max_pdu`` is the largest PDU getscu receives (PS3.8 D.3.3.1; DCMTK's default 16 KiB).
+    ``jpeg_ls``: getscu prefers JPEG-LS lossless for what it receives (``+xt``), so a
+    server may send a JPEG-LS stream it keeps without decoding it.
     """
     out_dir.mkdir(parents=True, exist_ok=True)
     pdu = ["-pdu", str(max_pdu)] if max_pdu else []
-    return run_scu([tool("getscu"), "-to", "30", *pdu, "-S", "-k", "QueryRetrieveLevel=STUDY",
+    syntax = ["+xt"] if jpeg_ls else []
+    return run_scu([tool("getscu"), "-to", "30", *pdu, *syntax, "-S", "-k", "QueryRetrieveLevel=STUDY",
                     "-k", f"StudyInstanceUID={study_uid}", "-od", out_dir, "-aet", "BENCH",
                     "-aec", server.aet, HOST, str(server.port)])
 

@@ -18,6 +18,8 @@ INGEST_CODED = "ingest+coded"
 PARALLEL = "parallel ingest"
 PARALLEL_CODED = "parallel ingest+coded"
 GET = "c-get"
+#: C-GET by a getscu that accepts JPEG-LS lossless (``+xt``): each server may send as it stores.
+GET_JLS = "c-get +xt"
 MOVE = "c-move"
 #: The memory row that holds each server's largest peak over every phase.
 ALL_PHASES_ROW = "all phases"
@@ -222,7 +224,7 @@ def memory_table(memory: Sequence[Memory]) -> str:
 
 #: Short names of the phases in README placeholders.
 _PHASE_KEYS = {INGEST: "ingest", INGEST_CODED: "ingest_coded", PARALLEL: "parallel",
-               PARALLEL_CODED: "parallel_coded", GET: "get", MOVE: "move", ALL_PHASES_ROW: "all"}
+               PARALLEL_CODED: "parallel_coded", GET: "get", GET_JLS: "get_jls", MOVE: "move", ALL_PHASES_ROW: "all"}
 
 
 def _key(text: str) -> str:

@@ -1,10 +1,11 @@
 """The fastest C-GET and C-MOVE a pynetdicom SCP can give: the images preloaded, nothing decoded.
 
 Run by ``bench.py`` beside the node and Orthanc, so the node's retrieval can be compared
-with the cost of pynetdicom's own sending (PS3.4 C.4.3 C-GET with PS3.7 D.3.3.4 role
-selection; PS3.4 C.4.2 C-MOVE to the one destination it is given).
+with the cost of sending alone (PS3.4 C.4.3 C-GET with PS3.7 D.3.3.4 role selection;
+PS3.4 C.4.2 C-MOVE to the one destination it is given). With ``--fast`` it sends through
+the node's own sending path (:mod:`latentpacs.node.pdata`), else through pynetdicom's.
 
-    python benchmarks/pynetdicom_floor.py PORT [--move-destination AET HOST PORT] FILE...
+    python benchmarks/pynetdicom_floor.py PORT [--fast] [--move-destination AET HOST PORT] FILE...
 """
 
 from __future__ import annotations
@@ -35,9 +36,15 @@ def main(argv: Sequence[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("port", type=int)
     parser.add_argument("--move-destination", nargs=3, metavar=("AET", "HOST", "PORT"))
+    parser.add_argument("--fast", action="store_true", help="send through latentpacs.node.pdata")
     parser.add_argument("files", nargs="+")
     args = parser.parse_args(argv)
     datasets = [pydicom.dcmread(path) for path in args.files]
+    handlers = []
+    if args.fast:
+        from latentpacs.node import pdata
+
+        handlers.append(pdata.ON_ACCEPTED)
     classes = sorted({str(ds.SOPClassUID) for ds in datasets})
     syntaxes = [ExplicitVRLittleEndian, ImplicitVRLittleEndian]
 
@@ -49,7 +56,7 @@ def main(argv: Sequence[str] | None = None) -> None:
         if (event.move_destination or "").strip() != aet:
             yield None, None  # Move destination unknown (A801)
             return
-        yield host, int(port)
+        yield (host, int(port), {"evt_handlers": handlers}) if handlers else (host, int(port))
         yield from _sends(datasets)
 
     ae = AE(ae_title="FLOOR")
@@ -60,7 +67,8 @@ def main(argv: Sequence[str] | None = None) -> None:
         ae.add_supported_context(sop_class, syntaxes, scu_role=True, scp_role=True)
         ae.add_requested_context(sop_class, syntaxes)  # the C-MOVE sub-association
     ae.start_server(("127.0.0.1", args.port),
-                    evt_handlers=[(evt.EVT_C_GET, handle_get), (evt.EVT_C_MOVE, handle_move)])
+                    evt_handlers=[(evt.EVT_C_GET, handle_get), (evt.EVT_C_MOVE, handle_move),
+                                  *handlers])
 
 
 if __name__ == "__main__":
