@@ -403,3 +403,44 @@ def test_get_in_the_compressed_syntax_the_requestor_prefers(node_factory, phanto
         ds = pydicom.dcmread(path)
         assert ds.file_meta.TransferSyntaxUID == "1.2.840.10008.1.2.4.80"  # JPEG-LS Lossless
         np.testing.assert_array_equal(ds.pixel_array, plain[ds.SOPInstanceUID].pixel_array)
+
+
+def _wait_until_coded(database: str, timeout: float = 300.0) -> None:
+    """Poll the archive until the node's background coder has coded every image."""
+    import time
+
+    from latentpacs.archive import Archive
+
+    deadline = time.monotonic() + timeout
+    with Archive(database, migrate=False, sweep=False) as archive:
+        while archive.stats().pending:
+            if time.monotonic() > deadline:
+                pytest.fail(f"images still pending coding after {timeout:.0f} s")
+            time.sleep(0.1)
+
+
+def test_move_sends_a_lossless_stream_as_archived_where_the_destination_takes_it(
+        node_factory, phantoms, tmp_path) -> None:
+    """The node proposes JPEG-LS lossless beside native on a C-MOVE sub-association: a
+    destination that accepts it (storescp +xa) gets the archived stream, no decode; the
+    pixels are the originals."""
+    from pydicom.uid import JPEGLSLossless
+
+    with start_storescp(tmp_path / "viewer", aet="VIEWER") as viewer:
+        node = node_factory(
+            f"sqlite:///{tmp_path / 'a.db'}", codec={"tier": "lossless"},
+            **{"destinations.VIEWER": {"host": "127.0.0.1", "port": viewer.port}},
+        )
+        storescu(node.port, node.aet, phantoms)
+        study_uid = pydicom.dcmread(phantoms[0]).StudyInstanceUID
+        _wait_until_coded(f"sqlite:///{tmp_path / 'a.db'}")
+        proc = movescu(node.port, node.aet, "STUDY", {"StudyInstanceUID": study_uid}, "VIEWER")
+        originals = {ds.SOPInstanceUID: ds for ds in map(pydicom.dcmread, phantoms)
+                     if ds.StudyInstanceUID == study_uid}
+        assert final_response(proc).completed == len(originals) >= 2
+        files = viewer.files()
+        assert len(files) == len(originals)
+        for path in files:
+            ds = pydicom.dcmread(path)
+            assert ds.file_meta.TransferSyntaxUID == JPEGLSLossless
+            np.testing.assert_array_equal(ds.pixel_array, originals[ds.SOPInstanceUID].pixel_array)

@@ -80,8 +80,12 @@ STORE_NATIVE = (
 STORE_LOSSY = tuple(UID(syntax) for syntax in LOSSY_TRANSFER_SYNTAXES)
 STORE_TRANSFER_SYNTAXES = (*STORE_LOSSLESS_COMPRESSED, *STORE_NATIVE, *STORE_LOSSY)
 
-#: Transfer syntaxes the node sends in (reconstructions are built uncompressed).
+#: Transfer syntaxes the node sends in: native (reconstructions are built uncompressed)
+#: and, in a context of its own, JPEG-LS lossless, so a C-MOVE destination that takes it
+#: gets a lossless stream as it is archived, with no decode (PS3.8 9.3.2.2: the acceptor
+#: picks one syntax per context; pynetdicom sends each object on the context of its syntax).
 SEND_TRANSFER_SYNTAXES = (ExplicitVRLittleEndian, ImplicitVRLittleEndian)
+SEND_AS_ARCHIVED = (JPEGLSLossless,)
 
 QUERY_RETRIEVE_CLASSES = (
     PatientRootQueryRetrieveInformationModelFind,
@@ -101,6 +105,7 @@ def build_ae(config: Config, storage_classes: Sequence[str]) -> AE:
         # scu_role/scp_role: accept a C-GET requestor's proposal to act as Storage SCP.
         ae.add_supported_context(sop_class, STORE_TRANSFER_SYNTAXES, scu_role=True, scp_role=True)
         ae.add_requested_context(sop_class, SEND_TRANSFER_SYNTAXES)
+        ae.add_requested_context(sop_class, SEND_AS_ARCHIVED)
     for sop_class in QUERY_RETRIEVE_CLASSES:
         ae.add_supported_context(sop_class)
     # Any calling AE title may associate (unknown peers may still echo and store); the

@@ -8,7 +8,7 @@ lets an exception reach pynetdicom (which would answer with a bare, comment-less
 from __future__ import annotations
 
 import logging
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import closing
 from pathlib import Path
 from typing import Any
@@ -199,8 +199,11 @@ def _accepted_for_get(event: evt.Event) -> frozenset[tuple[str, str]]:
 
 
 def _retrieve(event: evt.Event, service: Service, service_name: str,
-              sendable: frozenset[tuple[str, str]]) -> Iterator[Any]:
+              sendable: Callable[[], frozenset[tuple[str, str]]]) -> Iterator[Any]:
     """The sub-operation count, then one C-STORE per matched instance (C-GET and C-MOVE).
+
+    ``sendable`` is asked after the count: pynetdicom opens a C-MOVE's sub-association
+    between the two, and its accepted contexts say what may be sent.
 
     A refused identifier is answered with its failure status and ErrorComment. pynetdicom
     answers a sub-operation count of 0 with Success at once, so the refusal is announced
@@ -216,7 +219,7 @@ def _retrieve(event: evt.Event, service: Service, service_name: str,
         yield _from_error(exc), None
         return
     yield len(matches)
-    yield from _send(event, service, matches, sendable)
+    yield from _send(event, service, matches, sendable())
 
 
 def handle_get(event: evt.Event, service: Service, policy: PeerPolicy) -> Iterator[Any]:
@@ -231,7 +234,32 @@ def handle_get(event: evt.Event, service: Service, policy: PeerPolicy) -> Iterat
         yield 1
         yield refused, None
         return
-    yield from _retrieve(event, service, "C-GET", _accepted_for_get(event))
+    yield from _retrieve(event, service, "C-GET", lambda: _accepted_for_get(event))
+
+
+class SubAssociation:
+    """The C-MOVE sub-association pynetdicom opens for one request (PS3.4 C.4.2.3).
+
+    ``handler`` goes into the destination's ``evt_handlers``; once the association is
+    accepted, :meth:`sendable` gives the (SOP Class, Transfer Syntax) pairs its
+    destination accepted, as :func:`_accepted_for_get` does for a C-GET.
+    """
+
+    def __init__(self) -> None:
+        self._association: Any = None
+        self.handler = (evt.EVT_ACCEPTED, self._accepted)
+
+    def _accepted(self, event: evt.Event) -> None:
+        self._association = event.assoc
+
+    def sendable(self) -> frozenset[tuple[str, str]]:
+        """What the destination accepted; empty (native) when nothing was recorded."""
+        if self._association is None:
+            return frozenset()
+        return frozenset(
+            (str(cx.abstract_syntax), str(cx.transfer_syntax[0]))
+            for cx in self._association.accepted_contexts if cx.transfer_syntax
+        )
 
 
 def handle_move(
@@ -247,11 +275,13 @@ def handle_move(
     if refused is not None:
         yield refuse_move(event, refused)
         return
-    address = destinations.address(str(event.move_destination))
+    sub_association = SubAssociation()
+    address = destinations.address(str(event.move_destination), [sub_association.handler])
     if address is None:
         logger.warning("C-MOVE to unknown destination %r refused", event.move_destination)
         yield None, None  # pynetdicom answers Move Destination Unknown (0xA801)
         return
     yield address
-    # The sub-association's contexts are negotiated inside pynetdicom: send native.
-    yield from _retrieve(event, service, "C-MOVE", frozenset())
+    # pynetdicom has now opened the sub-association: the contexts its destination accepted
+    # decide, per instance, whether the archived stream goes as it is or pixels go native.
+    yield from _retrieve(event, service, "C-MOVE", sub_association.sendable)

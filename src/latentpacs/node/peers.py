@@ -22,7 +22,7 @@ from __future__ import annotations
 import ipaddress
 import logging
 import ssl
-from collections.abc import Iterable, Mapping
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from enum import Enum
 from typing import Any
@@ -224,13 +224,14 @@ class MoveDestinations:
                     "security.tls_key and security.tls_ca"
                 )
 
-    def address(self, move_destination: str) -> tuple[str, int] | tuple[str, int, dict[str, Any]] | None:
+    def address(self, move_destination: str, extra_handlers: Sequence[Any] = ()
+                ) -> tuple[str, int] | tuple[str, int, dict[str, Any]] | None:
         """What a C-MOVE handler yields first: ``(host, port[, associate kwargs])``, or None.
 
         None for an AE title that is not configured. A TLS destination gets
         ``tls_args``: the client context and the host name the destination's certificate
-        must name (checked, BCP 195); ``evt_handlers``, when there are any, go along as
-        ``evt_handlers``.
+        must name (checked, BCP 195); ``evt_handlers`` and ``extra_handlers`` (this
+        request's), when there are any, go along as ``evt_handlers``.
         """
         destination = self.by_aet.get(_ae_title(move_destination))
         if destination is None:
@@ -238,8 +239,8 @@ class MoveDestinations:
         kwargs: dict[str, Any] = {}
         if destination.tls and self.tls is not None:
             kwargs["tls_args"] = (self.tls, destination.host)
-        if self.evt_handlers:
-            kwargs["evt_handlers"] = list(self.evt_handlers)
+        if self.evt_handlers or extra_handlers:
+            kwargs["evt_handlers"] = [*self.evt_handlers, *extra_handlers]
         if kwargs:
             return destination.host, destination.port, kwargs
         return destination.host, destination.port
