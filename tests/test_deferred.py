@@ -18,7 +18,7 @@ from pydicom.uid import JPEGLSLossless
 
 from latentpacs import phantom
 from latentpacs.archive import Archive, DuplicatePolicy, StoreResult
-from latentpacs.codec.streams import RECEIVED
+from latentpacs.codec.tiers import RECEIVED
 from latentpacs.codec.tiers import Tier
 from latentpacs.config import load_config
 from latentpacs.deferred import code_all, code_one

@@ -2,7 +2,7 @@
 
 A C-STORE at the ``lossless`` tier whose Pixel Data is native is archived as received:
 the PS3.10 file the node got is the row's stream (coder
-:data:`~latentpacs.codec.streams.RECEIVED`), a blob fsynced before the row commits, so
+:data:`~latentpacs.codec.tiers.RECEIVED`), a blob fsynced before the row commits, so
 Success means durable (PS3.4 B.2.3) as it does for storescp or Orthanc. C-FIND sees the
 instance at once, and a retrieval returns it from the bytes as received.
 
@@ -30,7 +30,7 @@ from io import BytesIO
 from pydicom import dcmread
 
 from latentpacs.archive import Archive
-from latentpacs.codec.streams import RECEIVED
+from latentpacs.codec.tiers import RECEIVED
 from latentpacs.errors import InvalidDicomError, LatentPacsError, NotFoundError
 from latentpacs.image import chain
 from latentpacs.image.chain import EnginePool

@@ -32,7 +32,7 @@ from latentpacs.archive.rows import add_instance, prune, remove_instance, to_ima
 from latentpacs.archive.keys import check_level
 from latentpacs.archive.records import ArchivedImage, ArchiveStats, TierStats
 from latentpacs.archive.schema import Instance, Latent, Model, Patient, Series, Study
-from latentpacs.codec.streams import RECEIVED
+from latentpacs.codec.tiers import RECEIVED
 from latentpacs.errors import (
     ArchiveError, ConfigError, ConstraintViolationError, DuplicateInstanceError, LatentPacsError,
     ModelError, NotFoundError, StreamHashError,
@@ -325,7 +325,7 @@ class Archive:
     def pending(self, *, after: int = 0, limit: int = _CHUNK) -> list[int]:
         """Row ids of instances archived as received whose coding is pending, in order.
 
-        Their stream names the reserved coder :data:`~latentpacs.codec.streams.RECEIVED`.
+        Their stream names the reserved coder :data:`~latentpacs.codec.tiers.RECEIVED`.
         """
         with self._session() as session:
             return list(session.scalars(

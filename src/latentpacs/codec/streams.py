@@ -32,11 +32,6 @@ from latentpacs.errors import ConfigError
 
 #: The coder new images get unless ``codec.coder`` says otherwise.
 DEFAULT_CODER = "jpeg-ls"
-#: The reserved coder name of a stream that is the object as received (its PS3.10 file
-#: bytes), kept until the background coder has written and verified the tier's stream
-#: (:mod:`latentpacs.deferred`). No :class:`StreamCoder` has this name: the image layer
-#: reads such a stream as DICOM.
-RECEIVED = "received"
 
 
 class StreamCoder(Protocol):

@@ -24,6 +24,14 @@ from latentpacs.errors import TierError
 MAX_NEAR = 255
 
 
+#: The reserved stream coder name of an image archived as received: its stream is the
+#: PS3.10 file the node got, kept until the background coder has written and verified
+#: the tier's stream (:mod:`latentpacs.deferred`). No stream coder has this name; the
+#: image layer reads such a stream as DICOM. It lives here, beside the tier grammar,
+#: because the archive may import this module and no other of the codec.
+RECEIVED = "received"
+
+
 class TierKind(StrEnum):
     """The three kinds of fidelity tier (DESIGN.md "Fidelity tiers").
 

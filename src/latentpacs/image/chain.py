@@ -35,8 +35,8 @@ from pydicom.uid import (
     RLELossless,
 )
 
-from latentpacs.codec.streams import DEFAULT_CODER, RECEIVED, StreamCoder, get_coder
-from latentpacs.codec.tiers import Tier
+from latentpacs.codec.streams import DEFAULT_CODER, StreamCoder, get_coder
+from latentpacs.codec.tiers import RECEIVED, Tier
 from latentpacs.dicomjson import dataset_from_json, header_json
 from latentpacs.errors import (
     InvalidDicomError,
@@ -169,7 +169,7 @@ def received(ds: Dataset, raw: bytes, engines: EnginePool, tier: Tier) -> ImageR
     """The record of an image archived as received: its stream is ``raw``, coded later.
 
     ``raw`` is the PS3.10 file the node received (what :func:`decode` reads back for a
-    :data:`~latentpacs.codec.streams.RECEIVED` stream). The pixels are read once here,
+    :data:`~latentpacs.codec.tiers.RECEIVED` stream). The pixels are read once here,
     so a malformed image is refused now, not after the acknowledgement; the pixel
     checksum is taken by the background coder, which codes the tier's stream from
     ``raw``, verifies it and only then replaces ``raw`` (PS3.4 B.2.3: Success once the
