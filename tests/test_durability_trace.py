@@ -2,8 +2,9 @@
 
 PS3.4 B.2.3 lets an SCP answer Success only once it has taken responsibility for the
 instance. The node (``latentpacs serve``, ``lossless`` tier) runs under ``strace -f``
-while DCMTK's ``storescu`` sends full-size phantom mammograms (2294 x 1914, so each
-JPEG-LS stream is above the 64 KiB inline limit and becomes a blob). The trace (wall-clock
+while DCMTK's ``storescu`` sends full-size phantom mammograms (2294 x 1914). Each is
+archived as received (deferred coding, with the background coder off here), so its
+stream, the object as received, is far above the 64 KiB inline limit and is a blob. The trace (wall-clock
 ``-ttt`` times plus ``-T`` durations, fds resolved to paths and sockets with ``-yy``) is
 then read back: for every C-STORE-RSP the node wrote to the peer's socket (a P-DATA-TF
 PDU, PS3.8 9.3.5, whose command set has CommandField 0x8001, PS3.7 9.3.1.2, naming the
@@ -276,7 +277,9 @@ def test_no_store_response_before_the_blob_fsync_and_the_commit(
         url = f"postgresql+psycopg://postgres@127.0.0.1:{server.port}/trace"
     else:
         url = f"sqlite:///{tmp_path / 'data' / 'archive.db'}"
-    config = write_config(tmp_path, url, codec={"tier": "lossless"})
+    # The images are acknowledged as received (deferred coding); the background coder is
+    # off, so the rows still name the blobs that had to be durable before each answer.
+    config = write_config(tmp_path, url, codec={"tier": "lossless", "deferred_background": False})
     blob_dir = (tmp_path / "data" / "blobs").resolve()
     trace = tmp_path / "node.trace"
     with start_node(config) as node:

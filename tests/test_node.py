@@ -55,7 +55,9 @@ def write_config(directory: Path, database: str, **sections: dict[str, object]) 
     for section, values in body.items():
         lines.append(f"[{section}]")
         for key, value in values.items():
-            if isinstance(value, str):
+            if isinstance(value, bool):
+                lines.append(f"{key} = {str(value).lower()}")
+            elif isinstance(value, str):
                 lines.append(f'{key} = "{value}"')
             elif isinstance(value, list):
                 lines.append(f"{key} = [" + ", ".join(f'"{v}"' for v in value) + "]")

@@ -52,7 +52,9 @@ SETTINGS: tuple[Setting, ...] = (
     Setting("codec.tier", "latent", str, "fidelity tier: latent | lossless | near-lossless:K"),
     Setting("codec.coder", "jpeg-ls", str, "stream coder of the lossless and near-lossless tiers"),
     Setting("codec.deferred", True, bool, "lossless tier: acknowledge native images once durable "
-            "as received, code them in the background"),
+            "as received, code them afterwards"),
+    Setting("codec.deferred_background", True, bool, "code deferred images in a background thread; "
+            "false: they stay as received until `latentpacs archive code-pending` (a nightly job)"),
     Setting("codec.device", "", str, "torch device; empty: cuda when available, else cpu"),
     Setting("codec.models_dir", "", str, "directory of model files; empty: the shipped models/"),
     Setting("codec.max_batch", 8, int, "largest batch the inference engine runs at once"),

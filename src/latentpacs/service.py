@@ -411,7 +411,7 @@ def open_service(config: Config, *, background: bool = False) -> Service:
             limits=Limits.from_config(config), coder=config["codec.coder"],
             deferred=background and config["codec.deferred"],
         )
-        if background:
+        if background and config["codec.deferred_background"]:
             service.start_background()
         return service
     except BaseException:

@@ -314,13 +314,18 @@ def returned(record: ImageRecord, engine: Engine | None,
             return assemble_encapsulated(header, overrides, record.stream, record.module,
                                          str(syntax))
     cells = decode(record, engine)
+    if accepted and not NATIVE_SYNTAXES.intersection(accepted):
+        if int(cells.max(initial=0)) > record.module.max_value:
+            raise UnsupportedImageError(
+                "pixels carry bits above High Bit: they go out native only, "
+                "and the peer accepted no native transfer syntax"
+            )
+        for syntax in (JPEGLSLossless, JPEGLSNearLossless):  # NEAR=0 is valid under both
+            if syntax in accepted:
+                # Coded here with the GIL released, not through pydicom's plugin.
+                stream = get_coder(DEFAULT_CODER).encode(cells, record.module.bits_stored, 0)
+                return assemble_encapsulated(header, overrides, stream, record.module, str(syntax))
     ds = assemble(header, overrides, cells, record.module)
-    if int(cells.max(initial=0)) > record.module.max_value and accepted \
-            and not NATIVE_SYNTAXES.intersection(accepted):
-        raise UnsupportedImageError(
-            "pixels carry bits above High Bit: they go out native only, "
-            "and the peer accepted no native transfer syntax"
-        )
     return for_peer(ds, accepted)
 
 
