@@ -18,6 +18,7 @@ Each server's peak memory is read after each phase (bench_memory).
 
 from __future__ import annotations
 
+import os
 import shutil
 from collections.abc import Callable, Sequence
 from contextlib import ExitStack
@@ -138,7 +139,13 @@ class _IngestRuns:
 
 def _ingest_once(server: Server, images: ImageSet, phase: str, is_node: bool,
                  send: Callable[[Server, Path], float], runs: _IngestRuns) -> None:
-    """Send ``images`` into ``server``; for a node, poll until coded; check every instance is held."""
+    """Send ``images`` into ``server``; for a node, poll until coded; check every instance is held.
+
+    The page cache is flushed first (``sync``), so no server's fsyncs pay for the dirty
+    pages an earlier server left behind (on ext4 an fsync commits the journal, which
+    writes out other files' data too).
+    """
+    os.sync()
     sent = send(server, server.workdir / "scu")
     coded = sent + wait_until_coded(server) if is_node else None
     _check_count(server, len(images.files), phase)
@@ -194,6 +201,7 @@ def _retrieve_rounds(plan: NetworkPlan, servers: Sequence[Server], phase: str,
     for rep in range(plan.repeats):
         for server in servers:
             bar.set_postfix_str(f"{phase}: {server.name}")
+            os.sync()  # as for ingest: nobody pays for another server's dirty pages
             runs[server.name].append(fetch(server, rep))
             bar.update(1)
     for server in servers:
