@@ -392,9 +392,7 @@ def pixel_cells(ds: Dataset) -> tuple[np.ndarray, PixelModule]:
     UnsupportedImageError, PixelDataError
         See the module documentation.
     """
-    module = PixelModule.from_dataset(ds)
-    element = _pixel_data(ds)
-    syntax, encapsulated = _transfer_syntax(ds, element)
+    module, element, syntax, encapsulated = _pixel_parts(ds)
     if encapsulated:
         values = _decoded_values(ds, module, syntax)
     else:
@@ -420,13 +418,19 @@ def checked_native(ds: Dataset) -> PixelModule | None:
     UnsupportedImageError, PixelDataError
         See the module documentation.
     """
-    module = PixelModule.from_dataset(ds)
-    element = _pixel_data(ds)
-    syntax, encapsulated = _transfer_syntax(ds, element)
+    module, element, syntax, encapsulated = _pixel_parts(ds)
     if encapsulated:
         return None
     _native_values(element, module, syntax)  # a view: checks the length only
     return module
+
+
+def _pixel_parts(ds: Dataset) -> tuple[PixelModule, DataElement, UID, bool]:
+    """The validated module, the Pixel Data element, its transfer syntax, encapsulated or not."""
+    module = PixelModule.from_dataset(ds)
+    element = _pixel_data(ds)
+    syntax, encapsulated = _transfer_syntax(ds, element)
+    return module, element, syntax, encapsulated
 
 
 def mask_to_stored(cells: np.ndarray, module: PixelModule) -> np.ndarray:
