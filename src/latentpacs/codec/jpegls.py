@@ -4,8 +4,8 @@ CharLS is called through :mod:`latentpacs.codec.charls` (the system library, GIL
 when it is installed, else through pyjpegls.
 
 The ``lossless`` and ``near-lossless:K`` tiers store the image's stored pixel values
-(PS3.3 C.7.6.3.1: Bits Stored, unsigned) coded with JPEG-LS at NEAR = 0 or K, beside the
-latent. The stream codes the stored values themselves, not a difference from the network
+(PS3.3 C.7.6.3.1: Bits Stored, unsigned) coded with JPEG-LS at NEAR = 0 or K; they keep
+no latent. The stream codes the stored values themselves, not a difference from the network
 output: floating-point inference differs across devices and thread counts, so exactness
 must not depend on it. Decoding uses integer arithmetic only and gives the same values on
 every machine; with NEAR = K every value is within K of the original (ISO/IEC 14495-1 A.4).
