@@ -12,9 +12,8 @@ import hashlib
 import json
 import logging
 import re
-import threading
 from collections.abc import Iterator
-from contextlib import contextmanager, nullcontext
+from contextlib import contextmanager
 from enum import StrEnum
 from pathlib import Path
 from typing import Any
@@ -105,10 +104,6 @@ class Archive:
     def __init__(self, url: str, *, blob_dir: Path | None = None, migrate: bool = True,
                  sweep: bool = True) -> None:
         self._engine = make_engine(url)
-        # SQLite has one writer at a time; threads of this process queue on this lock
-        # instead of SQLite's busy handler, which sleeps 1, 2, 5, 10... ms between tries.
-        self._write_lock: threading.RLock | None = (
-            threading.RLock() if self._engine.dialect.name == "sqlite" else None)
         try:
             self._blobs = BlobStore(blob_dir) if blob_dir is not None else None
             if migrate:
@@ -136,9 +131,8 @@ class Archive:
         Database errors become ArchiveError, except IntegrityError, which :meth:`store`
         retries (a concurrent process stored the same entity first).
         """
-        lock = self._write_lock if write and self._write_lock is not None else nullcontext()
         try:
-            with lock, self._engine.connect() as connection:
+            with self._engine.connect() as connection:
                 if write:
                     connection = connection.execution_options(**{IMMEDIATE: True})
                 with Session(bind=connection, expire_on_commit=False) as session, session.begin():
