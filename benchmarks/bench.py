@@ -98,8 +98,7 @@ def make_groups(root: Path, groups: int, per_group: int, size: tuple[int, int], 
     return ImageSet(split, _pixel_mb(files))
 
 
-def timed_runs(repeats: int, work: Callable[[], object]) -> tuple[float, ...]:
-    """Wall seconds of ``repeats`` runs of ``work``, after one warm-up run."""
+def _best_of(repeats: int, work: Callable[[], object]) -> tuple[float, ...]:
     work()  # warm-up: allocator, kernels, threads
     times = []
     for _ in range(repeats):
@@ -119,11 +118,11 @@ def bench_engine(device: str, batch_sizes: Sequence[int], repeats: int, bar: tqd
         images = rng.random((batch, size, size), dtype=np.float32)
         with Engine(loaded, device=device, max_batch=batch) as engine:
             latents = engine.encode(list(images))
-            runs = timed_runs(repeats, lambda: engine.encode_resized(images))
+            runs = _best_of(repeats, lambda: engine.encode_resized(images))
             timings.append(Timing("encode", f"{device} batch {batch}", batch,
                                   images.nbytes / 1e6, runs, {"size": size}))
             shapes = [(size, size)] * batch
-            runs = timed_runs(repeats, lambda: engine.decode(latents, shapes))
+            runs = _best_of(repeats, lambda: engine.decode(latents, shapes))
             timings.append(Timing("decode", f"{device} batch {batch}", batch,
                                   images.nbytes / 1e6, runs, {"size": size}))
         bar.update(1)
@@ -152,7 +151,7 @@ def bench_train(device: str, images: int, batch: int, bar: tqdm) -> Timing:
         if device.startswith("cuda"):
             torch.cuda.synchronize()
 
-    runs = timed_runs(1, epoch)
+    runs = _best_of(1, epoch)
     bar.update(1)
     seen = steps * batch
     projected = PAPER_TRAIN_IMAGES * PAPER_EPOCHS / (seen / statistics.median(runs))

@@ -28,8 +28,6 @@ from pathlib import Path
 
 import pydicom
 
-from bench import timed_runs
-
 from latentpacs import phantom
 from latentpacs.codec import jpegls
 from latentpacs.dicomjson import header_json
@@ -39,8 +37,13 @@ from latentpacs.config import load_config
 
 
 def best(repeats: int, work: Callable[[], object]) -> float:
-    """The shortest of ``repeats`` runs of ``work`` (after a warm-up), seconds."""
-    return min(timed_runs(repeats, work))
+    """The shortest of ``repeats`` runs of ``work``, seconds."""
+    times = []
+    for _ in range(repeats):
+        start = time.perf_counter()
+        work()
+        times.append(time.perf_counter() - start)
+    return min(times)
 
 
 def two_at_once(items: Sequence[object], work: Callable[[object], object]) -> float:

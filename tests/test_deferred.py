@@ -59,7 +59,7 @@ def test_a_native_image_is_archived_as_received_then_coded(tmp_path: Path, image
     service = _service(tmp_path)
     try:
         original = pydicom.dcmread(images[0])
-        assert service.store(pydicom.dcmread(images[0]), received=images[0].read_bytes()) is StoreResult.STORED
+        assert service.store(pydicom.dcmread(images[0]), received=images[0]) is StoreResult.STORED
         assert service.archive.stats().pending == 1
         (pending,) = service.archive.iter_images()
         assert pending.stream_coder == RECEIVED and pending.stream == images[0].read_bytes()
@@ -89,7 +89,7 @@ def test_only_native_lossless_images_are_deferred(tmp_path: Path, images: list[P
     compressed.save_as(path)
     service = _service(tmp_path)
     try:
-        service.store(pydicom.dcmread(path), received=path.read_bytes())
+        service.store(pydicom.dcmread(path), received=path)
         service.store(pydicom.dcmread(images[0]))  # no received file: coded in line
         coders = sorted(image.stream_coder for image in service.archive.iter_images())
         assert coders == ["jpeg-ls", "jpeg-ls"]
@@ -107,7 +107,7 @@ def test_malformed_pixels_are_refused_before_the_acknowledgement(tmp_path: Path,
     service = _service(tmp_path)
     try:
         with pytest.raises(PixelDataError):
-            service.store(pydicom.dcmread(path), received=path.read_bytes())
+            service.store(pydicom.dcmread(path), received=path)
         assert service.archive.stats().instances == 0
     finally:
         service.close()
@@ -116,7 +116,7 @@ def test_malformed_pixels_are_refused_before_the_acknowledgement(tmp_path: Path,
 def test_a_replace_while_pending_keeps_the_new_copy(tmp_path: Path, images: list[Path]) -> None:
     service = _service(tmp_path, duplicates=DuplicatePolicy.REPLACE)
     try:
-        service.store(pydicom.dcmread(images[0]), received=images[0].read_bytes())
+        service.store(pydicom.dcmread(images[0]), received=images[0])
         (first_id,) = service.archive.pending()
         changed = pydicom.dcmread(images[0])
         pixels = changed.pixel_array.copy()
@@ -124,7 +124,7 @@ def test_a_replace_while_pending_keeps_the_new_copy(tmp_path: Path, images: list
         changed.PixelData = pixels.tobytes()
         path = tmp_path / "resent.dcm"
         changed.save_as(path)
-        assert service.store(pydicom.dcmread(path), received=path.read_bytes()) is StoreResult.REPLACED
+        assert service.store(pydicom.dcmread(path), received=path) is StoreResult.REPLACED
         # The worker's item for the replaced row codes whatever that row id holds now
         # (SQLite may give the new copy the same id): never the old pixels.
         code_one(service.archive, service.engines, service.coder, first_id)
@@ -144,7 +144,7 @@ def test_a_coded_blob_left_by_a_crash_before_the_commit_is_swept(tmp_path: Path,
     object as received, the coded blob is an orphan the next open removes."""
     service = _service(tmp_path)
     try:
-        service.store(pydicom.dcmread(images[0]), received=images[0].read_bytes())
+        service.store(pydicom.dcmread(images[0]), received=images[0])
     finally:
         service.close()
     before = _blobs(tmp_path)
@@ -198,7 +198,7 @@ def test_archive_stats_verify_and_code_pending(tmp_path: Path, images: list[Path
     service = _service(tmp_path)
     try:
         for path in images:
-            service.store(pydicom.dcmread(path), received=path.read_bytes())
+            service.store(pydicom.dcmread(path), received=path)
     finally:
         service.close()
     options = ("--data-dir", str(tmp_path / "data"))

@@ -81,7 +81,7 @@ from latentpacs.service import open_service
 config = load_config(None, environ={{}}, overrides={{
     "archive.data_dir": {str(tmp_path / "data")!r}, "codec.tier": "lossless"}})
 service = open_service(config, background=True)
-service.store(pydicom.dcmread({str(path)!r}), received=open({str(path)!r}, "rb").read())
+service.store(pydicom.dcmread({str(path)!r}), received={str(path)!r})
 assert service.deferred.wait_idle(120)
 (archived,) = service.archive.iter_images()
 assert archived.stream_coder == "jpeg-ls", archived.stream_coder

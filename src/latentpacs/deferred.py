@@ -30,10 +30,11 @@ from io import BytesIO
 from pydicom import dcmread
 
 from latentpacs.archive import Archive
-from latentpacs.codec.tiers import RECEIVED, Tier
+from latentpacs.codec.tiers import RECEIVED
 from latentpacs.errors import InvalidDicomError, LatentPacsError, NotFoundError
 from latentpacs.image import chain
 from latentpacs.image.chain import EnginePool
+from latentpacs.image.record import ImageRecord
 
 logger = logging.getLogger(__name__)
 
@@ -64,6 +65,9 @@ class DeferredCoder:
         self._stopping = False
         self._busy = False
         self._thread: threading.Thread | None = None
+        #: Rows coded, and rows whose coding failed (kept as received), since start.
+        self.coded = 0
+        self.failed = 0
 
     def start(self) -> None:
         """Queue every pending row of the archive and start the worker thread."""
@@ -84,6 +88,11 @@ class DeferredCoder:
                 self._queued.add(instance_id)
                 self._queue.append(instance_id)
                 self._wake.notify()
+
+    def pending(self) -> int:
+        """Rows queued or being coded in this process."""
+        with self._wake:
+            return len(self._queue) + int(self._busy)
 
     def wait_idle(self, timeout: float) -> bool:
         """Wait until the queue is empty and nothing is being coded; False on timeout."""
@@ -108,13 +117,17 @@ class DeferredCoder:
                 instance_id = self._queue.popleft()
                 self._busy = True
             try:
-                code_one(self.archive, self.engines, self.coder, instance_id)
+                done = code_one(self.archive, self.engines, self.coder, instance_id)
             except LatentPacsError as exc:
+                self.failed += 1
                 logger.warning("deferred coding of archive row %d failed, kept as received: %s",
                                instance_id, exc.message)
             except Exception:
+                self.failed += 1
                 logger.exception("deferred coding of archive row %d failed, kept as received",
                                  instance_id)
+            else:
+                self.coded += int(done)
             finally:
                 with self._wake:
                     self._queued.discard(instance_id)
@@ -138,11 +151,12 @@ def code_one(archive: Archive, engines: EnginePool, coder: str, instance_id: int
         return False
     if archived.stream_coder != RECEIVED:
         return False
+    record = ImageRecord.from_archived(archived)
     try:
         ds = dcmread(BytesIO(archived.stream))
     except Exception as exc:
         raise InvalidDicomError(f"the object as received cannot be read: {exc}") from exc
-    (coded,) = chain.encode([ds], engines, Tier.parse(archived.tier), coder)
+    (coded,) = chain.encode([ds], engines, record.tier, coder)
     expected = hashlib.sha256(archived.stream).hexdigest()
     done = archive.recode(instance_id, expected, coded.to_archived())
     if done:

@@ -26,7 +26,7 @@ from latentpacs.codec.tiers import Tier
 from latentpacs.config import Config
 from latentpacs.dicomjson import first_value
 from latentpacs.deferred import DeferredCoder
-from latentpacs.errors import DuplicateInstanceError, LatentPacsError, LimitExceededError
+from latentpacs.errors import ArchiveError, DuplicateInstanceError, LatentPacsError, LimitExceededError
 from latentpacs.image import chain
 from latentpacs.image.chain import EnginePool
 from latentpacs.image.pixels import read_file
@@ -180,18 +180,17 @@ class Service:
         if self.deferred is not None:
             self.deferred.start()
 
-    def store(self, ds: Dataset, *, received: bytes | None = None) -> StoreResult:
+    def store(self, ds: Dataset, *, received: Path | None = None) -> StoreResult:
         """Archive one received instance (PS3.4 B.2); returns only after the commit.
 
         A re-sent instance that the duplicate policy keeps or rejects is answered before
         any pixel is decoded or coded: that work would never be read. (A concurrent first
         store of the same instance still meets the policy inside :meth:`Archive.store`.)
 
-        ``received`` is the PS3.10 file ``ds`` was parsed from, as the node received it.
+        ``received`` is the PS3.10 file ``ds`` was read from, as the node received it.
         With deferred coding on and an image :func:`~latentpacs.image.chain.defers` allows,
-        those bytes are archived as they are (durable before the commit) and the
-        background coder codes its stream later; otherwise the stream is coded and
-        verified here.
+        that file is archived as it is (durable before the commit) and the background
+        coder codes its stream later; otherwise the stream is coded and verified here.
 
         Raises
         ------
@@ -207,7 +206,7 @@ class Service:
             return StoreResult.KEPT_EXISTING
         deferred = self.deferred if received is not None and chain.defers(ds, self.tier) else None
         if deferred is not None and received is not None:
-            record = chain.received(ds, received, self.engines, self.tier)
+            record = chain.received(ds, _read_received(received), self.engines, self.tier)
         else:
             (record,) = chain.encode([ds], self.engines, self.tier, self.coder)
         archived = record.to_archived()
@@ -351,6 +350,14 @@ class Service:
                 yield pending.popleft()
         finally:
             executor.shutdown(wait=False, cancel_futures=True)
+
+
+def _read_received(path: Path) -> bytes:
+    """The bytes of the file an instance was received into."""
+    try:
+        return Path(path).read_bytes()
+    except OSError as exc:
+        raise ArchiveError(f"the received data set cannot be read back: {exc.strerror}") from exc
 
 
 def open_engines(config: Config, *, encode: bool = True) -> EnginePool:

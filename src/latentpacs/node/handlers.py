@@ -8,13 +8,11 @@ lets an exception reach pynetdicom (which would answer with a bare, comment-less
 from __future__ import annotations
 
 import logging
-from collections.abc import Callable, Iterable, Iterator
+from collections.abc import Callable, Iterator
 from contextlib import closing
-from io import BytesIO
 from pathlib import Path
 from typing import Any
 
-from pydicom import dcmread
 from pydicom.dataset import Dataset
 from pynetdicom import events as evt
 
@@ -79,14 +77,7 @@ def handle_store(event: evt.Event, service: Service, policy: PeerPolicy) -> int 
     if refused is not None:
         return refused
     try:
-        received = _received_bytes(event)
-    except OSError as exc:
-        logger.error("C-STORE: the received data set cannot be read back: %s", exc)
-        return failure(Status.PROCESSING_FAILURE, f"received data set unreadable: {exc.strerror}")
-    try:
-        # The file pynetdicom received into is read once: parsed here, archived as it is
-        # when the image is coded later (deferred coding).
-        ds = dcmread(BytesIO(received)) if received is not None else event.dataset
+        ds = event.dataset
         ds.file_meta = event.file_meta
     except Exception as exc:  # an undecodable data set from the peer
         logger.warning("C-STORE from %s: data set cannot be decoded: %s", event.assoc.requestor.ae_title, exc)
@@ -104,7 +95,7 @@ def handle_store(event: evt.Event, service: Service, policy: PeerPolicy) -> int 
             "Affected SOP Instance UID differs from the data set's SOP Instance UID",
         )
     try:
-        service.store(ds, received=received)
+        service.store(ds, received=_received_file(event))
     except LatentPacsError as exc:
         logger.warning("C-STORE refused: %s", exc.message)
         return _from_error(exc)
@@ -114,13 +105,12 @@ def handle_store(event: evt.Event, service: Service, policy: PeerPolicy) -> int 
     return int(Status.SUCCESS)
 
 
-def _received_bytes(event: evt.Event) -> bytes | None:
+def _received_file(event: evt.Event) -> Path | None:
     """The PS3.10 file pynetdicom received the data set into (chunked receive), if any."""
     try:
-        path = Path(event.dataset_path)
+        return Path(event.dataset_path)
     except (AttributeError, TypeError):
         return None
-    return path.read_bytes()
 
 
 def handle_find(
@@ -201,13 +191,11 @@ def _accepted_for_get(event: evt.Event) -> frozenset[tuple[str, str]]:
     C-GET sub-operations go back on the same association (PS3.4 C.4.3.3), so the contexts
     the requestor accepted with us as Storage SCU say which transfer syntaxes it takes.
     """
-    return _sendable(cx for cx in event.assoc.accepted_contexts if cx.as_scu)
-
-
-def _sendable(contexts: Iterable[Any]) -> frozenset[tuple[str, str]]:
-    """(SOP Class UID, Transfer Syntax UID) of accepted presentation contexts (PS3.8 9.3.2.2)."""
-    return frozenset((str(cx.abstract_syntax), str(cx.transfer_syntax[0]))
-                     for cx in contexts if cx.transfer_syntax)
+    return frozenset(
+        (str(cx.abstract_syntax), str(cx.transfer_syntax[0]))
+        for cx in event.assoc.accepted_contexts
+        if cx.as_scu and cx.transfer_syntax
+    )
 
 
 def _retrieve(event: evt.Event, service: Service, service_name: str,
@@ -268,7 +256,10 @@ class SubAssociation:
         """What the destination accepted; empty (native) when nothing was recorded."""
         if self._association is None:
             return frozenset()
-        return _sendable(self._association.accepted_contexts)
+        return frozenset(
+            (str(cx.abstract_syntax), str(cx.transfer_syntax[0]))
+            for cx in self._association.accepted_contexts if cx.transfer_syntax
+        )
 
 
 def handle_move(
