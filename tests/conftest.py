@@ -7,6 +7,7 @@ in the same directory. Missing binaries fail the tests that need it (never skip)
 
 from __future__ import annotations
 
+import os
 import shutil
 import socket
 import subprocess
@@ -21,6 +22,10 @@ from pathlib import Path
 import psycopg
 import pydicom
 import pytest
+
+# Every node a test starts serves its web side on a port the OS picks, never the default
+# 8042 (a test that needs a fixed port passes --web-port).
+os.environ["LATENTPACS_WEB_PORT"] = "0"
 
 PG_BIN = Path("/usr/lib/postgresql/15/bin")
 PG_USER = "postgres"

@@ -167,6 +167,15 @@ class NodeProcess(_Stoppable):
     aet: str
     proc: subprocess.Popen[bytes]
     log: Path
+    #: The web server's port (DICOMweb, viewer, /metrics), None with ``web.enabled`` off.
+    web_port: int | None = None
+
+    @property
+    def web_url(self) -> str:
+        """The web server's base URL, ``http://127.0.0.1:PORT`` (fails without a web server)."""
+        if self.web_port is None:
+            pytest.fail("this node runs no web server (web.enabled is false)")
+        return f"http://{HOST}:{self.web_port}"
 
     def kill(self) -> None:
         """SIGKILL the node (a crash: nothing gets to clean up) and reap it."""
@@ -196,10 +205,13 @@ def start_node(config: Path, *, aet: str = "LATENTPACS", extra_args: Sequence[st
     workdir = workdir or config.parent
     port_file = workdir / "node.port"
     port_file.unlink(missing_ok=True)
+    web_port_file = workdir / "web.port"
+    web_port_file.unlink(missing_ok=True)
     log = workdir / "node.log"
     environment = {**os.environ, "PYTHONUNBUFFERED": "1", **(env or {})}
     proc = _spawn([script, "--config", config, "serve", "--port", "0", "--port-file", port_file,
-                   *extra_args], log, env=environment, cwd=workdir)
+                   "--web-port", "0", "--web-port-file", web_port_file, *extra_args], log,
+                  env=environment, cwd=workdir)
     try:
         deadline = time.monotonic() + timeout
         pause = 0.05
@@ -213,10 +225,12 @@ def start_node(config: Path, *, aet: str = "LATENTPACS", extra_args: Sequence[st
         port = int(port_file.read_text().strip())
         wait_for_echo(port, aet, timeout=max(deadline - time.monotonic(), 1.0), proc=proc,
                       log=log)
+        # The node writes the web port file before the DIMSE one (when web.enabled).
+        web_port = int(web_port_file.read_text().strip()) if _port_written(web_port_file) else None
     except BaseException:
         _stop(proc)
         raise
-    return NodeProcess(port=port, aet=aet, proc=proc, log=log)
+    return NodeProcess(port=port, aet=aet, proc=proc, log=log, web_port=web_port)
 
 
 @dataclass(frozen=True)

@@ -30,7 +30,7 @@ from tqdm import tqdm
 
 from latentpacs import __version__
 from latentpacs.config import SETTINGS, Config, load_config
-from latentpacs.errors import LatentPacsError
+from latentpacs.errors import ConfigError, LatentPacsError
 
 logger = logging.getLogger(__name__)
 
@@ -73,6 +73,7 @@ _FLAG_SETTINGS = {
     "port": "node.port",
     "database": "archive.database",
     "data_dir": "archive.data_dir",
+    "web_port": "web.port",
 }
 
 
@@ -280,6 +281,15 @@ def cmd_serve(args: argparse.Namespace) -> int:
     for signum in (signal.SIGTERM, signal.SIGINT):
         signal.signal(signum, request_stop)
     node = start_node(config)
+    web = None
+    try:
+        if config["web.enabled"]:
+            from latentpacs.web.server import start_web
+
+            web = start_web(config, node.service)
+    except BaseException:
+        node.stop(0)
+        raise
     card = node.service.engines.primary_card
     print(
         f"{config['node.aet']} listening on {config['node.host']}:{node.port} "
@@ -287,17 +297,51 @@ def cmd_serve(args: argparse.Namespace) -> int:
         f"archive {config.database_url.split('://')[0]})",
         flush=True,
     )
-    if args.port_file:  # written whole, then renamed: a reader never sees half a port
-        partial = args.port_file.with_name(args.port_file.name + ".partial")
-        partial.write_text(f"{node.port}\n")
-        partial.replace(args.port_file)
+    if web is not None:
+        print(f"DICOMweb at {web.url}/dicom-web, viewer at {web.url}/", flush=True)
+    # The web port first: once the DIMSE port file exists, both servers answer.
+    if args.web_port_file and web is not None:
+        _write_port(args.web_port_file, web.port)
+    if args.port_file:
+        _write_port(args.port_file, node.port)
     try:
         stop.wait()
         print(f"{received[0] if received else 'stop'}: accepting no new associations; "
               f"in-flight ones may finish for {config['node.shutdown_grace']:g} s", flush=True)
     finally:
+        if web is not None:
+            web.stop()
         node.stop()
     print("stopped", flush=True)
+    return EXIT_OK
+
+
+def _write_port(path: Path, port: int) -> None:
+    """Write ``port`` as one line, whole, then rename: a reader never sees half a port."""
+    partial = path.with_name(path.name + ".partial")
+    partial.write_text(f"{port}\n")
+    partial.replace(path)
+
+
+def cmd_web_token(args: argparse.Namespace) -> int:
+    import secrets
+
+    from latentpacs.config import WEB_PERMISSIONS
+    from latentpacs.web.auth import token_sha256
+
+    name = args.name
+    if not name.replace("-", "").replace("_", "").isalnum():
+        raise ConfigError(f"token name {name!r}: letters, digits, - and _ only")
+    services = [s for s in (p.strip() for p in args.services.split(",")) if s]
+    unknown = set(services) - set(WEB_PERMISSIONS)
+    if not services or unknown:
+        raise ConfigError(f"--services: a comma-separated list of {', '.join(WEB_PERMISSIONS)}")
+    token = secrets.token_urlsafe(32)
+    print(f"token (give it to the client; it is not stored): {token}")
+    print("settings entry (add it to the node's TOML file):")
+    print(f"[web.tokens.{name}]")
+    print(f'sha256 = "{token_sha256(token)}"')
+    print("services = [" + ", ".join(f'"{s}"' for s in services) + "]")
     return EXIT_OK
 
 
@@ -655,8 +699,20 @@ def _add_serve_command(sub: _Commands) -> None:
     p = _command(sub, "serve", "run the DICOM node", cmd_serve)
     for flag in ("--aet", "--host", "--port", "--tier", "--database", "--data-dir"):
         _add_setting_option(p, flag)
+    _add_setting_option(p, "--web-port")
     p.add_argument("--port-file", type=Path, help="write the listening port here once ready")
+    p.add_argument("--web-port-file", type=Path, help="write the web server's port here once ready")
     _add_codec_options(p)
+
+
+def _add_web_commands(sub: _Commands) -> None:
+    web = _command(sub, "web", "the DICOMweb server").add_subparsers(
+        dest="web_command", required=True, metavar="ACTION")
+    p = _command(web, "token", "make a bearer token and print its [web.tokens.NAME] entry",
+                 cmd_web_token, depth=2)
+    p.add_argument("name", help="the token's name (who it is for)")
+    p.add_argument("--services", default="query,retrieve",
+                   help="its permissions: store, query, retrieve, metrics (default: query,retrieve)")
 
 
 def _add_archive_commands(sub: _Commands) -> None:
@@ -712,6 +768,7 @@ def build_parser() -> argparse.ArgumentParser:
     _add_evaluate_command(sub)
     _add_serve_command(sub)
     _add_archive_commands(sub)
+    _add_web_commands(sub)
     _add_config_commands(sub)
     return parser
 

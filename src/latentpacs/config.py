@@ -70,7 +70,19 @@ SETTINGS: tuple[Setting, ...] = (
     Setting("limits.max_retrieve_instances", 10000, int, "C-GET/C-MOVE sub-operations per request; more: refused with A700"),
     Setting("limits.max_image_pixels", 67108864, int, "largest Rows x Columns decoded for a retrieval"),
     Setting("limits.max_concurrent_decodes", 4, int, "images decoded at once across all associations"),
+    Setting("web.enabled", True, bool, "serve DICOMweb (PS3.18), the viewer and /metrics from `serve`"),
+    Setting("web.host", "127.0.0.1", str, "address the web server listens on"),
+    Setting("web.port", 8042, int, "TCP port of the web server (0: any free port)"),
+    Setting("web.trust_loopback", False, bool, "serve loopback clients without a token, "
+            "with every permission (as security.trust_loopback does for DIMSE)"),
+    Setting("web.tls", False, bool, "HTTPS with security.tls_cert/tls_key; security.tls_ca and "
+            "tls_require_client_cert ask for client certificates"),
+    Setting("web.max_stow_bytes", 2147483648, int, "largest STOW-RS request body, bytes; more: 413"),
 )
+#: Permissions a web token can carry (``[web.tokens.NAME] services``), by the DIMSE service
+#: each matches: ``store`` is STOW-RS (C-STORE), ``query`` QIDO-RS (C-FIND), ``retrieve``
+#: WADO-RS (C-GET); ``metrics`` reads ``/metrics``.
+WEB_PERMISSIONS = ("store", "query", "retrieve", "metrics")
 #: Services a peer can be allowed (``security.unknown_peers``).
 SERVICES = ("echo", "store", "find", "get", "move")
 _TRUE = ("1", "true", "yes", "on")
@@ -90,11 +102,26 @@ class Destination:
 
 
 @dataclass(frozen=True)
+class WebToken:
+    """A bearer token of the web server (RFC 6750): its name, SHA-256 and permissions.
+
+    Only the token's SHA-256 (hex) is configured, so a settings file does not hold the
+    secret; ``latentpacs web token NAME`` makes a token and prints its entry.
+    """
+
+    name: str
+    sha256: str
+    services: frozenset[str]
+
+
+@dataclass(frozen=True)
 class Config:
     """The resolved settings; build it with :func:`load_config`."""
 
     values: Mapping[str, Any]
     destinations: Mapping[str, Destination] = field(default_factory=dict)
+    #: The web server's bearer tokens, by name (TOML tables ``[web.tokens.NAME]``).
+    web_tokens: Mapping[str, WebToken] = field(default_factory=dict)
 
     def __getitem__(self, name: str) -> Any:
         return self.values[name]
@@ -140,9 +167,29 @@ def _coerce(setting: Setting, value: Any, source: str) -> Any:
     raise ConfigError(f"{setting.name} from {source}: {value!r} is not a valid {setting.type.__name__}")
 
 
-def _flatten(table: Mapping[str, Any], path: Path) -> tuple[dict[str, Any], dict[str, Destination]]:
+def _web_token(name: str, body: Any, path: Path) -> WebToken:
+    where = f"{path}: [web.tokens.{name}]"
+    if not isinstance(body, dict) or set(body) - {"sha256", "services"}:
+        raise ConfigError(f"{where} takes sha256 and services only")
+    digest = body.get("sha256")
+    if not isinstance(digest, str) or len(digest) != 64 or set(digest.lower()) - set("0123456789abcdef"):
+        raise ConfigError(f"{where} sha256 must be 64 hexadecimal digits (latentpacs web token {name})")
+    services = body.get("services")
+    if not isinstance(services, list) or not services or not all(isinstance(s, str) for s in services):
+        raise ConfigError(f"{where} services must be a list of {', '.join(WEB_PERMISSIONS)}")
+    unknown = set(services) - set(WEB_PERMISSIONS)
+    if unknown:
+        raise ConfigError(f"{where} services: {', '.join(sorted(unknown))} not among "
+                          f"{', '.join(WEB_PERMISSIONS)}")
+    return WebToken(name, digest.lower(), frozenset(services))
+
+
+def _flatten(
+    table: Mapping[str, Any], path: Path
+) -> tuple[dict[str, Any], dict[str, Destination], dict[str, WebToken]]:
     values: dict[str, Any] = {}
     destinations: dict[str, Destination] = {}
+    tokens: dict[str, WebToken] = {}
     for section, body in table.items():
         if not isinstance(body, dict):
             raise ConfigError(f"{path}: top-level key {section!r} must be a [section]")
@@ -157,11 +204,16 @@ def _flatten(table: Mapping[str, Any], path: Path) -> tuple[dict[str, Any], dict
                 )
             continue
         for key, value in body.items():
+            if section == "web" and key == "tokens":
+                if not isinstance(value, dict):
+                    raise ConfigError(f"{path}: web.tokens must be tables [web.tokens.NAME]")
+                tokens.update((n, _web_token(n, b, path)) for n, b in value.items())
+                continue
             name = f"{section}.{key}"
             if name not in _BY_NAME:
                 raise ConfigError(f"{path}: unknown setting {name}")
             values[name] = _coerce(_BY_NAME[name], value, str(path))
-    return values, destinations
+    return values, destinations, tokens
 
 
 def load_config(
@@ -188,6 +240,7 @@ def load_config(
     """
     values = {s.name: s.default for s in SETTINGS}
     destinations: dict[str, Destination] = {}
+    tokens: dict[str, WebToken] = {}
     if path is not None:
         try:
             table = tomllib.loads(Path(path).read_text())
@@ -195,7 +248,7 @@ def load_config(
             raise ConfigError(f"cannot read config file {path}: {exc.strerror}") from exc
         except tomllib.TOMLDecodeError as exc:
             raise ConfigError(f"config file {path} is not valid TOML: {exc}") from exc
-        file_values, destinations = _flatten(table, Path(path))
+        file_values, destinations, tokens = _flatten(table, Path(path))
         values.update(file_values)
     env = os.environ if environ is None else environ
     for setting in SETTINGS:
@@ -227,4 +280,9 @@ def load_config(
             raise ConfigError(f"{name} must be at least 1, not {values[name]}")
     if values["security.tls_ca"] and not values["security.tls_cert"]:
         raise ConfigError("security.tls_ca needs security.tls_cert and security.tls_key")
-    return Config(values, destinations)
+    if values["web.tls"] and not values["security.tls_cert"]:
+        raise ConfigError("web.tls needs security.tls_cert and security.tls_key")
+    digests = [token.sha256 for token in tokens.values()]
+    if len(set(digests)) != len(digests):
+        raise ConfigError("two [web.tokens.*] entries have the same sha256")
+    return Config(values, destinations, tokens)

@@ -1,0 +1,7 @@
+"""Routes of ``stow`` (being written for issue 11)."""
+
+from __future__ import annotations
+
+from starlette.routing import BaseRoute
+
+ROUTES: list[BaseRoute] = []
