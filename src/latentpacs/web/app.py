@@ -24,7 +24,8 @@ from latentpacs.errors import (
     NotAuthorizedError,
     NotFoundError,
 )
-from latentpacs.web import qido, stow, viewer, wado
+from latentpacs import metrics
+from latentpacs.web import instrument, qido, stow, viewer, wado
 from latentpacs.web.context import WebContext
 
 logger = logging.getLogger(__name__)
@@ -64,12 +65,12 @@ async def _http_error(request: Request, exc: Exception) -> Response:
 
 def routes() -> list[BaseRoute]:
     """Every route of the application, DICOMweb under :data:`~latentpacs.web.context.BASE_PATH`."""
-    return [*qido.ROUTES, *wado.ROUTES, *stow.ROUTES, *viewer.ROUTES]
+    return [instrument.METRICS_ROUTE, *qido.ROUTES, *wado.ROUTES, *stow.ROUTES, *viewer.ROUTES]
 
 
 def middleware() -> list[Middleware]:
     """The middleware stack, outermost first."""
-    return []
+    return [Middleware(instrument.MetricsMiddleware)]
 
 
 def build_app(ctx: WebContext) -> Starlette:
@@ -80,4 +81,5 @@ def build_app(ctx: WebContext) -> Starlette:
         exception_handlers={LatentPacsError: _latentpacs_error, HTTPException: _http_error},
     )
     app.state.ctx = ctx
+    metrics.watch_archive(ctx.service.archive.stats)  # /metrics: archive size per tier
     return app
