@@ -271,6 +271,31 @@ def start_storescp(directory: Path, *, aet: str = "STORESCP",
     return StoreSCP(port=port, aet=aet, directory=directory, proc=proc, log=log)
 
 
+#: Orthanc's DICOMweb plugin (Debian package orthanc-dicomweb).
+DICOMWEB_PLUGIN = Path("/usr/share/orthanc/plugins/libOrthancDicomWeb.so")
+#: Where Orthanc's own DICOMweb server answers (``DicomWeb.Root``).
+DICOMWEB_ROOT = "/dicom-web"
+
+
+@dataclass(frozen=True)
+class DicomWebPeer:
+    """A remote DICOMweb server Orthanc's plugin knows (one entry of ``DicomWeb.Servers``).
+
+    ``url`` is the server's DICOMweb base (``http://host:port/dicom-web``); ``headers``
+    are sent with every request (``HttpHeaders``, e.g. a bearer token).
+    """
+
+    url: str
+    headers: Mapping[str, str]
+
+
+def require_dicomweb_plugin() -> Path:
+    """The plugin's path; fails the test (never skips) when it is not installed."""
+    if not DICOMWEB_PLUGIN.exists():
+        pytest.fail(f"{DICOMWEB_PLUGIN} is required: apt-get install orthanc-dicomweb")
+    return DICOMWEB_PLUGIN
+
+
 @dataclass(frozen=True)
 class Orthanc(_Stoppable):
     """A running Orthanc (the viewer side): REST API on ``http_port``, DICOM on ``dicom_port``."""
@@ -334,14 +359,60 @@ class Orthanc(_Stoppable):
         return dict(self.rest("POST", f"/modalities/{modality}/store",
                               {"Resources": resources, "Synchronous": True}))
 
+    @property
+    def dicomweb_url(self) -> str:
+        """Orthanc's own DICOMweb server (started with ``dicomweb``): ``http://127.0.0.1:PORT/dicom-web``."""
+        return f"http://{HOST}:{self.http_port}{DICOMWEB_ROOT}"
+
+    def stow_to(self, server: str, resources: list[str]) -> dict[str, Any]:
+        """STOW-RS ``resources`` (Orthanc ids, any level) to the DICOMweb server ``server``.
+
+        The plugin's ``POST /dicom-web/servers/{server}/stow``, synchronously; an HTTP
+        error (the remote server refused the request) fails the test.
+        """
+        return dict(self.rest("POST", f"{DICOMWEB_ROOT}/servers/{server}/stow",
+                              {"Resources": resources, "Synchronous": True}))
+
+    def retrieve_from(self, server: str, study_uid: str) -> Any:
+        """WADO-RS retrieve of one study from ``server`` into Orthanc, synchronously.
+
+        The plugin's ``POST /dicom-web/servers/{server}/retrieve`` with ``{"Study": uid}``;
+        the objects arrive as the remote server sends them and are stored here.
+        """
+        return self.rest("POST", f"{DICOMWEB_ROOT}/servers/{server}/retrieve",
+                         {"Resources": [{"Study": study_uid}], "Synchronous": True})
+
+    def qido_from(self, server: str, uri: str, arguments: Mapping[str, str]) -> list[dict[str, Any]]:
+        """QIDO-RS ``uri`` (e.g. ``/studies``) with ``arguments`` on ``server``, through the plugin.
+
+        ``POST /dicom-web/servers/{server}/qido``; returns the DICOM JSON answers
+        (PS3.18 F.2) as the remote server gave them.
+        """
+        return list(self.rest("POST", f"{DICOMWEB_ROOT}/servers/{server}/qido",
+                              {"Uri": uri, "Arguments": dict(arguments)}))
+
+
+def _dicomweb_config(servers: Mapping[str, DicomWebPeer]) -> dict[str, Any]:
+    """The plugin's ``DicomWeb`` section: its own server at ``/dicom-web/`` and ``servers``."""
+    return {
+        "Enable": True,
+        "Root": f"{DICOMWEB_ROOT}/",
+        "EnableWado": False,
+        "Servers": {name: {"Url": peer.url, "HttpHeaders": dict(peer.headers)}
+                    for name, peer in servers.items()},
+    }
+
 
 def _orthanc_config(workdir: Path, aet: str, http_port: int, dicom_port: int,
-                    modalities: Mapping[str, tuple[str, str, int]]) -> dict[str, Any]:
+                    modalities: Mapping[str, tuple[str, str, int]],
+                    dicomweb: Mapping[str, DicomWebPeer] | None = None) -> dict[str, Any]:
+    extra = {} if dicomweb is None else {"DicomWeb": _dicomweb_config(dicomweb)}
     return {
+        **extra,
         "Name": f"latentpacs-test-{aet}",
         "StorageDirectory": str(workdir / "storage"),
         "IndexDirectory": str(workdir / "index"),
-        "Plugins": [],
+        "Plugins": [] if dicomweb is None else [str(require_dicomweb_plugin())],
         "HttpPort": http_port,
         "RemoteAccessAllowed": False,
         "AuthenticationEnabled": False,
@@ -370,13 +441,18 @@ def _orthanc_config(workdir: Path, aet: str, http_port: int, dicom_port: int,
 
 def start_orthanc(workdir: Path, *, aet: str = "ORTHANC",
                   modalities: Mapping[str, tuple[str, str, int]] | None = None,
+                  dicomweb: Mapping[str, DicomWebPeer] | None = None,
                   timeout: float = START_TIMEOUT_S) -> Orthanc:
-    """Start Orthanc with a fresh configuration in ``workdir``; no plugins, no authentication.
+    """Start Orthanc with a fresh configuration in ``workdir``; no authentication.
 
     ``modalities`` maps a modality name to ``(AET, host, port)``: the peers Orthanc
     sends to (``store_to``) and the C-MOVE destinations it knows (by AET). C-ECHO,
-    C-STORE, C-FIND, C-GET and C-MOVE are allowed from any calling AE title. Returns
-    once ``GET /system`` answers and the DICOM port answers C-ECHO.
+    C-STORE, C-FIND, C-GET and C-MOVE are allowed from any calling AE title.
+    ``dicomweb`` (None: no plugin) loads the DICOMweb plugin: Orthanc's own DICOMweb
+    server answers at ``dicomweb_url`` and the plugin's client knows each entry
+    (name -> :class:`DicomWebPeer`) for ``stow_to``, ``retrieve_from`` and ``qido_from``
+    (PS3.18 10.5, 10.4, 10.6). Returns once ``GET /system`` answers and the DICOM port
+    answers C-ECHO.
     """
     workdir.mkdir(parents=True, exist_ok=True)
     http_port, dicom_port = free_port(), free_port()
@@ -384,7 +460,7 @@ def start_orthanc(workdir: Path, *, aet: str = "ORTHANC",
         dicom_port = free_port()
     config = workdir / "orthanc.json"
     config.write_text(json.dumps(_orthanc_config(workdir, aet, http_port, dicom_port,
-                                                 modalities or {}), indent=2))
+                                                 modalities or {}, dicomweb), indent=2))
     log = workdir / "orthanc.log"
     proc = _spawn([require("Orthanc"), "--no-jobs", config], log, cwd=workdir)
     try:
