@@ -9,6 +9,7 @@ the tail of the process's log.
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import logging
 import os
@@ -19,7 +20,7 @@ import sys
 import time
 import urllib.error
 import urllib.request
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -36,6 +37,8 @@ SCU_TIMEOUT_S = 600.0
 CODED_TIMEOUT_S = 1800.0
 #: The node's ``archive.data_dir`` under its work folder; the SQLite archive is ``archive.db`` in it.
 NODE_DATA_DIR = "data"
+#: Orthanc's DICOMweb plugin (Debian package orthanc-dicomweb).
+DICOMWEB_PLUGIN = Path("/usr/share/orthanc/plugins/libOrthancDicomWeb.so")
 
 
 class BenchError(RuntimeError):
@@ -74,6 +77,8 @@ class Server:
     memory: PeakMemory
     #: Orthanc's REST port (the instance count is read there); None for the others.
     http_port: int | None = None
+    #: The node's web server port (DICOMweb), Orthanc's REST port with its DICOMweb plugin.
+    web_port: int | None = None
 
     def peak_memory_kib(self) -> int:
         """Peak resident memory so far of the process and what it forked, KiB (see bench_memory)."""
@@ -155,13 +160,15 @@ def start_storescp(workdir: Path, *, name: str = "storescp", aet: str = "STORESC
     return _started(name, port, aet, proc, log, workdir)
 
 
-def start_node(workdir: Path, *, name: str = "node", settings: dict[str, str | int] | None = None,
+def start_node(workdir: Path, *, name: str = "node",
+               settings: Mapping[str, str | int | list[str]] | None = None,
                env: dict[str, str] | None = None,
                destinations: Sequence[Server] = ()) -> Server:
     """``latentpacs serve`` with a fresh SQLite archive in ``workdir``.
 
     ``destinations`` become its C-MOVE destinations (``[destinations.AET]`` host and port,
-    README "Settings").
+    README "Settings"). Its web server (``web.enabled``) listens on an OS-assigned port,
+    ``Server.web_port`` (None with ``web.enabled`` off), so several nodes run at once.
     """
     workdir.mkdir(parents=True, exist_ok=True)
     data_dir = json.dumps(str(workdir / NODE_DATA_DIR))
@@ -175,17 +182,23 @@ def start_node(workdir: Path, *, name: str = "node", settings: dict[str, str | i
     config = workdir / "node.toml"
     config.write_text("\n".join(lines) + "\n")
     port_file, log = workdir / "node.port", workdir / "node.log"
+    web_port_file = workdir / "web.port"
+    web_port_file.unlink(missing_ok=True)
     script = Path(sys.executable).parent / "latentpacs"
     environment = {**os.environ, "PYTHONUNBUFFERED": "1", **(env or {})}
     proc = _spawn([script, "--config", config, "serve", "--host", HOST, "--port", "0",
-                   "--port-file", port_file], log, workdir, environment)
+                   "--port-file", port_file, "--web-port", "0", "--web-port-file", web_port_file],
+                  log, workdir, environment)
 
-    def written() -> bool:
-        text = port_file.read_text() if port_file.exists() else ""
+    def written(path: Path = port_file) -> bool:
+        text = path.read_text() if path.exists() else ""
         return text.endswith("\n") and text.strip().isdigit()
 
     _poll(written, proc, "latentpacs serve", log)
-    return _started(name, int(port_file.read_text()), "LATENTPACS", proc, log, workdir)
+    # The node writes the web port file before the DIMSE one (when web.enabled).
+    web_port = int(web_port_file.read_text()) if written(web_port_file) else None
+    server = _started(name, int(port_file.read_text()), "LATENTPACS", proc, log, workdir)
+    return dataclasses.replace(server, web_port=web_port)
 
 
 def start_pynetdicom_floor(workdir: Path, files: Sequence[Path],
@@ -200,17 +213,22 @@ def start_pynetdicom_floor(workdir: Path, files: Sequence[Path],
     return _started("pynetdicom-floor", port, "FLOOR", proc, log, workdir)
 
 
-def start_orthanc(workdir: Path, *, destinations: Sequence[Server] = ()) -> Server:
-    """Orthanc 1.x with a fresh storage area, no plugins, every DIMSE service allowed.
+def start_orthanc(workdir: Path, *, destinations: Sequence[Server] = (),
+                  dicomweb: bool = False) -> Server:
+    """Orthanc 1.x with a fresh storage area, every DIMSE service allowed.
 
     ``destinations`` become its known modalities (``DicomModalities``), so a C-MOVE to
-    their AE titles is sent there.
+    their AE titles is sent there. ``dicomweb`` loads its DICOMweb plugin (PS3.18 server
+    at ``/dicom-web/`` of the REST port, ``Server.web_port``); otherwise no plugins.
     """
     workdir.mkdir(parents=True, exist_ok=True)
+    if dicomweb and not DICOMWEB_PLUGIN.exists():
+        raise BenchError(f"{DICOMWEB_PLUGIN} is missing (Debian package orthanc-dicomweb)")
     http_port, port = free_port(), free_port()
     config = {
         "Name": "latentpacs-bench", "StorageDirectory": str(workdir / "storage"),
-        "IndexDirectory": str(workdir / "index"), "Plugins": [], "HttpPort": http_port,
+        "IndexDirectory": str(workdir / "index"), "HttpPort": http_port,
+        "Plugins": [str(DICOMWEB_PLUGIN)] if dicomweb else [],
         "RemoteAccessAllowed": False, "AuthenticationEnabled": False,
         "DicomServerEnabled": True, "DicomAet": "ORTHANC", "DicomPort": port,
         "DicomCheckCalledAet": False, "DicomAlwaysAllowEcho": True,
@@ -219,6 +237,7 @@ def start_orthanc(workdir: Path, *, destinations: Sequence[Server] = ()) -> Serv
         "UnknownSopClassAccepted": True, "SaveJobs": False, "SyncStorageArea": False,
         "DicomAssociationCloseDelay": 0,
         "DicomModalities": {dest.aet.lower(): [dest.aet, HOST, dest.port] for dest in destinations},
+        **({"DicomWeb": {"Enable": True, "Root": "/dicom-web/", "EnableWado": False}} if dicomweb else {}),
     }
     (workdir / "orthanc.json").write_text(json.dumps(config, indent=2))
     log = workdir / "orthanc.log"
@@ -232,7 +251,8 @@ def start_orthanc(workdir: Path, *, destinations: Sequence[Server] = ()) -> Serv
             return False
 
     _poll(rest_up, proc, "Orthanc", log)
-    return _started("orthanc", port, "ORTHANC", proc, log, workdir, http_port)
+    server = _started("orthanc", port, "ORTHANC", proc, log, workdir, http_port)
+    return dataclasses.replace(server, web_port=http_port if dicomweb else None)
 
 
 def stored_instances(server: Server) -> int:

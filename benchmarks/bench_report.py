@@ -21,10 +21,17 @@ GET = "c-get"
 #: C-GET by a getscu that accepts JPEG-LS lossless (``+xt``): each server may send as it stores.
 GET_JLS = "c-get +xt"
 MOVE = "c-move"
+#: DICOMweb (bench_web.py, PS3.18): STOW-RS of the study in one ``POST /studies``; for a
+#: node also until its archive has nothing pending; WADO-RS of the study asking for
+#: explicit VR little endian, and with ``transfer-syntax=*`` (each server sends as it keeps).
+STOW = "stow-rs"
+STOW_CODED = "stow-rs+coded"
+WADO = "wado-rs"
+WADO_ANY = "wado-rs ts=*"
 #: The memory row that holds each server's largest peak over every phase.
 ALL_PHASES_ROW = "all phases"
 #: The phase whose peer figures a node's "+coded" phase is compared with.
-BASE_PHASE = {INGEST_CODED: INGEST, PARALLEL_CODED: PARALLEL}
+BASE_PHASE = {INGEST_CODED: INGEST, PARALLEL_CODED: PARALLEL, STOW_CODED: STOW}
 #: The servers a node is compared with, in the order of the table's columns.
 PEERS = ("storescp", "orthanc", "pynetdicom-floor")
 NODE_PREFIX = "node-"
@@ -224,7 +231,9 @@ def memory_table(memory: Sequence[Memory]) -> str:
 
 #: Short names of the phases in README placeholders.
 _PHASE_KEYS = {INGEST: "ingest", INGEST_CODED: "ingest_coded", PARALLEL: "parallel",
-               PARALLEL_CODED: "parallel_coded", GET: "get", GET_JLS: "get_jls", MOVE: "move", ALL_PHASES_ROW: "all"}
+               PARALLEL_CODED: "parallel_coded", GET: "get", GET_JLS: "get_jls", MOVE: "move",
+               STOW: "stow", STOW_CODED: "stow_coded", WADO: "wado", WADO_ANY: "wado_any",
+               ALL_PHASES_ROW: "all"}
 
 
 def _key(text: str) -> str:
