@@ -62,6 +62,7 @@ class WebServer:
                                         else ssl.CERT_OPTIONAL)
         self._server = uvicorn.Server(uvicorn.Config(
             build_app(ctx), log_level="warning", access_log=False, lifespan="off",
+            server_header=False,
             timeout_graceful_shutdown=int(max(config["node.shutdown_grace"], 1)),
             **tls,  # type: ignore[arg-type]
         ))
