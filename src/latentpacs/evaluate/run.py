@@ -21,32 +21,46 @@ Every codec's reconstruction is measured against the original the same way
 (:mod:`~latentpacs.evaluate.metrics`). The run writes ``metrics.csv``,
 ``rate_distortion.csv``, ``summary.json`` and ``previews.npz`` (small originals,
 reconstructions and difference maps for the figures), then the figures and ``report.html``.
+
+Unless ``write_dicom`` is off, the evaluation is also written as DICOM objects a PACS can
+hold, in the evaluated images' own studies: ``dicom/sr/<Study Instance UID>.dcm``, one TID
+1500 Measurement Report per study with the numbers of ``metrics.csv``
+(:mod:`~latentpacs.evaluate.sr`), and ``dicom/maps/<SOP Instance UID>/<codec>.dcm``, a
+Parametric Map of |reconstruction - original| per image for each model and both JPEG
+baselines (:mod:`~latentpacs.evaluate.dicom_maps`; the tiers' errors are bounded by their
+definition, the lossless coders' are zero).
 """
 
 from __future__ import annotations
 
 import json
 import logging
+import re
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
 import numpy as np
+from pydicom.dataset import Dataset
 from tqdm import tqdm
 
 from latentpacs.codec.engine import Engine, resize_bilinear
 from latentpacs.codec.modelfile import load_model
 from latentpacs.codec.tiers import Tier
 from latentpacs.errors import ConfigError, LatentPacsError
-from latentpacs.evaluate import baselines, metrics, plots, records, report
+from latentpacs.evaluate import baselines, dicom_common, dicom_maps, metrics, plots, records, report, sr
 from latentpacs.evaluate.jpeg_series import jpeg_dataset
 from latentpacs.image import chain
 from latentpacs.image.pixels import PixelModule, original_stored_bytes, read_file, stored_to_canonical, stored_values
+from latentpacs.uid import uid_file_name
 
 logger = logging.getLogger(__name__)
 
 #: Longest side of the small images kept for the reconstruction and difference figures.
 PREVIEW_ROWS = 384
+#: Where the DICOM objects go under the output folder.
+DICOM_DIR = "dicom"
+_UNSAFE_NAME = re.compile(r"[^A-Za-z0-9._+-]")
 
 
 @dataclass(frozen=True)
@@ -69,6 +83,13 @@ class EvaluationConfig:
         Settings of the rate-distortion curves (JPEG quality; JPEG 2000 target PSNR).
     previews:
         How many images appear in the reconstruction and difference figures.
+    write_jpeg_series:
+        Write the native JPEG baseline as DICOM (``jpeg-qQ-native/``) and the paper's files.
+    write_dicom:
+        Write the structured reports and difference maps (``dicom/``).
+    map_max_side:
+        Longest side of a difference map before it is block-averaged (0: never;
+        :func:`~latentpacs.evaluate.dicom_maps.reduction_factor`).
     """
 
     images: tuple[Path, ...]
@@ -82,6 +103,8 @@ class EvaluationConfig:
     models_dir: Path | None = None
     device: str | None = None
     write_jpeg_series: bool = True
+    write_dicom: bool = True
+    map_max_side: int = dicom_maps.DEFAULT_MAX_SIDE
 
 
 @dataclass(frozen=True)
@@ -91,7 +114,8 @@ class EvaluationResult:
     ``jpeg_series`` are the native JPEG's DICOM objects (``jpeg-qQ-native/*.dcm``),
     ``jpeg_files`` the paper's 1024 x 1024 JPEG files (``jpeg-qQ/*.jpg``, named by the
     original's SOP Instance UID); ``skipped`` names each input that could not be measured
-    and why.
+    and why. ``structured_reports`` (one per study) and ``difference_maps`` are the DICOM
+    objects under ``dicom/``.
     """
 
     out: Path
@@ -102,6 +126,8 @@ class EvaluationResult:
     jpeg_series: tuple[Path, ...]
     jpeg_files: tuple[Path, ...]
     skipped: tuple[tuple[Path, str], ...]
+    structured_reports: tuple[Path, ...] = ()
+    difference_maps: tuple[Path, ...] = ()
 
 
 @dataclass(frozen=True)
@@ -192,6 +218,7 @@ class _ImageOutcome:
     """Everything measured on one image."""
 
     original: _Original
+    header: Dataset
     rows: list[records.MetricRow]
     points: list[records.RatePoint]
     recons: dict[str, np.ndarray]
@@ -242,7 +269,8 @@ def _evaluate_image(
         rows.append(_measure(original, f"{primary}+{tier}", "tier", recon, 8 * encoded.archived_bytes))
     for codec in baselines.LOSSLESS_CODECS:
         rows.append(_exact(original, codec, baselines.lossless_size(codec, stored, module.bits_stored)))
-    return _ImageOutcome(original, rows, _rate_points(original, stored, config), recons, series, jpeg_files)
+    return _ImageOutcome(original, dicom_common.header_of(ds), rows, _rate_points(original, stored, config), recons,
+                         series, jpeg_files)
 
 
 def _previews(index: int, original: _Original, recons: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
@@ -258,6 +286,45 @@ def _previews(index: int, original: _Original, recons: dict[str, np.ndarray]) ->
         diff = np.abs(original.canonical - recon.astype(np.float32))
         out[f"{index}/{label}/diff"] = resize_bilinear(diff, shape).astype(np.float16)
     return out
+
+
+def _write_maps(image: _ImageOutcome, out: Path, series_number: int, max_side: int) -> list[Path]:
+    """One Parametric Map per reconstruction of ``image`` (models and JPEG baselines), in one series.
+
+    The series and its Frame of Reference are derived from the image's SOP Instance UID and
+    the digest of its measured rows, so the same evaluation writes the same UIDs.
+    """
+    header = image.header
+    sop_uid = str(header.SOPInstanceUID)
+    digest = dicom_common.content_digest(
+        [r.codec, repr(r.mse), repr(r.ssim), r.bits, r.max_abs_error] for r in image.rows if r.codec in image.recons)
+    series_uid = dicom_common.evaluation_uid("map-series", sop_uid, digest, max_side)
+    frame_uid = dicom_common.evaluation_uid("map-frame-of-reference", sop_uid, digest, max_side)
+    folder = out / DICOM_DIR / "maps" / uid_file_name(sop_uid, "")
+    folder.mkdir(parents=True, exist_ok=True)
+    written = []
+    for number, (codec, recon) in enumerate(image.recons.items(), start=1):
+        pm = dicom_maps.difference_map(
+            header, image.original.canonical, recon, codec, series_uid=series_uid, series_number=series_number,
+            frame_of_reference_uid=frame_uid, instance_number=number, max_side=max_side)
+        target = folder / f"{_UNSAFE_NAME.sub('_', codec)}.dcm"
+        pm.save_as(target, enforce_file_format=True)
+        written.append(target)
+    return written
+
+
+def _write_reports(images: list[sr.EvaluatedImage], out: Path, versions: dict[str, str], progress: bool) -> list[Path]:
+    """One Measurement Report per study under ``dicom/sr/`` (:func:`latentpacs.evaluate.sr.study_report`)."""
+    folder = out / DICOM_DIR / "sr"
+    folder.mkdir(parents=True, exist_ok=True)
+    written = []
+    studies = sr.group_by_study(images)
+    for study_uid, mine in tqdm(studies.items(), desc="structured reports", unit="study",
+                                disable=not progress or None):
+        target = folder / uid_file_name(study_uid, ".dcm")
+        sr.study_report(mine, versions).save_as(target, enforce_file_format=True)
+        written.append(target)
+    return written
 
 
 def _open_engines(config: EvaluationConfig) -> dict[str, Engine]:
@@ -306,6 +373,9 @@ def evaluate(config: EvaluationConfig, progress: bool = True) -> EvaluationResul
     series: list[Path] = []
     jpeg_files: list[Path] = []
     skipped: list[tuple[Path, str]] = []
+    evaluated: list[sr.EvaluatedImage] = []
+    maps: list[Path] = []
+    map_series: dict[str, int] = {}  # Series Number of the next map series, per study
     engines = _open_engines(config)
     try:
         for path in tqdm(config.images, desc="evaluate", unit="img", disable=not progress or None):
@@ -319,6 +389,12 @@ def evaluate(config: EvaluationConfig, progress: bool = True) -> EvaluationResul
             points += image.points
             series += image.series
             jpeg_files += image.jpeg_files
+            if config.write_dicom:
+                evaluated.append(sr.EvaluatedImage(image.header, tuple(image.rows)))
+                study = str(image.header.StudyInstanceUID)
+                number = map_series.get(study, dicom_maps.FIRST_SERIES_NUMBER)
+                map_series[study] = number + 1
+                maps += _write_maps(image, out, number, config.map_max_side)
             index = len({r.image for r in rows}) - 1
             if index < config.previews:
                 previews.update(_previews(index, image.original, image.recons))
@@ -327,6 +403,10 @@ def evaluate(config: EvaluationConfig, progress: bool = True) -> EvaluationResul
             engine.close()
     if not rows:
         raise ConfigError(f"none of the {len(config.images)} input(s) could be measured")
+    primary = next(iter(engines))
+    versions = {label: e.loaded.card.sha256 for label, e in engines.items()}
+    versions.update({f"{primary}+{tier}": engines[primary].loaded.card.sha256 for tier in tiers})
+    reports = _write_reports(evaluated, out, versions, progress) if config.write_dicom else []
     records.write_metrics(out / records.METRICS_CSV, rows)
     records.write_rate_points(out / records.RATE_DISTORTION_CSV, points)
     # numpy's stub also checks **kwds against its allow_pickle: bool keyword
@@ -341,9 +421,11 @@ def evaluate(config: EvaluationConfig, progress: bool = True) -> EvaluationResul
     }
     summary["config"] = json.loads(json.dumps(asdict(config), default=str))
     summary["codec_order"] = {"learned": list(engines), "jpeg": paper_codec, "jpeg_native": native_codec}
+    summary["dicom"] = {"structured_reports": [str(p.relative_to(out)) for p in reports],
+                        "difference_maps": [str(p.relative_to(out)) for p in maps]}
     records.write_summary(out / records.SUMMARY_JSON, summary)
     figures = plots.write_figures(out)
     page = report.write_report(out)
     logger.info("evaluated %d image(s) into %s", summary["images"], out)
     return EvaluationResult(out, tuple(rows), summary, tuple(figures), page, tuple(series), tuple(jpeg_files),
-                            tuple(skipped))
+                            tuple(skipped), tuple(reports), tuple(maps))

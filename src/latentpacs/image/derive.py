@@ -22,6 +22,8 @@ import numpy as np
 from pydicom.dataset import Dataset, FileMetaDataset
 from pydicom.encaps import encapsulate
 from pydicom.multival import MultiValue
+from pydicom.sr.codedict import codes
+from pydicom.sr.coding import Code
 from pydicom.uid import UID, ExplicitVRLittleEndian
 
 from latentpacs import __version__
@@ -39,6 +41,12 @@ UID_NAMESPACE = uuid.UUID("5d0c7d5e-8a57-4b8e-9a0b-2f1f3c6f4a11")
 METHOD_LATENT = "LP_LATENT_AE"
 #: The near-lossless tier returns exactly what JPEG-LS near-lossless coding gives.
 METHOD_NEAR_LOSSLESS = "ISO_14495_1"
+
+#: Derivation Code (PS3.16 CID 7203) and Purposes of Reference (CID 7202) of derived
+#: objects, from pydicom's copy of the PS3.16 code dictionary.
+LOSSY_COMPRESSION: Code = codes.DCM.LossyCompression  # DCM 113040
+UNCOMPRESSED_PREDECESSOR: Code = codes.DCM.UncompressedPredecessor  # DCM 121320
+LOSSY_COMPRESSED_PREDECESSOR: Code = codes.DCM.LossyCompressedPredecessor  # DCM 121330
 
 IMPLEMENTATION_VERSION_NAME = f"LATENTPACS_{__version__}".replace(".", "")[:16]
 #: Implementation Class UID (PS3.7 D.3.3.2) of latentpacs, one per release.
@@ -110,11 +118,12 @@ def derived_identity(header: Dataset, derivation: Derivation) -> tuple[str, str]
     )
 
 
-def _code_item(value: str, scheme: str, meaning: str) -> Dataset:
+def _code_item(code: Code) -> Dataset:
+    """A Code Sequence item (PS3.3 Table 8.8-1a basic coded entry attributes) of ``code``."""
     item = Dataset()
-    item.CodeValue = value
-    item.CodingSchemeDesignator = scheme
-    item.CodeMeaning = meaning
+    item.CodeValue = code.value
+    item.CodingSchemeDesignator = code.scheme_designator
+    item.CodeMeaning = code.meaning
     return item
 
 
@@ -180,15 +189,11 @@ def lossy_attributes(
     ds.LossyImageCompressionMethod = [*methods, method]
     ds.ImageType = ["DERIVED", "SECONDARY", *_as_list(header.get("ImageType"))[2:]]
     ds.DerivationDescription = description[:1024]
-    ds.DerivationCodeSequence = [_code_item("113040", "DCM", "Lossy Compression")]
+    ds.DerivationCodeSequence = [_code_item(LOSSY_COMPRESSION)]
     source = Dataset()
     source.ReferencedSOPClassUID = header.SOPClassUID
     source.ReferencedSOPInstanceUID = header.SOPInstanceUID
-    purpose = (
-        _code_item("121330", "DCM", "Lossy compressed predecessor")
-        if lossy_predecessor
-        else _code_item("121320", "DCM", "Uncompressed predecessor")
-    )
+    purpose = _code_item(LOSSY_COMPRESSED_PREDECESSOR if lossy_predecessor else UNCOMPRESSED_PREDECESSOR)
     source.PurposeOfReferenceCodeSequence = [purpose]
     ds.SourceImageSequence = [source]
     return ds
