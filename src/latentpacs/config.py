@@ -78,6 +78,8 @@ SETTINGS: tuple[Setting, ...] = (
     Setting("web.tls", False, bool, "HTTPS with security.tls_cert/tls_key; security.tls_ca and "
             "tls_require_client_cert ask for client certificates"),
     Setting("web.max_stow_bytes", 2147483648, int, "largest STOW-RS request body, bytes; more: 413"),
+    Setting("web.public_url", "", str, "base URL clients reach the web server at, e.g. "
+            "https://pacs.example.org (Retrieve URLs); empty: the address the request came in on"),
 )
 #: Permissions a web token can carry (``[web.tokens.NAME] services``), by the DIMSE service
 #: each matches: ``store`` is STOW-RS (C-STORE), ``query`` QIDO-RS (C-FIND), ``retrieve``

@@ -266,8 +266,20 @@ def _first(data: dict[str, Any], tag: str) -> str:
 
 
 def wado_base(request: Request) -> str:
-    """The DICOMweb base URL as the client reached it (PS3.18 8.2)."""
-    return str(request.base_url).rstrip("/") + BASE_PATH
+    """The DICOMweb base URL of Retrieve URLs (PS3.18 8.2).
+
+    ``web.public_url`` when set (a server behind a reverse proxy); otherwise the scheme
+    and the local address and port the request arrived on. The Host header is not
+    used: a client may send it without the port (dicomweb-client 0.61 does), and it is
+    the client's word.
+    """
+    public = str(context(request).config["web.public_url"]).rstrip("/")
+    if public:
+        return public + BASE_PATH
+    server = request.scope.get("server") or ("127.0.0.1", 80)
+    host, port = str(server[0]), server[1]
+    host = f"[{host}]" if ":" in host else host
+    return f"{request.url.scheme}://{host}:{port}{BASE_PATH}"
 
 
 def check_accept(request: Request) -> None:
