@@ -24,7 +24,7 @@ from sqlalchemy.dialects import postgresql, sqlite
 from sqlalchemy.exc import IntegrityError, SQLAlchemyError
 from sqlalchemy.orm import Session
 
-from latentpacs.archive import query
+from latentpacs.archive import query, summary
 from latentpacs.archive.blobs import INLINE_LIMIT, BlobStore
 from latentpacs.archive.database import IMMEDIATE, make_engine, migrate as run_migrations
 from latentpacs.archive.rows import add_instance, prune, remove_instance, to_image
@@ -497,3 +497,13 @@ class Archive:
             pending = session.scalar(select(func.count()).select_from(Latent)
                                      .where(Latent.stream_coder == RECEIVED)) or 0
         return ArchiveStats(patients, studies, series, instances, tiers=tiers, pending=pending)
+
+    def study_summaries(self, *, study_uids: list[str] | None = None, limit: int,
+                        offset: int = 0) -> list[summary.StudySummary]:
+        """Tiers, bytes and ratio per study, for the viewer (:func:`summary.study_summaries`)."""
+        return summary.study_summaries(self._session, study_uids=study_uids, limit=limit,
+                                       offset=offset)
+
+    def instance_summaries(self, study_uid: str, *, limit: int) -> list[summary.InstanceSummary]:
+        """Tier, bytes and ratio per instance of one study (:func:`summary.instance_summaries`)."""
+        return summary.instance_summaries(self._session, study_uid, limit=limit)
