@@ -29,6 +29,7 @@ from io import BytesIO
 
 from pydicom import dcmread
 
+from latentpacs import metrics
 from latentpacs.archive import Archive
 from latentpacs.codec.tiers import RECEIVED
 from latentpacs.errors import InvalidDicomError, LatentPacsError, NotFoundError
@@ -120,10 +121,12 @@ class DeferredCoder:
                 done = code_one(self.archive, self.engines, self.coder, instance_id)
             except LatentPacsError as exc:
                 self.failed += 1
+                metrics.coding_failed()
                 logger.warning("deferred coding of archive row %d failed, kept as received: %s",
                                instance_id, exc.message)
             except Exception:
                 self.failed += 1
+                metrics.coding_failed()
                 logger.exception("deferred coding of archive row %d failed, kept as received",
                                  instance_id)
             else:
@@ -160,6 +163,7 @@ def code_one(archive: Archive, engines: EnginePool, coder: str, instance_id: int
     expected = hashlib.sha256(archived.stream).hexdigest()
     done = archive.recode(instance_id, expected, coded.to_archived())
     if done:
+        metrics.recoded(str(coded.tier), coded.archived_bytes)
         logger.info("coded archive row %d (%s, ratio %.2f)", instance_id, coded.stream_coder,
                     coded.ratio)
     return done

@@ -20,6 +20,7 @@ from pathlib import Path
 
 from pydicom.dataset import Dataset
 
+from latentpacs import metrics
 from latentpacs.archive import Archive, ArchivedImage, DuplicatePolicy, StoreResult
 from latentpacs.codec.streams import DEFAULT_CODER, get_coder
 from latentpacs.codec.tiers import Tier
@@ -211,6 +212,8 @@ class Service:
             (record,) = chain.encode([ds], self.engines, self.tier, self.coder)
         archived = record.to_archived()
         result = self.archive.store(archived, duplicates=self.duplicates)
+        if result is not StoreResult.KEPT_EXISTING:
+            metrics.archived(archived.tier, archived.archived_bytes)
         if deferred is not None and result is not StoreResult.KEPT_EXISTING:
             instance_id = self.archive.instance_id(archived.original_sop_instance_uid)
             if instance_id is not None:

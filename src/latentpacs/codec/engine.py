@@ -40,6 +40,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from latentpacs import metrics
 from latentpacs.codec.integer import (
     IntegerDecoder,
     IntegerPlan,
@@ -126,6 +127,8 @@ class _Request:
     kind: str
     batch: np.ndarray
     future: Future[np.ndarray] = field(default_factory=Future)
+    #: When the request was made (``time.monotonic``): its queue wait ends when its batch starts.
+    made: float = field(default_factory=time.monotonic)
 
 
 class Engine:
@@ -369,6 +372,8 @@ class Engine:
                     self._run_group(kind, group)
 
     def _run_group(self, kind: str, group: list[_Request]) -> None:
+        started = time.monotonic()
+        metrics.engine_waits(kind, (started - request.made for request in group))
         try:
             inputs = np.concatenate([r.batch for r in group])
             outputs = [
@@ -387,6 +392,7 @@ class Engine:
             start += len(request.batch)
 
     def _run_batch(self, kind: str, inputs: np.ndarray) -> np.ndarray:
+        metrics.engine_batch(kind, len(inputs))
         if kind == _DECODE:
             images = self.integer_decoder.decode_indices(inputs)
             self._batches_run += 1

@@ -43,6 +43,7 @@ from pynetdicom.sop_class import (  # type: ignore[attr-defined]  # names genera
     Verification,
 )
 
+from latentpacs import metrics
 from latentpacs.config import Config
 from latentpacs.errors import ConfigError
 from latentpacs.node import handlers, pdata
@@ -185,6 +186,14 @@ def _end_closed(association: Any) -> None:
     association.kill()
 
 
+def _handshake_counted(event: evt.Event) -> None:
+    """:func:`handshake_on_open`, counting a failed handshake as a refused association
+    (it sets the ACSE timeout to 0 to end the connection)."""
+    handshake_on_open(event)
+    if event.assoc.acse_timeout == 0:
+        metrics.refused(metrics.TLS_HANDSHAKE)
+
+
 def start_node(config: Config) -> Node:
     """Open the service and start listening (PS3.8 association acceptor).
 
@@ -204,15 +213,20 @@ def start_node(config: Config) -> Node:
     storage_classes = (*MAMMOGRAPHY_CLASSES, *config["node.extra_storage_classes"])
     ae = build_ae(config, storage_classes)
     bound: list[EventHandlerType] = [
-        (evt.EVT_C_ECHO, handlers.handle_echo, [policy]),
-        (evt.EVT_C_STORE, handlers.handle_store, [service, policy]),
-        (evt.EVT_C_FIND, handlers.handle_find, [service, policy]),
-        (evt.EVT_C_GET, handlers.handle_get, [service, policy]),
-        (evt.EVT_C_MOVE, handlers.handle_move, [service, destinations, policy]),
+        (evt.EVT_C_ECHO, metrics.timed("C-ECHO", handlers.handle_echo), [policy]),
+        (evt.EVT_C_STORE, metrics.timed("C-STORE", handlers.handle_store), [service, policy]),
+        (evt.EVT_C_FIND, metrics.timed_iter("C-FIND", handlers.handle_find), [service, policy]),
+        (evt.EVT_C_GET, metrics.timed_iter("C-GET", handlers.handle_get), [service, policy]),
+        (evt.EVT_C_MOVE, metrics.timed_iter("C-MOVE", handlers.handle_move),
+         [service, destinations, policy]),
         pdata.ON_ACCEPTED,  # every message the node sends goes out in large writes
+        # /metrics: associations accepted and refused, each final response's status
+        (evt.EVT_ESTABLISHED, metrics.on_established),
+        (evt.EVT_REJECTED, metrics.on_rejected),
+        (evt.EVT_DIMSE_SENT, metrics.on_dimse_sent),
     ]
     if ssl_context is not None:
-        bound.append((evt.EVT_CONN_OPEN, handshake_on_open))
+        bound.append((evt.EVT_CONN_OPEN, _handshake_counted))
     try:
         server = ae.start_server(
             (config["node.host"], config["node.port"]), block=False, evt_handlers=bound,
@@ -224,6 +238,8 @@ def start_node(config: Config) -> Node:
             f"cannot listen on {config['node.host']}:{config['node.port']}: {exc.strerror}"
         ) from exc
     node = Node(service, server, config["node.shutdown_grace"])
+    if server is not None:  # never None with block=False
+        metrics.watch_associations(server)
     card = service.engines.primary_card
     logger.info(
         "%s listening on %s:%d, model %s (sha256 %s), tier %s",

@@ -16,6 +16,7 @@ from typing import Any
 from pydicom.dataset import Dataset
 from pynetdicom import events as evt
 
+from latentpacs import metrics
 from latentpacs.errors import InvalidIdentifierError, LatentPacsError, Status
 from latentpacs.node.peers import DimseService, MoveDestinations, PeerPolicy, refuse_move
 from latentpacs.service import Service
@@ -73,6 +74,7 @@ def handle_store(event: evt.Event, service: Service, policy: PeerPolicy) -> int 
 
     A peer that may not store is refused with 0124H before its data set is read.
     """
+    metrics.received("C-STORE", metrics.store_received_bytes(event))
     refused = policy.refusal(event, DimseService.STORE)
     if refused is not None:
         return refused

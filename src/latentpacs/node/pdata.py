@@ -67,6 +67,8 @@ from pynetdicom.fsm import TRANSITION_TABLE
 from pynetdicom.pdu import P_DATA_TF
 from pynetdicom.pdu_primitives import P_DATA
 
+from latentpacs import metrics
+
 logger = logging.getLogger(__name__)
 
 #: Bytes of complete PDUs per write (a run is one P-DATA request on the provider queue).
@@ -214,12 +216,16 @@ class FastPath:
             for pdata in dimse_msg.encode_msg(context_id, max_pdu):
                 dimse.dul.send_pdu(pdata)
             return
+        queued = 0
         with self._one_message:  # no PDU of another message between these (PS3.8 Annex E)
             for run in encode_runs(dimse_msg, context_id, max_pdu):
                 if not self._queue(RunPrimitive(context_id, run)):
                     return  # the association has ended; pynetdicom drops what is left too
-        _count_message(type(dimse_msg).__name__)
-        self.messages[type(dimse_msg).__name__] += 1
+                queued += len(run.data)
+        name = type(dimse_msg).__name__
+        _count_message(name)
+        self.messages[name] += 1
+        metrics.dimse_sent(name, bool(self.assoc.is_requestor), queued)
 
     def _queue(self, primitive: RunPrimitive) -> bool:
         """Put a run on the provider queue once the window has room; False if the DUL ended."""

@@ -1,0 +1,230 @@
+"""``/metrics`` of a running node moves when real peers use it (issue 11, "Metrics").
+
+One ``latentpacs serve`` (latent tier, so the inference engine runs in line; SQLite) with
+its web server on an OS-assigned loopback port; DCMTK's storescu, findscu, getscu and
+movescu, a pynetdicom association held open, and urllib for HTTP. Each check scrapes
+``/metrics`` before and after one action and compares the parsed samples
+(prometheus-client's own parser). The mapping of URLs to service names and the archive
+collector's refresh rule are checked in-process.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from pathlib import Path
+
+import pydicom
+import pytest
+from prometheus_client.parser import text_string_to_metric_families
+from pynetdicom import AE
+from pynetdicom.sop_class import Verification  # type: ignore[attr-defined]
+
+from latentpacs import metrics, phantom
+from latentpacs.errors import Status
+from latentpacs.web.instrument import service_of
+from netpeers import HOST, dimse_responses, findscu, final_response, getscu, movescu, storescu
+from webpeers import WebNode, start_web_node
+
+Samples = dict[tuple[str, frozenset[tuple[str, str]]], float]
+
+
+def scrape(web: WebNode, token: str | None = "admin") -> Samples:
+    """Every sample of ``GET /metrics``, by (name, labels); fails unless it answers 200."""
+    answer = web.request("GET", "/metrics", token=token)
+    assert answer.status == 200, answer.body
+    assert answer.headers["content-type"].startswith("text/plain; version=0.0.4")
+    samples: Samples = {}
+    for family in text_string_to_metric_families(answer.body.decode()):
+        for sample in family.samples:
+            samples[(sample.name, frozenset(sample.labels.items()))] = sample.value
+    return samples
+
+
+def value(samples: Samples, name: str, **labels: str) -> float:
+    """One sample's value; 0 when the series does not exist (yet)."""
+    return samples.get((name, frozenset(labels.items())), 0.0)
+
+
+def moved(before: Samples, after: Samples, name: str, **labels: str) -> float:
+    return value(after, name, **labels) - value(before, name, **labels)
+
+
+def data_set_bytes(path: Path) -> int:
+    """Bytes of a PS3.10 file's data set: what follows its File Meta group (PS3.10 7.1)."""
+    raw = path.read_bytes()
+    assert raw[128:132] == b"DICM" and raw[132:136] == b"\x02\x00\x00\x00"
+    return len(raw) - 144 - int.from_bytes(raw[140:144], "little")
+
+
+@pytest.fixture(scope="module")
+def images(tmp_path_factory: pytest.TempPathFactory) -> list[Path]:
+    return phantom.generate(tmp_path_factory.mktemp("phantoms"), 2, seed=5, size=(192, 160),
+                            images_per_study=1, studies_per_patient=1)  # 2 studies
+
+
+@pytest.fixture(scope="module")
+def web(tmp_path_factory: pytest.TempPathFactory) -> Iterator[WebNode]:
+    with start_web_node(tmp_path_factory.mktemp("node"), tier="latent") as node:
+        yield node
+
+
+def test_a_store_moves_requests_bytes_engine_and_archive_size(web: WebNode, images: list[Path]) -> None:
+    before = scrape(web)
+    stored = storescu(web.node.port, web.node.aet, images[:1])
+    assert [r.status for r in dimse_responses(stored)] == [Status.SUCCESS]
+    after = scrape(web)
+
+    assert moved(before, after, "latentpacs_request_seconds_count", service="C-STORE") == 1
+    assert moved(before, after, "latentpacs_requests_total", service="C-STORE", status="0000") == 1
+    assert moved(before, after, "latentpacs_associations_total") == 1
+    # the data set as sent (storescu sends the file's own Explicit VR Little Endian data set)
+    assert moved(before, after, "latentpacs_received_bytes_total",
+                 service="C-STORE") == data_set_bytes(images[0])
+    archived = moved(before, after, "latentpacs_archived_bytes_total", tier="latent")
+    assert archived > 0
+    assert moved(before, after, "latentpacs_archived_instances_total", tier="latent") == 1
+    # archive size per tier, read from the archive at scrape time
+    assert value(after, "latentpacs_archive_instances", tier="latent") == 1
+    assert value(after, "latentpacs_archive_bytes", tier="latent") == archived
+    assert value(after, "latentpacs_archive_original_bytes", tier="latent") > archived
+    assert value(after, "latentpacs_archive_entities", level="IMAGE") == 1
+    assert value(after, "latentpacs_deferred_pending_instances") == 0
+    # the latent tier encodes in line: one engine batch of one image, one queue wait
+    assert moved(before, after, "latentpacs_engine_batch_images_count", kind="encode") == 1
+    assert moved(before, after, "latentpacs_engine_batch_images_sum", kind="encode") == 1
+    assert moved(before, after, "latentpacs_engine_queue_wait_seconds_count", kind="encode") == 1
+
+
+def test_find_get_and_move_are_timed_and_their_final_statuses_counted(
+        web: WebNode, images: list[Path], tmp_path: Path) -> None:
+    stored = storescu(web.node.port, web.node.aet, images[1:2])
+    assert [r.status for r in dimse_responses(stored)] == [Status.SUCCESS]
+    study = str(pydicom.dcmread(images[1], stop_before_pixels=True).StudyInstanceUID)
+    before = scrape(web)
+
+    found = findscu(web.node.port, web.node.aet, "STUDY", {"StudyInstanceUID": study})
+    assert found.final.status == Status.SUCCESS and len(found.datasets) == 1
+    got = getscu(web.node.port, web.node.aet, "STUDY", {"StudyInstanceUID": study}, tmp_path)
+    assert got.final.status == Status.SUCCESS and len(got.files) == 1
+    nowhere = movescu(web.node.port, web.node.aet, "STUDY", {"StudyInstanceUID": study}, "NOWHERE")
+    assert final_response(nowhere).status == 0xA801
+    after = scrape(web)
+
+    for service in ("C-FIND", "C-GET", "C-MOVE"):
+        assert moved(before, after, "latentpacs_request_seconds_count", service=service) == 1
+    assert moved(before, after, "latentpacs_requests_total", service="C-FIND", status="0000") == 1
+    assert moved(before, after, "latentpacs_requests_total", service="C-GET", status="0000") == 1
+    # set by pynetdicom itself (Move Destination Unknown), counted all the same
+    assert moved(before, after, "latentpacs_requests_total", service="C-MOVE", status="A801") == 1
+    assert moved(before, after, "latentpacs_sent_bytes_total", service="C-FIND") > 0
+    # the C-GET's one C-STORE sub-operation carried the returned object's data set
+    assert moved(before, after, "latentpacs_sent_bytes_total",
+                 service="C-GET") > data_set_bytes(got.files[0])
+
+
+def test_refused_associations_are_counted_by_reason(web: WebNode, images: list[Path],
+                                                    tmp_path: Path) -> None:
+    ct = pydicom.dcmread(images[0])
+    ct.SOPClassUID = ct.file_meta.MediaStorageSOPClassUID = "1.2.840.10008.5.1.4.1.1.2"  # CT
+    ct.SOPInstanceUID = ct.file_meta.MediaStorageSOPInstanceUID = "1.2.826.0.1.3680043.10.1234.1"
+    ct_file = tmp_path / "ct.dcm"
+    ct.save_as(ct_file)
+    before = scrape(web)
+
+    wrong_called = storescu(web.node.port, "NOT-THE-NODE", images[:1])
+    assert wrong_called.returncode != 0
+    unsupported = storescu(web.node.port, web.node.aet, [ct_file], extra=["-R"])  # CT only
+    assert not dimse_responses(unsupported)  # no context for CT: nothing was sent
+    after = scrape(web)
+
+    assert moved(before, after, "latentpacs_associations_refused_total",
+                 reason="called-ae-title") == 1
+    assert moved(before, after, "latentpacs_associations_refused_total",
+                 reason="no-presentation-context") == 1
+    assert moved(before, after, "latentpacs_request_seconds_count", service="C-STORE") == 0
+
+
+def test_open_associations_are_read_at_scrape_time(web: WebNode) -> None:
+    ae = AE(ae_title="HOLDER")
+    ae.add_requested_context(Verification)
+    association = ae.associate(HOST, web.node.port, ae_title=web.node.aet)
+    try:
+        assert association.is_established
+        # answered only once the node's side is established
+        assert association.send_c_echo().Status == Status.SUCCESS
+        held = scrape(web)
+    finally:
+        association.release()
+    assert value(held, "latentpacs_associations_open") >= 1
+    assert value(held, "latentpacs_requests_total", service="C-ECHO", status="0000") >= 1
+
+
+def test_http_requests_are_counted_by_service_and_status(web: WebNode) -> None:
+    before = scrape(web)
+    assert web.request("GET", "/dicom-web/studies", token=None).status == 401
+    assert web.request("GET", "/metrics", token=None).status == 401
+    assert web.request("GET", "/metrics", token="reader").status == 403  # query only
+    after = scrape(web)
+
+    assert moved(before, after, "latentpacs_requests_total", service="QIDO-RS", status="401") == 1
+    assert moved(before, after, "latentpacs_requests_total", service="metrics", status="401") == 1
+    assert moved(before, after, "latentpacs_requests_total", service="metrics", status="403") == 1
+    assert moved(before, after, "latentpacs_request_seconds_count", service="QIDO-RS") == 1
+    assert moved(before, after, "latentpacs_sent_bytes_total", service="QIDO-RS") > 0
+    # the scrape before this one was answered, and counted, before ``after`` was rendered
+    assert moved(before, after, "latentpacs_requests_total", service="metrics", status="200") == 1
+
+
+@pytest.mark.parametrize(("method", "path", "service"), [
+    ("GET", "/dicom-web/studies", "QIDO-RS"),
+    ("GET", "/dicom-web/series", "QIDO-RS"),
+    ("GET", "/dicom-web/studies/1.2.3/series", "QIDO-RS"),
+    ("GET", "/dicom-web/studies/1.2.3/series/4.5/instances", "QIDO-RS"),
+    ("GET", "/dicom-web/studies/1.2.3", "WADO-RS"),
+    ("GET", "/dicom-web/studies/1.2.3/metadata", "WADO-RS"),
+    ("GET", "/dicom-web/studies/1.2.3/series/4.5/instances/6.7/frames/1", "WADO-RS"),
+    ("GET", "/dicom-web/studies/1.2.3/series/4.5/instances/6.7/rendered", "rendered"),
+    ("GET", "/dicom-web/studies/1.2.3/thumbnail", "rendered"),
+    ("POST", "/dicom-web/studies", "STOW-RS"),
+    ("POST", "/dicom-web/studies/1.2.3", "STOW-RS"),
+    ("DELETE", "/dicom-web/studies/1.2.3", "DICOMweb-other"),
+    ("GET", "/", "viewer"),
+    ("GET", "/static/app.js", "viewer"),
+    ("GET", "/dicom-webby", "viewer"),
+    ("GET", "/metrics", "metrics"),
+])
+def test_the_service_label_comes_from_the_route_shape(method: str, path: str, service: str) -> None:
+    assert service_of(method, path) == service
+
+
+class _Figures:
+    def __init__(self, instances: int) -> None:
+        self.patients = self.studies = self.series = self.instances = instances
+        self.tiers = ()
+        self.pending = 0
+
+
+def test_archive_figures_are_fetched_again_only_after_a_change() -> None:
+    calls: list[int] = []
+
+    def source() -> _Figures:
+        calls.append(1)
+        return _Figures(len(calls))
+
+    def instances(collector: metrics.ArchiveCollector) -> int:
+        figures = collector.figures()
+        assert figures is not None
+        return figures.instances
+
+    collector = metrics.ArchiveCollector(max_age_s=3600.0)
+    collector.watch(source)
+    assert instances(collector) == 1
+    assert instances(collector) == 1  # served from the last fetch
+    collector.changed()  # this process archived something
+    assert instances(collector) == 2
+    assert len(calls) == 2
+    always = metrics.ArchiveCollector(max_age_s=-1.0)  # every figure is too old
+    always.watch(source)
+    always.figures()
+    always.figures()
+    assert len(calls) == 4
