@@ -81,7 +81,7 @@ def test_report_measurements_are_the_metrics_csv_numbers(result: EvaluationResul
         original = read_file(Path(image))
         uid = str(original.SOPInstanceUID)
         groups = content.get_image_measurement_groups(referenced_sop_instance_uid=uid)
-        by_codec = {g.tracking_identifier.rsplit(" on ", 1)[0]: g for g in groups}
+        by_codec = {str(g.tracking_identifier).rsplit(" on ", 1)[0]: g for g in groups}
         assert set(by_codec) == codecs
         for row in (r for r in table if r["image"] == image):
             group = by_codec[row["codec"]]
