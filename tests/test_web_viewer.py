@@ -110,7 +110,8 @@ def chromium(profile: Path) -> WebDriver:
     for flag in ("--headless=new", "--no-sandbox", "--disable-gpu", "--disable-dev-shm-usage",
                  "--disable-background-networking", "--disable-component-update", "--disable-sync",
                  "--no-first-run", "--disable-extensions", "--force-device-scale-factor=1",
-                 f"--window-size={WINDOW_SIZE[0]},{WINDOW_SIZE[1]}", f"--user-data-dir={profile}"):
+                 "--hide-scrollbars", f"--window-size={WINDOW_SIZE[0]},{WINDOW_SIZE[1]}",
+                 f"--user-data-dir={profile}"):
         options.add_argument(flag)
     options.set_capability("goog:loggingPrefs", {"browser": "ALL"})
     return webdriver.Chrome(service=ChromeService(executable_path=require("chromedriver")),
@@ -121,7 +122,9 @@ def chromium(profile: Path) -> WebDriver:
 def browser(tmp_path: Path) -> Iterator[WebDriver]:
     driver = chromium(Path(tempfile.mkdtemp(prefix="chromium-", dir=tmp_path)))
     try:
-        driver.set_window_size(*WINDOW_SIZE)
+        # The page itself WINDOW_SIZE (the window's frame comes on top in headless mode too).
+        inner = driver.execute_script("return [window.innerWidth, window.innerHeight]")
+        driver.set_window_size(2 * WINDOW_SIZE[0] - inner[0], 2 * WINDOW_SIZE[1] - inner[1])
         yield driver
     finally:
         driver.quit()
@@ -232,8 +235,8 @@ def assert_shows(canvas: np.ndarray, image: np.ndarray, view: dict[str, float], 
     shown, wanted = canvas[mask].astype(float), expected[mask].astype(float)
     assert mask.sum() > 10000, "the image covers almost nothing of the canvas"
     assert shown.std() > 20, "the canvas is blank where the image should be"
-    bright = (shown > 128).mean()
-    assert 0.1 < bright < 0.9, f"no bright breast on a dark background ({bright:.0%} bright)"
+    tissue = (shown > 30).mean()
+    assert 0.15 < tissue < 0.9, f"no breast on a dark background ({tissue:.0%} of the image lit)"
     error = np.abs(shown - wanted).mean()
     correlation = np.corrcoef(shown, wanted)[0, 1]
     assert error <= max_mean_error and correlation >= min_correlation, (
@@ -342,17 +345,18 @@ def test_with_a_token_a_lossless_mammogram_is_drawn_windowed_and_zoomed(
     own = (float(first.WindowCenter), float(first.WindowWidth))
     assert (shown["window"]["center"], shown["window"]["width"]) == own
     image = reference(study_files[0])
+    browser.save_screenshot(str(tmp_path / "lossless.png"))
     canvas = canvas_gray(browser)
     assert_shows(canvas, image, shown["view"], max_mean_error=1.0, min_correlation=0.99)
     badge = browser.find_element(By.ID, "badge").text
     assert badge.startswith("LOSSLESS") and "tier lossless" in badge, badge
-    browser.save_screenshot(str(tmp_path / "lossless.png"))
 
     # Window: typed into the inputs, then dragged with shift held.
-    narrower = (own[0] + own[1] / 8, own[1] / 3)
+    narrower = (float(round(own[0] + own[1] / 8)), float(round(own[1] / 3)))
     type_into(browser.find_element(By.ID, "wc"), f"{narrower[0]:g}")
     type_into(browser.find_element(By.ID, "ww"), f"{narrower[1]:g}")
-    after = wait(browser, "the typed window", lambda d: state(d) if state(d)["window"]["width"] == pytest.approx(narrower[1]) and state(d)["window"]["center"] == pytest.approx(narrower[0]) else None)
+    after = wait(browser, "the typed window", lambda d: state(d) if (
+        state(d)["window"]["center"], state(d)["window"]["width"]) == narrower else None)
     after = drawn_after(browser, shown["draws"]) if after["draws"] == shown["draws"] else after
     windowed = canvas_gray(browser)
     assert np.abs(windowed.astype(int) - canvas).mean() > 5, "a narrower window changed nothing"
