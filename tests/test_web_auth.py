@@ -30,7 +30,7 @@ from netpeers import findscu
 from test_node import write_config
 from test_tls import pki  # noqa: F401  (the CA, server and client certificates)
 from test_web_stow import BOUNDARY, multipart
-from webpeers import WebNode, start_web_node, token_entries
+from webpeers import start_web_node, token_entries
 
 STOW_TYPE = f'multipart/related; type="application/dicom"; boundary={BOUNDARY}'
 START_TIMEOUT_S = 60.0

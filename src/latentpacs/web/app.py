@@ -18,11 +18,16 @@ from starlette.responses import PlainTextResponse, Response
 from starlette.routing import BaseRoute
 
 from latentpacs.errors import (
+    ArchiveError,
+    ConstraintViolationError,
     InvalidIdentifierError,
     LatentPacsError,
     LimitExceededError,
+    ModelError,
     NotAuthorizedError,
     NotFoundError,
+    PixelChecksumError,
+    StreamHashError,
 )
 from latentpacs import metrics
 from latentpacs.web import instrument, qido, stow, viewer, wado
@@ -30,13 +35,23 @@ from latentpacs.web.context import WebContext
 
 logger = logging.getLogger(__name__)
 
-#: HTTP status of each named error (PS3.18 8.6.1); any other LatentPacsError is a 400,
-#: an unexpected exception a 500 (logged with its traceback, not shown to the client).
+#: HTTP status of each named error (PS3.18 8.5), the first that matches; any other
+#: LatentPacsError is a 400, an unexpected exception a 500 (logged with its traceback, not
+#: shown to the client). A limit is 413 (Payload Too Large): PS3.18 10.6.3.1 names it for
+#: a search too broad (more than ``limits.max_find_answers``); a retrieval beyond
+#: ``limits.max_retrieve_instances`` is answered the same way. A
+#: failing database or model is the server's state, not the request's: 503 (PS3.18 8.5);
+#: an archived stream that no longer verifies, 500.
 HTTP_STATUS: tuple[tuple[type[LatentPacsError], int], ...] = (
     (NotFoundError, 404),
     (NotAuthorizedError, 403),
     (LimitExceededError, 413),
     (InvalidIdentifierError, 400),
+    (ConstraintViolationError, 400),
+    (PixelChecksumError, 500),
+    (StreamHashError, 500),
+    (ArchiveError, 503),
+    (ModelError, 503),
 )
 
 
