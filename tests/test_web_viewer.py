@@ -48,11 +48,13 @@ from latentpacs.errors import Status
 from netpeers import dimse_responses, storescu
 from webpeers import ALL, WebNode, start_web_node
 
-#: Small mammograms: 2 studies of 2 images; study 0 is 12-bit MONOCHROME1 with a window,
-#: study 1 14-bit MONOCHROME2 (phantom profiles 0 and 1).
+#: Small mammograms: 4 studies of 2 images (phantom profiles 0 to 3): study 0 is 12-bit
+#: MONOCHROME1 with a window, study 1 14-bit MONOCHROME2 with a window, study 3 12-bit
+#: MONOCHROME2 "FOR PROCESSING" without one (the page windows it to its value range).
 SIZE = (512, 416)
-COUNT = 4
+COUNT = 8
 PER_STUDY = 2
+STUDIES = COUNT // PER_STUDY
 #: Tokens of the lossless node: everything, query only, retrieve only.
 TOKENS = {"admin": ALL, "reader": ("query",), "fetcher": ("retrieve",)}
 #: How long the page may take to show what a step asks for (CPU decodes included).
@@ -181,7 +183,8 @@ def open_study(driver: WebDriver, study_uid: str) -> dict[str, Any]:
 
 def study_rows(driver: WebDriver, count: int) -> list[WebElement]:
     rows: list[WebElement] = wait(driver, f"{count} studies", lambda d: (
-        found if len(found := d.find_elements(By.CSS_SELECTOR, "#studies tbody tr[data-uid]")) == count
+        found if d.find_element(By.ID, "studies").get_attribute("data-state") == "ready"
+        and len(found := d.find_elements(By.CSS_SELECTOR, "#studies tbody tr[data-uid]")) == count
         else None))
     return rows
 
@@ -189,20 +192,26 @@ def study_rows(driver: WebDriver, count: int) -> list[WebElement]:
 # ------------------------------------------------------------------ the reference rendering
 
 def reference(path: Path, window: tuple[float, float] | None = None) -> np.ndarray:
-    """8-bit display values of a file: Rescale, LINEAR window (its own or ``window``), MONOCHROME1 inverted.
+    """8-bit display values of a file: Rescale, VOI window, MONOCHROME1 inverted.
 
-    PS3.3 C.11.1 (Modality LUT), C.11.2.1.2.1 (LINEAR), C.7.6.3.1.2 (MONOCHROME1); an
-    implementation of its own, so the page is checked against the standard, not the server.
+    PS3.3 C.11.1 (Modality LUT), C.11.2.1.2.1 (LINEAR: ``window``, else the file's own),
+    C.11.2.1.3.1 (LINEAR_EXACT over the image's value range when the file has no window),
+    C.7.6.3.1.2 (MONOCHROME1); an implementation of its own, so the page is checked
+    against the standard, not against the server's rendering.
     """
     ds = pydicom.dcmread(path)
     values = ds.pixel_array.astype(np.float64) * float(ds.RescaleSlope) + float(ds.RescaleIntercept)
-    if window is None:
-        center, width = float(ds.WindowCenter), float(ds.WindowWidth)
+    if window is None and "WindowCenter" not in ds:
+        low, high = values.min(), values.max()
+        width = max(high - low, 1.0)
+        center = low + width / 2
+        display = np.clip(((values - center) / width + 0.5) * 255, 0, 255)
+        display[values <= center - width / 2] = 0
     else:
-        center, width = window
-    low, high = center - 0.5 - (width - 1) / 2, center - 0.5 + (width - 1) / 2
-    display = np.where(values <= low, 0.0, np.where(
-        values > high, 255.0, ((values - (center - 0.5)) / (width - 1) + 0.5) * 255))
+        center, width = window or (float(ds.WindowCenter), float(ds.WindowWidth))
+        low, high = center - 0.5 - (width - 1) / 2, center - 0.5 + (width - 1) / 2
+        display = np.where(values <= low, 0.0, np.where(
+            values > high, 255.0, ((values - (center - 0.5)) / (width - 1) + 0.5) * 255))
     display = np.round(display)
     if ds.PhotometricInterpretation == "MONOCHROME1":
         display = 255 - display
@@ -326,10 +335,15 @@ def test_with_a_token_a_lossless_mammogram_is_drawn_windowed_and_zoomed(
     browser.get(lossless_node.url + "/")
     form = wait(browser, "the token form", lambda d: d.find_element(By.ID, "token-dialog").is_displayed())
     assert form
+    assert "needs a bearer token" in browser.find_element(By.ID, "token-message").text
+    browser.find_element(By.ID, "token-input").send_keys("not-a-token")
+    browser.find_element(By.ID, "token-submit").click()
+    wait(browser, "the token refused", lambda d: "not accepted" in d.find_element(By.ID, "token-message").text
+         and d.find_element(By.ID, "token-dialog").is_displayed())
     browser.find_element(By.ID, "token-input").send_keys(lossless_node.tokens["admin"])
     browser.find_element(By.ID, "token-submit").click()
 
-    rows = study_rows(browser, 2)
+    rows = study_rows(browser, STUDIES)
     first = pydicom.dcmread(phantoms[0], stop_before_pixels=True)
     row = next(r for r in rows if r.get_attribute("data-uid") == first.StudyInstanceUID)
     cells = [cell.text for cell in row.find_elements(By.TAG_NAME, "td")]
@@ -401,13 +415,25 @@ def test_with_a_token_a_lossless_mammogram_is_drawn_windowed_and_zoomed(
     assert all(thumb.find_element(By.CLASS_NAME, "badge").text == "lossless" for thumb in thumbs)
     browser.save_screenshot(str(tmp_path / "lossless-zoomed.png"))
 
+    # Back to the list, into a study without a window: windowed to the image's value range.
+    browser.find_element(By.ID, "home").click()
+    study_rows(browser, STUDIES)
+    unwindowed = [path for path in phantoms
+                  if "WindowCenter" not in pydicom.dcmread(path, stop_before_pixels=True)]
+    assert unwindowed, "the phantoms hold no image without a window"
+    study = pydicom.dcmread(unwindowed[0], stop_before_pixels=True).StudyInstanceUID
+    plain = open_study(browser, study)
+    assert plain["window"]["fn"] == "LINEAR_EXACT"
+    assert_shows(canvas_gray(browser), reference(file_of(phantoms, study)[0]), plain["view"],
+                 max_mean_error=1.0, min_correlation=0.99)
+
 
 def test_on_a_trusted_loopback_a_latent_study_is_drawn_and_labelled_lossy(
         latent_node: WebNode, phantoms: list[Path], browser: WebDriver, tmp_path: Path) -> None:
     browser.get(latent_node.url + "/")
-    rows = study_rows(browser, 2)
+    rows = study_rows(browser, STUDIES)
     assert browser.find_element(By.ID, "token-dialog").is_displayed() is False
-    second = pydicom.dcmread(file_of(phantoms, pydicom.dcmread(phantoms[-1]).StudyInstanceUID)[0])
+    second = pydicom.dcmread(file_of(phantoms, pydicom.dcmread(phantoms[PER_STUDY]).StudyInstanceUID)[0])
     row = next(r for r in rows if r.get_attribute("data-uid") == second.StudyInstanceUID)
     cells = [cell.text for cell in row.find_elements(By.TAG_NAME, "td")]
     assert cells[5] == "latent" and re.fullmatch(r"[\d,]+(\.\d+)?:1", cells[6]), cells

@@ -180,6 +180,7 @@
     $("study-view").hidden = true;
     $("studies-view").hidden = false;
     $("crumb").textContent = "studies";
+    $("studies").dataset.state = "loading";
     status("loading studies\u2026");
     const params = qidoFilter();
     params.set("limit", String(PAGE + 1));
@@ -209,6 +210,7 @@
     $("next").disabled = found.length <= PAGE;
     $("page-info").textContent = studies.length
       ? `${list.offset + 1}\u2013${list.offset + studies.length}` : "";
+    $("studies").dataset.state = "ready";
     status("");
   }
 
