@@ -9,6 +9,7 @@ same request are stored. One node serves the module (``archive.duplicates = reje
 
 from __future__ import annotations
 
+import http.client
 import json
 from collections.abc import Iterator
 from pathlib import Path
@@ -103,6 +104,20 @@ def variant(source: Path, folder: Path, name: str, **changes: Any) -> bytes:
     path = folder / f"{name}.dcm"
     ds.save_as(path, enforce_file_format=True)
     return path.read_bytes()
+
+
+def chunked_post(web: WebNode, body: bytes) -> int:
+    """POST ``body`` with chunked transfer coding (no Content-Length); the status."""
+    connection = http.client.HTTPConnection("127.0.0.1", web.node.web_port or 0, timeout=60)
+    try:
+        connection.request("POST", "/dicom-web/studies", body=iter([body[i:i + 65536] for i in
+                                                                     range(0, len(body), 65536)]),
+                           headers={**web.auth(), "Content-Type": (
+                               f'multipart/related; type="application/dicom"; boundary={BOUNDARY}')},
+                           encode_chunked=True)
+        return connection.getresponse().status
+    finally:
+        connection.close()
 
 
 def test_stow_with_dicomweb_client_is_exact_at_the_lossless_tier(
@@ -215,6 +230,7 @@ def test_wrong_media_types_bad_bodies_and_too_large_bodies_store_nothing(
         "Content-Type": f'multipart/related; type="application/dicom"; boundary={BOUNDARY}'})
     assert cut.status == 400
     assert post(web, [part, *(source.read_bytes() for source in sources[:3])])[0] == 413
+    assert chunked_post(web, multipart([part] * 4)) == 413  # no Content-Length: counted as read
     assert uid.SOPInstanceUID not in instances(web, uid.StudyInstanceUID)
     assert post(web, [part])[0] == 200
     assert uid.SOPInstanceUID in instances(web, uid.StudyInstanceUID)
