@@ -383,6 +383,7 @@
     badge.className = `badge ${label.lossy ? "lossy" : "lossless"}`;
     badge.textContent = label.long;
     await viewer.open(item, signal);
+    await viewer.painted();
     viewer.timing = { sop: item.sop, firstImageMs: Math.round(performance.now() - started), mode: viewer.mode };
     status("");
   }
@@ -472,6 +473,13 @@
     canvas: null, ctx: null, source: null, px: null, cells: null, lut: null, range: null,
     window: null, view: { scale: 1, tx: 0, ty: 0 }, mode: null, item: null, blobs: [],
     timing: null, drawn: 0, pending: false, renderedTimer: 0, cursor: null, signal: null,
+    waiters: [],
+
+    // Resolves once the current image is on the canvas (after a scheduled render, if any).
+    painted() {
+      if (this.canvas.dataset.state === "drawn" && !this.pending) return Promise.resolve();
+      return new Promise((resolve) => this.waiters.push(resolve));
+    },
 
     init() {
       this.canvas = $("view");
@@ -681,6 +689,7 @@
       this.canvas.dataset.state = "drawn";
       this.canvas.dataset.draws = String(this.drawn);
       this.overlay();
+      for (const resolve of this.waiters.splice(0)) resolve();
     },
 
     overlay() {
