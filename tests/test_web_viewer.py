@@ -409,6 +409,21 @@ def test_with_a_token_a_lossless_mammogram_is_drawn_windowed_and_zoomed(
     assert panned["view"]["ty"] == pytest.approx(zoomed["view"]["ty"] + 30, abs=1)
     assert_shows(canvas_gray(browser), image, panned["view"], max_mean_error=1.0, min_correlation=0.99)
 
+    # Rendered by the server instead (WADO-RS /rendered, window= on a change): the same pictures.
+    browser.find_element(By.ID, "server-render").click()
+    served = wait(browser, "the server's rendering", lambda d: state(d) if (
+        state(d)["timing"] or {}).get("mode") == "rendered" else None)
+    assert served["shown"]["center"] == own[0] and served["shown"]["width"] == own[1]
+    assert_shows(canvas_gray(browser), image, served["view"], max_mean_error=1.0, min_correlation=0.99)
+    type_into(browser.find_element(By.ID, "wc"), f"{narrower[0]:g}")
+    type_into(browser.find_element(By.ID, "ww"), f"{narrower[1]:g}")
+    served = wait(browser, "the server's rendering of the typed window", lambda d: state(d) if (
+        (shown := state(d)["shown"]) and (shown["center"], shown["width"]) == narrower) else None)
+    assert_shows(canvas_gray(browser), reference(study_files[0], narrower), served["view"],
+                 max_mean_error=1.0, min_correlation=0.99)
+    browser.find_element(By.ID, "server-render").click()
+    wait(browser, "the page's own windowing again", lambda d: (state(d)["timing"] or {}).get("mode") == "frames")
+
     # Every thumbnail arrives (rendered, fetched with the token) and is labelled.
     wait(browser, "the thumbnails", thumbnails_loaded)
     thumbs = browser.find_elements(By.CSS_SELECTOR, ".thumb")

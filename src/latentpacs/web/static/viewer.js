@@ -12,8 +12,9 @@
 // Function, C.11.2.1.2; the image's own first window, or its value range when it has none)
 // -> MONOCHROME1 inverted (C.7.6.3.1.2), through a lookup table over every possible cell
 // value, so dragging the window redraws without a request. If the frame cannot be used
-// (unusual pixel layout, or the server refuses), the page shows /rendered and asks for it
-// again with window=center,width,function after each change.
+// (unusual pixel layout, or the server refuses), or "rendered by the server" is ticked,
+// the page shows /rendered and asks for it again with window=center,width,function
+// after each change.
 "use strict";
 
 (() => {
@@ -79,7 +80,7 @@
       const used = token();
       const headers = { Accept: accept };
       if (used) headers.Authorization = `Bearer ${used}`;
-      const response = await fetch(path, { headers, signal, cache: "no-store", credentials: "omit" });
+      const response = await fetch(path, { headers, signal, cache: "no-store", credentials: "same-origin" });
       if (response.status === 401) {
         if (used && token() === used) sessionStorage.removeItem(TOKEN_KEY);
         showWho();
@@ -473,7 +474,7 @@
     canvas: null, ctx: null, source: null, px: null, cells: null, lut: null, range: null,
     window: null, view: { scale: 1, tx: 0, ty: 0 }, mode: null, item: null, blobs: [],
     timing: null, drawn: 0, pending: false, renderedTimer: 0, cursor: null, signal: null,
-    waiters: [],
+    waiters: [], shownWindow: null, renderedSequence: 0,
 
     // Resolves once the current image is on the canvas (after a scheduled render, if any).
     painted() {
@@ -489,13 +490,19 @@
       this.bindPointer();
       $("wc").addEventListener("change", () => this.fromInputs());
       $("ww").addEventListener("change", () => this.fromInputs());
-      $("reset").addEventListener("click", () => { this.setWindow(this.defaultWindow()); this.fit(); });
+      $("reset").addEventListener("click", () => this.reset());
       $("fit").addEventListener("click", () => this.fit());
       $("one").addEventListener("click", () => this.zoomTo(1));
+      $("server-render").addEventListener("change", () => {
+        if (!this.item) return;
+        select(this.item, leaving.signal, performance.now()).catch((error) => {
+          if (error.name !== "AbortError") status(error.message, true);
+        });
+      });
     },
 
     close() {
-      this.px = this.cells = this.lut = this.item = this.mode = this.timing = null;
+      this.px = this.cells = this.lut = this.item = this.mode = this.timing = this.shownWindow = null;
       this.canvas.dataset.state = "empty";
       for (const url of this.blobs) URL.revokeObjectURL(url);
       this.blobs = [];
@@ -513,7 +520,7 @@
       this.px = px;
       this.cells = null;
       this.mode = "frames";
-      if (usable(px)) {
+      if (usable(px) && !$("server-render").checked) {
         try {
           this.cells = await this.frame(item, px, signal);
         } catch (error) {
@@ -575,6 +582,19 @@
       return { center: this.range.low + width / 2, width, fn: "LINEAR_EXACT" };
     },
 
+    // The image's own window (or none, for the server to choose), fitted to the view.
+    reset() {
+      if (!this.px) return;
+      if (this.mode === "rendered") {
+        this.window = this.px.window ? { ...this.px.window } : null;
+        this.showWindow();
+        this.scheduleRendered();
+      } else {
+        this.setWindow(this.defaultWindow());
+      }
+      this.fit();
+    },
+
     setWindow(w) {
       if (!w || !Number.isFinite(w.center) || !Number.isFinite(w.width)) return;
       const least = w.fn === "LINEAR" ? 1 : 1e-6;
@@ -618,6 +638,7 @@
         const cells = this.cells;
         for (let i = 0; i < cells.length; i++) out[i] = lut[cells[i]];
         this.source.getContext("2d").putImageData(image, 0, 0);
+        this.shownWindow = { ...w };
         this.paint();
       });
     },
@@ -633,16 +654,18 @@
 
     async fetchRendered(signal) {
       const item = this.item;
+      const sequence = ++this.renderedSequence;
       const w = this.window;
       const fn = w ? { LINEAR: "linear", LINEAR_EXACT: "linear-exact", SIGMOID: "sigmoid" }[w.fn] : "";
       const query = w ? `?window=${w.center},${w.width},${fn}` : "";
       const response = await api(`${item.base}/rendered${query}`, "image/png", signal);
       const bitmap = await createImageBitmap(await response.blob());
-      if (this.item !== item) return;
+      if (this.item !== item || sequence !== this.renderedSequence) return; // a later one is coming
       this.source.width = bitmap.width;
       this.source.height = bitmap.height;
       this.source.getContext("2d").drawImage(bitmap, 0, 0);
       this.px = { ...this.px, rows: bitmap.height, cols: bitmap.width };
+      this.shownWindow = w ? { ...w } : null;
       this.paint();
     },
 
@@ -773,7 +796,8 @@
       return {
         mode: viewer.mode, sop: viewer.item ? viewer.item.sop : null,
         rows: viewer.px ? viewer.px.rows : 0, cols: viewer.px ? viewer.px.cols : 0,
-        window: viewer.window, view: { ...viewer.view }, draws: viewer.drawn, timing: viewer.timing,
+        window: viewer.window, shown: viewer.shownWindow, view: { ...viewer.view }, draws: viewer.drawn,
+        timing: viewer.timing,
         canvas: { width: viewer.canvas.width, height: viewer.canvas.height },
       };
     },
