@@ -190,7 +190,8 @@ class FastPath:
 
     ``messages`` counts messages by DIMSE message class name (``C_STORE_RQ``, ...);
     ``runs`` and ``pdus`` the writes (a failed one counts too: it became Evt17) and the
-    P-DATA-TF PDUs in them.
+    P-DATA-TF PDUs in them. Each message's bytes, once queued whole, also go into
+    ``latentpacs_sent_bytes_total`` (:func:`latentpacs.metrics.dimse_sent`).
     """
 
     assoc: Any
