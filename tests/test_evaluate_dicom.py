@@ -17,8 +17,10 @@ import pydicom
 import pytest
 from pydicom.sr.codedict import codes
 from pydicom.sr.coding import Code
+from pydicom.uid import Comprehensive3DSRStorage, ParametricMapStorage
 
 from dicomtools import dciodvfy_errors
+from netpeers import dimse_responses, start_orthanc, storescu
 from latentpacs import phantom
 from latentpacs.codec.engine import Engine
 from latentpacs.codec.modelfile import load_model
@@ -70,6 +72,8 @@ def test_one_report_per_study_in_the_evaluated_study(result: EvaluationResult, d
     assert evidence == {str(o.SOPInstanceUID) for o in originals}
     schemes = {item.CodingSchemeDesignator for item in report.CodingSchemeIdentificationSequence}
     assert CODING_SCHEME in schemes
+    page = result.report.read_text()
+    assert "DICOM objects" in page and str(result.structured_reports[0].relative_to(result.out)) in page
 
 
 def test_report_measurements_are_the_metrics_csv_numbers(result: EvaluationResult, table: list[dict[str, str]]) -> None:
@@ -202,3 +206,18 @@ def test_jpeg_series_and_derived_objects_use_the_dictionary_codes(result: Evalua
     assert coded(lossy.DerivationCodeSequence[0]) == code(codes.DCM.LossyCompression)
     assert coded(lossy.SourceImageSequence[0].PurposeOfReferenceCodeSequence[0]) == code(
         codes.DCM.LossyCompressedPredecessor) == ("121330", "DCM", "Lossy compressed predecessor")
+
+
+def test_storescu_sends_the_evaluation_into_orthanc(result: EvaluationResult, data: list[Path], tmp_path: Path) -> None:
+    """The README's command, ``storescu -R +sd +r`` of ``dicom/``, files every object in a PACS (Orthanc)."""
+    study_uid = str(read_file(data[0]).StudyInstanceUID)
+    with start_orthanc(tmp_path / "orthanc") as orthanc:
+        sent = storescu(orthanc.dicom_port, orthanc.aet, [result.out / "dicom"], extra=["-R"])
+        statuses = [r.status for r in dimse_responses(sent) if r.kind == "C-STORE RSP"]
+        assert statuses == [0] * (len(result.structured_reports) + len(result.difference_maps))
+        held = [orthanc.instance_tags(oid) for oid in orthanc.instances()]
+    assert {t["StudyInstanceUID"] for t in held} == {study_uid}
+    classes = [t["SOPClassUID"] for t in held]
+    assert classes.count(Comprehensive3DSRStorage) == len(result.structured_reports) == 1
+    assert classes.count(ParametricMapStorage) == len(result.difference_maps)
+

@@ -66,13 +66,14 @@ def absolute_difference(original: np.ndarray, recon: np.ndarray, factor: int = 1
         return diff
     rows, cols = diff.shape
     out_rows, out_cols = math.ceil(rows / factor), math.ceil(cols / factor)
-    padded = np.zeros((out_rows * factor, out_cols * factor), dtype=np.float64)
-    padded[:rows, :cols] = diff
-    counts = np.zeros_like(padded)
-    counts[:rows, :cols] = 1.0
-    blocks = padded.reshape(out_rows, factor, out_cols, factor).sum(axis=(1, 3))
-    held = counts.reshape(out_rows, factor, out_cols, factor).sum(axis=(1, 3))
-    return (blocks / held).astype(np.float32)
+    if (out_rows * factor, out_cols * factor) != diff.shape:
+        diff = np.pad(diff, ((0, out_rows * factor - rows), (0, out_cols * factor - cols)))
+    sums = diff.reshape(out_rows, factor, out_cols, factor).sum(axis=(1, 3), dtype=np.float64)
+    row_counts = np.full(out_rows, factor, dtype=np.float64)
+    row_counts[-1] = rows - (out_rows - 1) * factor
+    col_counts = np.full(out_cols, factor, dtype=np.float64)
+    col_counts[-1] = cols - (out_cols - 1) * factor
+    return (sums / np.outer(row_counts, col_counts)).astype(np.float32)
 
 
 def _direction(text: str) -> np.ndarray | None:
@@ -96,11 +97,22 @@ def orientation(header: Dataset) -> tuple[float, ...]:
     return tuple(round(float(v), 6) for v in (*row, *column))
 
 
+def _positive(value: object) -> float | None:
+    """``value`` as a positive number, or None when it is missing or malformed (the header is kept as received)."""
+    try:
+        number = float(value)  # type: ignore[arg-type]
+    except (TypeError, ValueError):
+        return None
+    return number if math.isfinite(number) and number > 0 else None
+
+
 def _pixel_spacing(header: Dataset) -> tuple[float, float]:
     for keyword in ("PixelSpacing", "ImagerPixelSpacing"):
         value = header.get(keyword)
-        if value is not None and len(value) == 2 and all(float(v) > 0 for v in value):
-            return float(value[0]), float(value[1])
+        if value is not None and not isinstance(value, (str, bytes)) and len(value) == 2:
+            row, column = _positive(value[0]), _positive(value[1])
+            if row is not None and column is not None:
+                return row, column
     return 1.0, 1.0
 
 
@@ -114,8 +126,7 @@ def _geometry_source(header: Dataset, shape: tuple[int, int], factor: int, frame
     source.ImageOrientationPatient = list(orientation(header))
     row_spacing, column_spacing = _pixel_spacing(header)
     source.PixelSpacing = [row_spacing * factor, column_spacing * factor]
-    thickness = header.get("BodyPartThickness")
-    source.SliceThickness = float(thickness) if thickness is not None and float(thickness) > 0 else 1.0
+    source.SliceThickness = _positive(header.get("BodyPartThickness")) or 1.0
     return source
 
 

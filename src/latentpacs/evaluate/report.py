@@ -94,6 +94,21 @@ def _figure(path: Path, caption: str) -> str:
     return f'<figure><img src="data:image/png;base64,{data}" alt="{alt}"><figcaption>{alt}</figcaption></figure>'
 
 
+def _dicom_files(dicom: dict[str, list[str]] | None) -> str:
+    """The DICOM objects the run wrote (:mod:`~latentpacs.evaluate.sr`, :mod:`~latentpacs.evaluate.dicom_maps`)."""
+    if not dicom:
+        return ""
+    reports, maps = dicom.get("structured_reports", []), dicom.get("difference_maps", [])
+    items = "".join(f"<li><code>{html.escape(p)}</code></li>" for p in reports)
+    return (
+        "<h2>DICOM objects</h2>"
+        f"<p>{len(reports)} TID 1500 measurement report(s), one per study (the numbers above per image and codec), "
+        f"and {len(maps)} parametric map(s) of |reconstruction - original| under <code>dicom/maps/</code>; "
+        "send them to a PACS with e.g. <code>storescu -R +sd +r -aec AET HOST PORT dicom/</code>.</p>"
+        f"<ul>{items}</ul>"
+    )
+
+
 def render(summary: dict[str, Any], figures_dir: Path) -> str:
     """The report page as an HTML string."""
     codecs = summary["codecs"]
@@ -120,6 +135,7 @@ def render(summary: dict[str, Any], figures_dir: Path) -> str:
         "<h2>Figures</h2>",
         *[_figure(figures_dir / name, caption) for name, caption in FIGURES.items()],
     ]
+    parts.append(_dicom_files(summary.get("dicom")))
     if skipped:
         parts.append(f"<h2>Skipped inputs</h2><ul>{skipped}</ul>")
     parts.append(f"<script>{_SCRIPT}</script></body></html>")

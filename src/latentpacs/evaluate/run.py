@@ -52,7 +52,7 @@ from latentpacs.evaluate import baselines, dicom_common, dicom_maps, metrics, pl
 from latentpacs.evaluate.jpeg_series import jpeg_dataset
 from latentpacs.image import chain
 from latentpacs.image.pixels import PixelModule, original_stored_bytes, read_file, stored_to_canonical, stored_values
-from latentpacs.uid import uid_file_name
+from latentpacs.uid import check_uid, uid_file_name
 
 logger = logging.getLogger(__name__)
 
@@ -61,6 +61,8 @@ PREVIEW_ROWS = 384
 #: Where the DICOM objects go under the output folder.
 DICOM_DIR = "dicom"
 _UNSAFE_NAME = re.compile(r"[^A-Za-z0-9._+-]")
+#: What a header that cannot make a valid DICOM object raises (a bad UID; highdicom's checks).
+_DICOM_ERRORS = (LatentPacsError, ValueError, TypeError)
 
 
 @dataclass(frozen=True)
@@ -288,41 +290,67 @@ def _previews(index: int, original: _Original, recons: dict[str, np.ndarray]) ->
     return out
 
 
-def _write_maps(image: _ImageOutcome, out: Path, series_number: int, max_side: int) -> list[Path]:
+def _write_maps(image: _ImageOutcome, out: Path, series_numbers: dict[str, int], max_side: int) -> list[Path]:
     """One Parametric Map per reconstruction of ``image`` (models and JPEG baselines), in one series.
 
     The series and its Frame of Reference are derived from the image's SOP Instance UID and
-    the digest of its measured rows, so the same evaluation writes the same UIDs.
+    the digest of its measured rows, so the same evaluation writes the same UIDs; each
+    image of a study takes the next Series Number (``series_numbers``, per study). Every
+    map is built before any is written.
+
+    Raises
+    ------
+    InvalidUidError
+        When the image's SOP Instance or Study Instance UID is not a valid UID.
+    ValueError, TypeError
+        When highdicom cannot build a valid object from the image's header.
     """
     header = image.header
-    sop_uid = str(header.SOPInstanceUID)
+    sop_uid = check_uid(header.get("SOPInstanceUID"), "SOP Instance UID (0008,0018)")
+    study_uid = check_uid(header.get("StudyInstanceUID"), "Study Instance UID (0020,000D)")
+    check_uid(header.get("SOPClassUID"), "SOP Class UID (0008,0016)")
+    series_number = series_numbers.get(study_uid, dicom_maps.FIRST_SERIES_NUMBER)
     digest = dicom_common.content_digest(
         [r.codec, repr(r.mse), repr(r.ssim), r.bits, r.max_abs_error] for r in image.rows if r.codec in image.recons)
     series_uid = dicom_common.evaluation_uid("map-series", sop_uid, digest, max_side)
     frame_uid = dicom_common.evaluation_uid("map-frame-of-reference", sop_uid, digest, max_side)
+    built = [
+        (codec, dicom_maps.difference_map(
+            header, image.original.canonical, recon, codec, series_uid=series_uid, series_number=series_number,
+            frame_of_reference_uid=frame_uid, instance_number=number, max_side=max_side))
+        for number, (codec, recon) in enumerate(image.recons.items(), start=1)
+    ]
+    series_numbers[study_uid] = series_number + 1
     folder = out / DICOM_DIR / "maps" / uid_file_name(sop_uid, "")
     folder.mkdir(parents=True, exist_ok=True)
     written = []
-    for number, (codec, recon) in enumerate(image.recons.items(), start=1):
-        pm = dicom_maps.difference_map(
-            header, image.original.canonical, recon, codec, series_uid=series_uid, series_number=series_number,
-            frame_of_reference_uid=frame_uid, instance_number=number, max_side=max_side)
+    for codec, pm in built:
         target = folder / f"{_UNSAFE_NAME.sub('_', codec)}.dcm"
         pm.save_as(target, enforce_file_format=True)
         written.append(target)
     return written
 
 
-def _write_reports(images: list[sr.EvaluatedImage], out: Path, versions: dict[str, str], progress: bool) -> list[Path]:
-    """One Measurement Report per study under ``dicom/sr/`` (:func:`latentpacs.evaluate.sr.study_report`)."""
+def _write_reports(images: list[sr.EvaluatedImage], out: Path, versions: dict[str, str], progress: bool,
+                   not_written: list[tuple[Path, str]]) -> list[Path]:
+    """One Measurement Report per study under ``dicom/sr/`` (:func:`latentpacs.evaluate.sr.study_report`).
+
+    A study whose report highdicom cannot build is logged and named in ``not_written``.
+    """
     folder = out / DICOM_DIR / "sr"
     folder.mkdir(parents=True, exist_ok=True)
-    written = []
+    written: list[Path] = []
     studies = sr.group_by_study(images)
-    for study_uid, mine in tqdm(studies.items(), desc="structured reports", unit="study",
-                                disable=not progress or None):
+    for index, (study_uid, mine) in enumerate(tqdm(studies.items(), desc="structured reports", unit="study",
+                                                   disable=not progress or None), start=1):
+        try:
+            document = sr.study_report(mine, versions)
+        except (ValueError, TypeError) as exc:
+            logger.warning("no structured report for study %d of %d: %s", index, len(studies), exc)
+            not_written.extend((Path(image.rows[0].image), f"structured report: {exc}") for image in mine)
+            continue
         target = folder / uid_file_name(study_uid, ".dcm")
-        sr.study_report(mine, versions).save_as(target, enforce_file_format=True)
+        document.save_as(target, enforce_file_format=True)
         written.append(target)
     return written
 
@@ -376,6 +404,7 @@ def evaluate(config: EvaluationConfig, progress: bool = True) -> EvaluationResul
     evaluated: list[sr.EvaluatedImage] = []
     maps: list[Path] = []
     map_series: dict[str, int] = {}  # Series Number of the next map series, per study
+    not_written: list[tuple[Path, str]] = []  # measured, but no DICOM objects could be made
     engines = _open_engines(config)
     try:
         for path in tqdm(config.images, desc="evaluate", unit="img", disable=not progress or None):
@@ -390,11 +419,12 @@ def evaluate(config: EvaluationConfig, progress: bool = True) -> EvaluationResul
             series += image.series
             jpeg_files += image.jpeg_files
             if config.write_dicom:
-                evaluated.append(sr.EvaluatedImage(image.header, tuple(image.rows)))
-                study = str(image.header.StudyInstanceUID)
-                number = map_series.get(study, dicom_maps.FIRST_SERIES_NUMBER)
-                map_series[study] = number + 1
-                maps += _write_maps(image, out, number, config.map_max_side)
+                try:
+                    maps += _write_maps(image, out, map_series, config.map_max_side)
+                    evaluated.append(sr.EvaluatedImage(image.header, tuple(image.rows)))
+                except _DICOM_ERRORS as exc:
+                    logger.warning("no DICOM objects for %s: %s", path, exc)
+                    not_written.append((Path(path), str(exc)))
             index = len({r.image for r in rows}) - 1
             if index < config.previews:
                 previews.update(_previews(index, image.original, image.recons))
@@ -406,7 +436,7 @@ def evaluate(config: EvaluationConfig, progress: bool = True) -> EvaluationResul
     primary = next(iter(engines))
     versions = {label: e.loaded.card.sha256 for label, e in engines.items()}
     versions.update({f"{primary}+{tier}": engines[primary].loaded.card.sha256 for tier in tiers})
-    reports = _write_reports(evaluated, out, versions, progress) if config.write_dicom else []
+    reports = _write_reports(evaluated, out, versions, progress, not_written) if config.write_dicom else []
     records.write_metrics(out / records.METRICS_CSV, rows)
     records.write_rate_points(out / records.RATE_DISTORTION_CSV, points)
     # numpy's stub also checks **kwds against its allow_pickle: bool keyword
@@ -422,7 +452,8 @@ def evaluate(config: EvaluationConfig, progress: bool = True) -> EvaluationResul
     summary["config"] = json.loads(json.dumps(asdict(config), default=str))
     summary["codec_order"] = {"learned": list(engines), "jpeg": paper_codec, "jpeg_native": native_codec}
     summary["dicom"] = {"structured_reports": [str(p.relative_to(out)) for p in reports],
-                        "difference_maps": [str(p.relative_to(out)) for p in maps]}
+                        "difference_maps": [str(p.relative_to(out)) for p in maps],
+                        "not_written": [{"path": str(p), "reason": why} for p, why in not_written]}
     records.write_summary(out / records.SUMMARY_JSON, summary)
     figures = plots.write_figures(out)
     page = report.write_report(out)
