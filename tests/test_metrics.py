@@ -175,6 +175,31 @@ def test_http_requests_are_counted_by_service_and_status(web: WebNode) -> None:
     assert moved(before, after, "latentpacs_requests_total", service="metrics", status="200") == 1
 
 
+def test_a_stow_moves_received_bytes_and_the_archive_like_a_c_store(
+        web: WebNode, tmp_path: Path) -> None:
+    (image,) = phantom.generate(tmp_path, 1, seed=9, size=(160, 128), images_per_study=1,
+                                studies_per_patient=1)
+    boundary = "latentpacs-metrics-test"
+    body = (f"--{boundary}\r\nContent-Type: application/dicom\r\n\r\n".encode()
+            + image.read_bytes() + f"\r\n--{boundary}--\r\n".encode())
+    before = scrape(web)
+    stowed = web.request("POST", "/dicom-web/studies", body=body, headers={
+        "Content-Type": f'multipart/related; type="application/dicom"; boundary={boundary}',
+        "Accept": "application/dicom+json"})
+    assert stowed.status == 200, stowed.body
+    searched = web.request("GET", "/dicom-web/studies", headers={"Accept": "application/dicom+json"})
+    assert searched.status == 200
+    after = scrape(web)
+
+    assert moved(before, after, "latentpacs_requests_total", service="STOW-RS", status="200") == 1
+    assert moved(before, after, "latentpacs_received_bytes_total", service="STOW-RS") == len(body)
+    assert moved(before, after, "latentpacs_sent_bytes_total", service="STOW-RS") == len(stowed.body)
+    assert moved(before, after, "latentpacs_archived_instances_total", tier="latent") == 1
+    assert moved(before, after, "latentpacs_archive_instances", tier="latent") == 1
+    assert moved(before, after, "latentpacs_requests_total", service="QIDO-RS", status="200") == 1
+    assert moved(before, after, "latentpacs_sent_bytes_total", service="QIDO-RS") == len(searched.body)
+
+
 @pytest.mark.parametrize(("method", "path", "service"), [
     ("GET", "/dicom-web/studies", "QIDO-RS"),
     ("GET", "/dicom-web/series", "QIDO-RS"),
@@ -189,7 +214,8 @@ def test_http_requests_are_counted_by_service_and_status(web: WebNode) -> None:
     ("POST", "/dicom-web/studies/1.2.3", "STOW-RS"),
     ("DELETE", "/dicom-web/studies/1.2.3", "DICOMweb-other"),
     ("GET", "/", "viewer"),
-    ("GET", "/static/app.js", "viewer"),
+    ("GET", "/viewer/static/viewer.js", "viewer"),
+    ("GET", "/viewer/api/studies", "viewer"),
     ("GET", "/dicom-webby", "viewer"),
     ("GET", "/metrics", "metrics"),
 ])
