@@ -170,6 +170,8 @@ def test_metadata_is_the_returned_header_with_pixel_data_as_bulk_data(
     assert meta["00282110"]["Value"] == ["01"]  # Lossy Image Compression, as C-GET sends it
     assert meta["00280010"]["Value"] == [SIZE[0]] and meta["00280011"]["Value"] == [SIZE[1]]
     assert "00280006" not in meta and "latentpacsVR" not in str(meta)
+    sent = {tag: element for tag, element in returned.to_json_dict().items() if tag != "7FE00010"}
+    assert {tag: element for tag, element in meta.items() if tag != "7FE00010"} == sent
     uri = meta["7FE00010"]["BulkDataURI"]
     assert uri.endswith(f"/instances/{sop}/bulkdata/7FE00010")
     (pixels,) = client.retrieve_bulkdata(uri)
@@ -294,15 +296,23 @@ def test_refusals_name_the_http_status(lossless: WebNode, images: list[Path]) ->
     assert lossless.request("GET", instance + "/rendered", token="reader").status == 403
 
 
-def test_max_retrieve_instances_is_refused_before_any_part(
-        tmp_path: Path, images: list[Path], archive_url: str) -> None:
+def test_limits_give_413_before_any_part(tmp_path: Path, images: list[Path], archive_url: str) -> None:
+    """More instances than ``limits.max_retrieve_instances``: 413 before anything is read;
+    images over ``limits.max_image_pixels``: each left out, and none left is 413."""
+    small = phantom.generate(tmp_path / "small", 3, seed=32, size=(128, 104), images_per_study=3)
     with start_web_node(tmp_path / "node", tier="lossless", database=archive_url,
-                        limits={"max_retrieve_instances": 1}) as node:
-        _stored(node, images[:2])
-        first = pydicom.dcmread(images[0])
+                        limits={"max_retrieve_instances": 2, "max_image_pixels": 128 * 104}) as node:
+        _stored(node, images[:2] + small)
+        first, large = pydicom.dcmread(small[0]), _header(images[0])
         refused = node.request("GET", f"/dicom-web/studies/{first.StudyInstanceUID}")
         assert refused.status == 413
         assert b"limit" in refused.body
-        (one,) = [node.client().retrieve_instance(first.StudyInstanceUID, first.SeriesInstanceUID,
-                                                  first.SOPInstanceUID, media_types=DICOM_ANY)]
+        one = node.client().retrieve_instance(first.StudyInstanceUID, first.SeriesInstanceUID,
+                                              first.SOPInstanceUID, media_types=DICOM_ANY)
         assert np.array_equal(one.pixel_array, first.pixel_array)
+        too_large = node.request("GET", f"/dicom-web/studies/{large.StudyInstanceUID}")
+        assert too_large.status == 413
+        assert b"max_image_pixels" in too_large.body
+        rendered = node.request("GET", f"/dicom-web/studies/{large.StudyInstanceUID}/series/"
+                                f"{large.SeriesInstanceUID}/instances/{large.SOPInstanceUID}/rendered")
+        assert rendered.status == 413

@@ -11,9 +11,9 @@ UIDs, lossy marking and pixels as C-GET, within the same decode budget.
 
 Answers are streamed: ``multipart/related`` parts (:mod:`latentpacs.web.multipart`) are
 produced one at a time while at most ``PREFETCH_DEPTH`` further instances decode ahead.
-When a retrieval has a single instance its failure is the HTTP status; in a longer one an
-instance that fails is left out and logged (the status line was already sent), as a
-failed C-GET sub-operation is. Endpoints and body iterators are plain functions: Starlette
+An instance that fails (too many pixels, no decode slot, a damaged stream) is left out
+and logged, as a failed C-GET sub-operation is; when none could be returned, the
+failure is the HTTP status (the first part is produced before the status line is sent). Endpoints and body iterators are plain functions: Starlette
 runs them on worker threads, so archive reads and decodes never block the event loop.
 
 Metadata (PS3.18 10.4.1.1.2, F.2) is built from the archived header and overrides
@@ -164,24 +164,28 @@ def _returned(ctx: WebContext, rows: list[int], sendable: frozenset[tuple[str, s
               build: Callable[[Dataset], multipart.Part]) -> Iterator[multipart.Part]:
     """One part per returned object, decoded ``PREFETCH_DEPTH`` ahead (``Service.returned_ahead``).
 
-    With a single row its failure is raised (the caller answers it as a status); with
-    more, a failed instance is logged and left out, as a failed C-GET sub-operation.
+    A failed instance is logged and left out, as a failed C-GET sub-operation is; when
+    no instance could be returned at all (a single one that failed, say), the last
+    failure is raised, before any part: the caller answers it as the HTTP status.
     """
+    failure: Exception | None = None
+    sent = 0
     with closing(ctx.service.returned_ahead(rows, sendable=sendable)) as decoded:
         for row, future in decoded:
             try:
                 part = build(future.result())
             except LatentPacsError as exc:
-                if len(rows) == 1:
-                    raise
                 logger.warning("WADO-RS: archive row %s left out: %s", row, exc.message)
+                failure = exc
                 continue
-            except Exception:
-                if len(rows) == 1:
-                    raise
+            except Exception as exc:
                 logger.exception("WADO-RS: archive row %s left out", row)
+                failure = exc
                 continue
+            sent += 1
             yield part
+    if not sent and failure is not None:
+        raise failure
 
 
 def _started(parts: Iterator[multipart.Part]) -> Iterator[multipart.Part]:
