@@ -25,6 +25,10 @@ from latentpacs.web.instrument import service_of
 from netpeers import HOST, dimse_responses, findscu, final_response, getscu, movescu, storescu
 from webpeers import WebNode, start_web_node
 
+#: The node's association limit: small, so a test can reach it; 3, so that the association
+#: of a DCMTK tool the node is still closing never makes it refuse the next tool's.
+MAX_ASSOCIATIONS = 3
+
 Samples = dict[tuple[str, frozenset[tuple[str, str]]], float]
 
 
@@ -64,7 +68,8 @@ def images(tmp_path_factory: pytest.TempPathFactory) -> list[Path]:
 
 @pytest.fixture(scope="module")
 def web(tmp_path_factory: pytest.TempPathFactory) -> Iterator[WebNode]:
-    with start_web_node(tmp_path_factory.mktemp("node"), tier="latent") as node:
+    with start_web_node(tmp_path_factory.mktemp("node"), tier="latent",
+                        node={"max_associations": MAX_ASSOCIATIONS}) as node:
         yield node
 
 
@@ -144,19 +149,31 @@ def test_refused_associations_are_counted_by_reason(web: WebNode, images: list[P
     assert moved(before, after, "latentpacs_request_seconds_count", service="C-STORE") == 0
 
 
-def test_open_associations_are_read_at_scrape_time(web: WebNode) -> None:
+def test_open_associations_and_the_association_limit(web: WebNode) -> None:
+    """Associations are held open until the node refuses one (``node.max_associations``)."""
     ae = AE(ae_title="HOLDER")
     ae.add_requested_context(Verification)
-    association = ae.associate(HOST, web.node.port, ae_title=web.node.aet)
+    before = scrape(web)
+    held = []
     try:
-        assert association.is_established
-        # answered only once the node's side is established
-        assert association.send_c_echo().Status == Status.SUCCESS
-        held = scrape(web)
+        for _ in range(MAX_ASSOCIATIONS + 1):
+            association = ae.associate(HOST, web.node.port, ae_title=web.node.aet)
+            if not association.is_established:
+                assert association.is_rejected
+                break
+            held.append(association)
+            # answered only once the node's side is established
+            assert association.send_c_echo().Status == Status.SUCCESS
+        assert 1 <= len(held) <= MAX_ASSOCIATIONS
+        during = scrape(web)
     finally:
-        association.release()
-    assert value(held, "latentpacs_associations_open") >= 1
-    assert value(held, "latentpacs_requests_total", service="C-ECHO", status="0000") >= 1
+        for association in held:
+            association.release()
+    assert value(during, "latentpacs_associations_open") >= len(held)
+    assert moved(before, during, "latentpacs_associations_refused_total",
+                 reason="max-associations") == 1
+    assert moved(before, during, "latentpacs_requests_total", service="C-ECHO",
+                 status="0000") == len(held)
 
 
 def test_http_requests_are_counted_by_service_and_status(web: WebNode) -> None:
