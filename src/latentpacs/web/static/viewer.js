@@ -474,7 +474,7 @@
     canvas: null, ctx: null, source: null, px: null, cells: null, lut: null, range: null,
     window: null, view: { scale: 1, tx: 0, ty: 0 }, mode: null, item: null, blobs: [],
     timing: null, drawn: 0, pending: false, renderedTimer: 0, cursor: null, signal: null,
-    waiters: [], shownWindow: null, renderedSequence: 0,
+    waiters: [], shownWindow: null, renderedSequence: 0, renderMs: null,
 
     // Resolves once the current image is on the canvas (after a scheduled render, if any).
     painted() {
@@ -623,6 +623,7 @@
       requestAnimationFrame(() => {
         this.pending = false;
         if (!this.cells) return;
+        const started = performance.now();
         const px = this.px, w = this.window, stored = storedOf(px);
         const invert = px.photometric === "MONOCHROME1";
         const size = px.bitsAllocated === 16 ? 65536 : 256;
@@ -640,6 +641,7 @@
         this.source.getContext("2d").putImageData(image, 0, 0);
         this.shownWindow = { ...w };
         this.paint();
+        this.renderMs = performance.now() - started;
       });
     },
 
@@ -797,7 +799,7 @@
         mode: viewer.mode, sop: viewer.item ? viewer.item.sop : null,
         rows: viewer.px ? viewer.px.rows : 0, cols: viewer.px ? viewer.px.cols : 0,
         window: viewer.window, shown: viewer.shownWindow, view: { ...viewer.view }, draws: viewer.drawn,
-        timing: viewer.timing,
+        timing: viewer.timing, renderMs: viewer.renderMs,
         canvas: { width: viewer.canvas.width, height: viewer.canvas.height },
       };
     },
