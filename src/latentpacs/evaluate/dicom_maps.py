@@ -3,7 +3,7 @@
 A map holds |reconstruction - original| of the canonical images (DESIGN.md "Contracts":
 [0, 1], 0 the darkest displayed value) as 32-bit float pixels (Float Pixel Data), with an
 identity Real World Value Mapping (PS3.3 C.7.6.16.2.11, unit UCUM ``1``: a fraction of the
-displayed range) and a window from 0 to the map's largest value. The figures of
+displayed range) and a window from 0 to the map's 99.5th percentile. The figures of
 ``report.html`` show the same maps, shrunk (``previews.npz``).
 
 Size: a float32 map of a 4096 x 3328 mammogram is 54 MB. A map whose longest side is over
@@ -169,6 +169,8 @@ def difference_map(
     factor = reduction_factor(original.shape, max_side)
     pixels = absolute_difference(original, recon, factor)
     largest = float(pixels.max())
+    # Window 0 .. the 99.5th percentile: a few outliers (burned-in text) must not leave the map black.
+    top = float(np.percentile(pixels, 99.5)) or largest
     block = "" if factor == 1 else f", mean over {factor}x{factor} pixel blocks"
     mapping = hd.pm.RealWorldValueMapping(
         lut_label=LUT_LABEL,
@@ -194,7 +196,7 @@ def difference_map(
         contains_recognizable_visual_features=False,
         real_world_value_mappings=[mapping],
         voi_lut_transformations=[hd.VOILUTTransformation(
-            window_center=max(largest, 1e-12) / 2, window_width=max(largest, 1e-12), voi_lut_function="LINEAR_EXACT")],
+            window_center=max(top, 1e-12) / 2, window_width=max(top, 1e-12), voi_lut_function="LINEAR_EXACT")],
         content_label=CONTENT_LABEL,
         content_description=f"|{codec} - original| (latentpacs evaluate)"[:64],
         derived_pixel_contrast=hd.pm.DerivedPixelContrastValues.SUBTRACTION,
