@@ -10,7 +10,10 @@ collector's refresh rule are checked in-process.
 
 from __future__ import annotations
 
+import sys
+import time
 from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 import pydicom
@@ -22,8 +25,22 @@ from pynetdicom.sop_class import Verification  # type: ignore[attr-defined]
 from latentpacs import metrics, phantom
 from latentpacs.errors import Status
 from latentpacs.web.instrument import service_of
-from netpeers import HOST, dimse_responses, findscu, final_response, getscu, movescu, storescu
-from webpeers import WebNode, start_web_node
+from netpeers import (
+    HOST,
+    NodeProcess,
+    _port_written,
+    _spawn,
+    _stop,
+    dimse_responses,
+    findscu,
+    final_response,
+    getscu,
+    movescu,
+    storescu,
+)
+from test_node import write_config
+from test_tls import _ca, _scu, _signed, _tls_args
+from webpeers import WebNode, start_web_node, token_entries
 
 #: The node's association limit: small, so a test can reach it; 3, so that the association
 #: of a DCMTK tool the node is still closing never makes it refuse the next tool's.
@@ -215,6 +232,55 @@ def test_a_stow_moves_received_bytes_and_the_archive_like_a_c_store(
     assert moved(before, after, "latentpacs_archive_instances", tier="latent") == 1
     assert moved(before, after, "latentpacs_requests_total", service="QIDO-RS", status="200") == 1
     assert moved(before, after, "latentpacs_sent_bytes_total", service="QIDO-RS") == len(searched.body)
+
+
+@contextmanager
+def tls_web_node(folder: Path, pki: dict[str, tuple[Path, Path]]) -> Iterator[WebNode]:
+    """A node with DICOM TLS (client certificate required) and its web server on plain HTTP.
+
+    Started by hand, as tests/test_tls.py does (the harness probes in plain TCP), and
+    polled with ``echoscu +tls`` until it answers; stopped by its PID.
+    """
+    folder.mkdir(parents=True, exist_ok=True)
+    secrets_by_name, tokens = token_entries({"admin": ("metrics",)})
+    security = {"tls_cert": str(pki["server"][1]), "tls_key": str(pki["server"][0]),
+                "tls_ca": str(pki["ca"][1]), "tls_require_client_cert": True}
+    config = write_config(folder, f"sqlite:///{folder / 'a.db'}", security=security,
+                          codec={"tier": "lossless"}, **tokens)
+    port_file, web_port_file, log = folder / "node.port", folder / "web.port", folder / "node.log"
+    script = Path(sys.executable).parent / "latentpacs"
+    proc = _spawn([script, "--config", config, "serve", "--port", "0", "--port-file", port_file,
+                   "--web-port", "0", "--web-port-file", web_port_file], log, cwd=folder)
+    try:
+        deadline = time.monotonic() + 60.0
+        while not (_port_written(port_file)
+                   and _scu("echoscu", int(port_file.read_text()), _tls_args(pki, "client"))
+                   .returncode == 0):
+            if proc.poll() is not None or time.monotonic() > deadline:
+                pytest.fail(f"TLS node did not answer C-ECHO:\n{log.read_text()[-4000:]}")
+            time.sleep(0.2)
+        node = NodeProcess(port=int(port_file.read_text()), aet="LATENTPACS", proc=proc, log=log,
+                           web_port=int(web_port_file.read_text()))
+        yield WebNode(node, secrets_by_name)
+    finally:
+        _stop(proc)
+
+
+def test_a_failed_tls_handshake_counts_as_a_refused_association(tmp_path: Path,
+                                                                images: list[Path]) -> None:
+    ca = _ca(tmp_path, "ca")
+    pki = {"ca": ca, "server": _signed(tmp_path, "server", ca),
+           "client": _signed(tmp_path, "client", ca),
+           "rogue": _signed(tmp_path, "rogue", _ca(tmp_path, "rogue-ca"))}
+    with tls_web_node(tmp_path / "node", pki) as node:
+        before = scrape(node)
+        plain = storescu(node.node.port, node.node.aet, images[:1])  # no TLS at all
+        assert plain.returncode != 0 and not dimse_responses(plain)
+        rogue = _scu("storescu", node.node.port, _tls_args(pki, "rogue"), images[:1])
+        assert rogue.returncode != 0 and not dimse_responses(rogue)
+        after = scrape(node)
+    assert moved(before, after, "latentpacs_associations_refused_total", reason="tls-handshake") == 2
+    assert moved(before, after, "latentpacs_associations_total") == 0
 
 
 @pytest.mark.parametrize(("method", "path", "service"), [
