@@ -4,8 +4,9 @@ One ``latentpacs serve`` (latent tier, so the inference engine runs in line; SQL
 its web server on an OS-assigned loopback port; DCMTK's storescu, findscu, getscu and
 movescu, a pynetdicom association held open, and urllib for HTTP. Each check scrapes
 ``/metrics`` before and after one action and compares the parsed samples
-(prometheus-client's own parser). The mapping of URLs to service names and the archive
-collector's refresh rule are checked in-process.
+(prometheus-client's own parser). A second node, with DICOM TLS, counts failed handshakes.
+The mapping of URLs to service names and the archive collector's refresh rule are
+checked in-process.
 """
 
 from __future__ import annotations
