@@ -501,7 +501,8 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
     result = evaluate(EvaluationConfig(
         images=tuple(images), out=args.out, models=tuple(args.models), jpeg_quality=args.jpeg_quality,
         tiers=tuple(args.tiers), previews=args.previews, models_dir=config.models_dir,
-        device=config["codec.device"] or None,
+        device=config["codec.device"] or None, write_dicom=not args.no_dicom,
+        map_max_side=args.map_max_side,
     ))
     for path, reason in result.skipped:
         print(f"latentpacs: {path}: {reason}", file=sys.stderr)
@@ -510,6 +511,9 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
         print(f"{codec:<22} {stats['mse']['median']:>10.3e} {stats['ssim']['median']:>7.4f} "
               f"{stats['bits']['median']:>9.0f} {stats['bpp']['median']:>9.4g} {stats['efficiency']['median']:>10.4f}")
     print(f"evaluated {result.summary['images']} image(s); report: {result.report}")
+    if result.structured_reports:
+        print(f"DICOM: {len(result.structured_reports)} measurement report(s), "
+              f"{len(result.difference_maps)} difference map(s) in {args.out / 'dicom'}")
     return EXIT_PARTIAL if result.skipped else EXIT_OK
 
 
@@ -691,6 +695,10 @@ def _add_evaluate_command(sub: _Commands) -> None:
                    metavar="TIER", help="fidelity tiers to cost with the first model; none: --tiers alone "
                    "(default: near-lossless:2 lossless)")
     p.add_argument("--previews", type=int, default=4, help="images in the reconstruction figures")
+    p.add_argument("--no-dicom", action="store_true",
+                   help="write no DICOM SR and Parametric Maps (dicom/ beside metrics.csv)")
+    p.add_argument("--map-max-side", type=int, default=2048, metavar="N",
+                   help="difference maps longer than N pixels are averaged over blocks (0: never)")
     p.add_argument("--out", type=Path, required=True)
     _add_codec_options(p, model=False)
 
