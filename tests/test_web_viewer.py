@@ -151,23 +151,37 @@ def state(driver: WebDriver) -> dict[str, Any]:
     return found
 
 
-def canvas_gray(driver: WebDriver) -> np.ndarray:
-    """The main canvas's pixels (red channel of ``getImageData``; the page draws gray)."""
-    width, height, data = driver.execute_script("""
+def snapshot(driver: WebDriver) -> tuple[np.ndarray, dict[str, Any]]:
+    """The main canvas's pixels (red channel of ``getImageData``; the page draws gray) and
+    the page's state, read in one script run, so no event comes between the two."""
+    width, height, data, seen = driver.execute_script("""
         const canvas = document.getElementById("view");
         const rgba = canvas.getContext("2d").getImageData(0, 0, canvas.width, canvas.height).data;
         const red = new Uint8Array(rgba.length / 4);
         for (let i = 0; i < red.length; i++) red[i] = rgba[4 * i];
         let text = "";
         for (let i = 0; i < red.length; i += 8192) text += String.fromCharCode(...red.subarray(i, i + 8192));
-        return [canvas.width, canvas.height, btoa(text)];
+        return [canvas.width, canvas.height, btoa(text), window.latentpacsViewer.state()];
     """)
-    return np.frombuffer(base64.b64decode(data), np.uint8).reshape(height, width)
+    return np.frombuffer(base64.b64decode(data), np.uint8).reshape(height, width), seen
 
 
-def drawn_after(driver: WebDriver, draws: int) -> dict[str, Any]:
-    """The page's state once it has drawn again after ``draws`` draws."""
-    return wait(driver, "a new drawing", lambda d: state(d) if state(d)["draws"] > draws else None)
+def showing(driver: WebDriver, window: tuple[float, float]) -> dict[str, Any]:
+    """The page's state once the canvas shows ``window`` (center, width)."""
+    return wait(driver, f"the window {window}", lambda d: (
+        seen if (shown := (seen := state(d))["shown"]) and (shown["center"], shown["width"]) == window
+        else None))
+
+
+def check_canvas(driver: WebDriver, image: np.ndarray, *, window: tuple[float, float] | None = None,
+                 max_mean_error: float = 1.0, min_correlation: float = 0.99) -> tuple[np.ndarray, dict[str, Any]]:
+    """The canvas shows ``image`` (through ``window``, if given) where the page says it drew it."""
+    canvas, seen = snapshot(driver)
+    if window is not None:
+        assert (seen["shown"]["center"], seen["shown"]["width"]) == window, seen["shown"]
+    assert_shows(canvas, image, seen["view"], max_mean_error=max_mean_error,
+                 min_correlation=min_correlation)
+    return canvas, seen
 
 
 def open_study(driver: WebDriver, study_uid: str) -> dict[str, Any]:
@@ -360,8 +374,7 @@ def test_with_a_token_a_lossless_mammogram_is_drawn_windowed_and_zoomed(
     assert (shown["window"]["center"], shown["window"]["width"]) == own
     image = reference(study_files[0])
     browser.save_screenshot(str(tmp_path / "lossless.png"))
-    canvas = canvas_gray(browser)
-    assert_shows(canvas, image, shown["view"], max_mean_error=1.0, min_correlation=0.99)
+    canvas, _ = check_canvas(browser, image, window=own)
     badge = browser.find_element(By.ID, "badge").text
     assert badge.startswith("LOSSLESS") and "tier lossless" in badge, badge
 
@@ -369,58 +382,49 @@ def test_with_a_token_a_lossless_mammogram_is_drawn_windowed_and_zoomed(
     narrower = (float(round(own[0] + own[1] / 8)), float(round(own[1] / 3)))
     type_into(browser.find_element(By.ID, "wc"), f"{narrower[0]:g}")
     type_into(browser.find_element(By.ID, "ww"), f"{narrower[1]:g}")
-    after = wait(browser, "the typed window", lambda d: state(d) if (
-        state(d)["window"]["center"], state(d)["window"]["width"]) == narrower else None)
-    after = drawn_after(browser, shown["draws"]) if after["draws"] == shown["draws"] else after
-    windowed = canvas_gray(browser)
+    showing(browser, narrower)
+    windowed, before = check_canvas(browser, reference(study_files[0], narrower), window=narrower)
     assert np.abs(windowed.astype(int) - canvas).mean() > 5, "a narrower window changed nothing"
-    assert_shows(windowed, reference(study_files[0], narrower), after["view"],
-                 max_mean_error=1.0, min_correlation=0.99)
 
     view = browser.find_element(By.ID, "view")
-    before = state(browser)
     ActionChains(browser).key_down(Keys.SHIFT).click_and_hold(view).move_by_offset(80, 40) \
         .release().key_up(Keys.SHIFT).perform()
-    dragged = wait(browser, "a dragged window", lambda d: state(d) if state(d)["window"]["width"] > before["window"]["width"] else None)
-    assert dragged["window"]["center"] > before["window"]["center"]
+    dragged = wait(browser, "a dragged window", lambda d: state(d) if (
+        state(d)["shown"]["width"] > narrower[1] and not d.find_elements(By.CSS_SELECTOR, "#view.windowing"))
+        else None)
+    dragged = showing(browser, (dragged["window"]["center"], dragged["window"]["width"]))
+    assert dragged["shown"]["center"] > narrower[0], "dragging down did not raise the center"
     assert dragged["view"] == before["view"], "a window drag moved the image"
-    drawn_after(browser, before["draws"])
-    assert np.abs(canvas_gray(browser).astype(int) - windowed).mean() > 1
+    dragged_window = (dragged["shown"]["center"], dragged["shown"]["width"])
+    check_canvas(browser, reference(study_files[0], dragged_window), window=dragged_window)
 
     # Reset: the image's own window again, fitted.
     browser.find_element(By.ID, "reset").click()
-    wait(browser, "the reset window", lambda d: (state(d)["window"]["center"], state(d)["window"]["width"]) == own)
-    reset = drawn_after(browser, dragged["draws"])
-    assert_shows(canvas_gray(browser), image, reset["view"], max_mean_error=1.0, min_correlation=0.99)
+    showing(browser, own)
+    _, fitted = check_canvas(browser, image, window=own)
 
     # Zoom in with the wheel over the canvas: bigger, and still the same image.
-    fitted = state(browser)
     ActionChains(browser).scroll_from_origin(ScrollOrigin.from_element(view), 0, -400).perform()
-    zoomed = wait(browser, "a zoom", lambda d: state(d) if state(d)["view"]["scale"] > fitted["view"]["scale"] * 1.2 else None)
-    zoomed = drawn_after(browser, fitted["draws"]) if zoomed["draws"] == fitted["draws"] else zoomed
-    zoomed_canvas = canvas_gray(browser)
+    wait(browser, "a zoom", lambda d: state(d)["view"]["scale"] > fitted["view"]["scale"] * 1.2)
+    zoomed_canvas, zoomed = check_canvas(browser, image, window=own)
     assert np.abs(zoomed_canvas.astype(int) - canvas).mean() > 5, "zooming changed nothing"
-    assert_shows(zoomed_canvas, image, zoomed["view"], max_mean_error=1.0, min_correlation=0.99)
 
     # Pan by dragging: the image moves by the drag.
     ActionChains(browser).click_and_hold(view).move_by_offset(-60, 30).release().perform()
-    panned = wait(browser, "a pan", lambda d: state(d) if state(d)["view"]["tx"] != zoomed["view"]["tx"] else None)
+    wait(browser, "the pan's end", lambda d: not d.find_elements(By.CSS_SELECTOR, "#view.dragging"))
+    _, panned = check_canvas(browser, image, window=own)
+    assert panned["view"]["scale"] == zoomed["view"]["scale"]
     assert panned["view"]["tx"] == pytest.approx(zoomed["view"]["tx"] - 60, abs=1)
     assert panned["view"]["ty"] == pytest.approx(zoomed["view"]["ty"] + 30, abs=1)
-    assert_shows(canvas_gray(browser), image, panned["view"], max_mean_error=1.0, min_correlation=0.99)
 
     # Rendered by the server instead (WADO-RS /rendered, window= on a change): the same pictures.
     browser.find_element(By.ID, "server-render").click()
-    served = wait(browser, "the server's rendering", lambda d: state(d) if (
-        state(d)["timing"] or {}).get("mode") == "rendered" else None)
-    assert served["shown"]["center"] == own[0] and served["shown"]["width"] == own[1]
-    assert_shows(canvas_gray(browser), image, served["view"], max_mean_error=1.0, min_correlation=0.99)
+    wait(browser, "the server's rendering", lambda d: (state(d)["timing"] or {}).get("mode") == "rendered")
+    check_canvas(browser, image, window=own)
     type_into(browser.find_element(By.ID, "wc"), f"{narrower[0]:g}")
     type_into(browser.find_element(By.ID, "ww"), f"{narrower[1]:g}")
-    served = wait(browser, "the server's rendering of the typed window", lambda d: state(d) if (
-        (shown := state(d)["shown"]) and (shown["center"], shown["width"]) == narrower) else None)
-    assert_shows(canvas_gray(browser), reference(study_files[0], narrower), served["view"],
-                 max_mean_error=1.0, min_correlation=0.99)
+    showing(browser, narrower)
+    check_canvas(browser, reference(study_files[0], narrower), window=narrower)
     browser.find_element(By.ID, "server-render").click()
     wait(browser, "the page's own windowing again", lambda d: (state(d)["timing"] or {}).get("mode") == "frames")
 
@@ -439,8 +443,7 @@ def test_with_a_token_a_lossless_mammogram_is_drawn_windowed_and_zoomed(
     study = pydicom.dcmread(unwindowed[0], stop_before_pixels=True).StudyInstanceUID
     plain = open_study(browser, study)
     assert plain["window"]["fn"] == "LINEAR_EXACT"
-    assert_shows(canvas_gray(browser), reference(file_of(phantoms, study)[0]), plain["view"],
-                 max_mean_error=1.0, min_correlation=0.99)
+    check_canvas(browser, reference(file_of(phantoms, study)[0]))
 
 
 def test_on_a_trusted_loopback_a_latent_study_is_drawn_and_labelled_lossy(
@@ -457,8 +460,7 @@ def test_on_a_trusted_loopback_a_latent_study_is_drawn_and_labelled_lossy(
     shown = open_study(browser, second.StudyInstanceUID)
     assert shown["mode"] == "frames" and (shown["rows"], shown["cols"]) == SIZE
     # The reconstruction, not the original: close to it, windowed the same way.
-    canvas = canvas_gray(browser)
-    assert_shows(canvas, reference(file_of(phantoms, second.StudyInstanceUID)[0]), shown["view"],
+    check_canvas(browser, reference(file_of(phantoms, second.StudyInstanceUID)[0]),
                  max_mean_error=40.0, min_correlation=0.8)
 
     series = dict((sop, series) for series, sop in _effective(latent_node, second.StudyInstanceUID))
