@@ -230,14 +230,16 @@ def test_rendered_png_applies_the_window_and_jpeg_and_viewport(
         shown = np.asarray(image)
         assert shown.std() > 5  # not blank
         values = original.pixel_array
-        center, width = float(np.median(values)), float(np.percentile(values, 90) - np.percentile(values, 10))
+        center = float(round(np.median(values)))
+        width = float(round(np.percentile(values, 90) - np.percentile(values, 10)))
         windowed = np.asarray(Image.open(io.BytesIO(client.retrieve_instance_rendered(
             *uids, media_types=("image/png",),
             params={"window": f"{center:g},{width:g},linear"}))))
         expected = _expected_linear(values, center, width)
         if original.PhotometricInterpretation == "MONOCHROME1":
             expected = 255 - expected
-        low, high = np.unravel_index(values.argmin(), values.shape), np.unravel_index(values.argmax(), values.shape)
+        low = np.unravel_index(values.argmin(), values.shape)
+        high = np.unravel_index(values.argmax(), values.shape)
         middle = np.unravel_index(np.abs(values - center).argmin(), values.shape)
         for where in (low, high, middle, (SIZE[0] // 2, SIZE[1] // 2), (10, 10)):
             assert windowed[where] == expected[where], (path.name, where)
@@ -286,8 +288,9 @@ def test_refusals_name_the_http_status(lossless: WebNode, images: list[Path]) ->
     assert lossless.request("GET", f"{study}/series/{'1' * 65}").status == 400
     jpeg_baseline = 'multipart/related; type="application/dicom"; transfer-syntax=1.2.840.10008.1.2.4.50'
     assert lossless.request("GET", study, headers={"Accept": jpeg_baseline}).status == 406
-    assert lossless.request("GET", instance + "/rendered", headers={"Accept": "text/html"}).status == 406
-    assert lossless.request("GET", instance + "/metadata", headers={"Accept": "application/dicom"}).status == 406
+    for path, accept in (("/rendered", "text/html"), ("/metadata", "application/dicom"),
+                         ("/frames/1", "image/jpeg")):
+        assert lossless.request("GET", instance + path, headers={"Accept": accept}).status == 406
     assert lossless.request("GET", instance + "/rendered?window=abc").status == 400
     assert lossless.request("GET", instance + "/rendered?quality=0").status == 400
     unauthenticated = lossless.request("GET", study, token=None)

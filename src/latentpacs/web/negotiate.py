@@ -246,7 +246,7 @@ def metadata_acceptable(header: str | None) -> None:
         406 when neither ``application/dicom+json`` nor ``application/json`` is acceptable.
     """
     for media in parse_accept(header):
-        if media.q > 0 and (_matches(media.inner, DICOM_JSON) or _matches(media.inner, "application/json")):
+        if media.q > 0 and any(_matches(media.inner, kind) for kind in (DICOM_JSON, "application/json")):
             return
     raise _not_acceptable(header, "metadata (application/dicom+json)")
 

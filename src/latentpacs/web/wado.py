@@ -13,8 +13,9 @@ Answers are streamed: ``multipart/related`` parts (:mod:`latentpacs.web.multipar
 produced one at a time while at most ``PREFETCH_DEPTH`` further instances decode ahead.
 An instance that fails (too many pixels, no decode slot, a damaged stream) is left out
 and logged, as a failed C-GET sub-operation is; when none could be returned, the
-failure is the HTTP status (the first part is produced before the status line is sent). Endpoints and body iterators are plain functions: Starlette
-runs them on worker threads, so archive reads and decodes never block the event loop.
+failure is the HTTP status (the first part is produced before the status line is
+sent). Endpoints and body iterators are plain functions: Starlette runs them on worker
+threads, so archive reads and decodes never block the event loop.
 
 Metadata (PS3.18 10.4.1.1.2, F.2) is built from the archived header and overrides
 without decoding pixels: the header of the returned object is the archived header
@@ -123,8 +124,8 @@ def matched(ctx: WebContext, resource: Target) -> list[int]:
     """
     rows = ctx.service.matches(resource.level, resource.identifier(), root="STUDY")
     if not rows:
-        raise NotFoundError(f"no {resource.level.lower()} {resource.instance or resource.series or resource.study} "
-                            "is archived")
+        uid = resource.instance or resource.series or resource.study
+        raise NotFoundError(f"no {resource.level.lower()} {uid} is archived")
     return rows
 
 
