@@ -35,6 +35,8 @@ from selenium import webdriver
 from selenium.common.exceptions import TimeoutException
 from selenium.webdriver.chrome.service import Service as ChromeService
 from selenium.webdriver.common.action_chains import ActionChains
+from selenium.webdriver.common.actions.action_builder import ActionBuilder
+from selenium.webdriver.common.actions.mouse_button import MouseButton
 from selenium.webdriver.common.actions.wheel_input import ScrollOrigin
 from selenium.webdriver.common.by import By
 from selenium.webdriver.common.keys import Keys
@@ -397,6 +399,18 @@ def test_with_a_token_a_lossless_mammogram_is_drawn_windowed_and_zoomed(
     assert dragged["view"] == before["view"], "a window drag moved the image"
     dragged_window = (dragged["shown"]["center"], dragged["shown"]["width"])
     check_canvas(browser, reference(study_files[0], dragged_window), window=dragged_window)
+    # The same with the right button: up and to the left lowers the center and narrows.
+    right = ActionBuilder(browser)
+    right.pointer_action.move_to(view).pointer_down(MouseButton.RIGHT).move_by(-50, -30) \
+        .pointer_up(MouseButton.RIGHT)
+    right.perform()
+    right_dragged = wait(browser, "a right-dragged window", lambda d: state(d) if (
+        state(d)["window"]["width"] < dragged_window[1] and not d.find_elements(By.CSS_SELECTOR, "#view.windowing"))
+        else None)
+    right_window = (right_dragged["window"]["center"], right_dragged["window"]["width"])
+    showing(browser, right_window)
+    assert right_window[0] < dragged_window[0], "dragging up did not lower the center"
+    check_canvas(browser, reference(study_files[0], right_window), window=right_window)
 
     # Reset: the image's own window again, fitted.
     browser.find_element(By.ID, "reset").click()
