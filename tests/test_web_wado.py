@@ -176,7 +176,7 @@ def test_metadata_is_the_returned_header_with_pixel_data_as_bulk_data(
     sent = {tag: element for tag, element in returned.to_json_dict().items() if tag != "7FE00010"}
     assert {tag: element for tag, element in meta.items() if tag != "7FE00010"} == sent
     uri = meta["7FE00010"]["BulkDataURI"]
-    assert uri.endswith(f"/instances/{sop}/bulkdata/7FE00010")
+    assert uri == f"{latent.dicomweb}/studies/{study}/series/{series}/instances/{sop}/bulkdata/7FE00010"
     (pixels,) = client.retrieve_bulkdata(uri)
     assert _digest(pixels) == _digest(returned.PixelData)
     assert pydicom.Dataset.from_json(

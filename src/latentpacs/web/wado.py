@@ -50,6 +50,7 @@ from latentpacs.uid import is_valid_uid
 from latentpacs.web import multipart, negotiate, render
 from latentpacs.web.auth import authorize
 from latentpacs.web.context import BASE_PATH, WebContext, context
+from latentpacs.web.qido import wado_base
 
 logger = logging.getLogger(__name__)
 
@@ -130,16 +131,9 @@ def matched(ctx: WebContext, resource: Target) -> list[int]:
 
 
 def _base(request: Request) -> str:
-    """The DICOMweb base URL of the request, for BulkDataURI and Content-Location.
-
-    From the Host header; a Host without a port (dicomweb-client 0.61 sends one) gets
-    the port the server accepted the connection on, unless that is the scheme's default.
-    """
-    url = request.base_url
-    server = request.scope.get("server")
-    if url.port is None and server and server[1] not in (None, 80 if url.scheme == "http" else 443):
-        url = url.replace(port=int(server[1]))
-    return str(url).rstrip("/") + BASE_PATH
+    """The DICOMweb base URL of BulkDataURI and Content-Location: the one of Retrieve URLs
+    (:func:`latentpacs.web.qido.wado_base`, ``web.public_url`` when set)."""
+    return wado_base(request)
 
 
 def _instance_url(request: Request, header: dict[str, Any]) -> str:
