@@ -113,6 +113,9 @@ def test_a_wheel_install_lists_and_loads_the_shipped_models(
         installed = target / "latentpacs" / "models" / f"{name}.safetensors"
         assert installed.read_bytes() == (REPO / "models" / f"{name}.safetensors").read_bytes()
     assert Path(seen["retired"][retired.sha256]).parent == target / "latentpacs" / "models" / "retired"
+    for name in ("index.html", "viewer.js", "viewer.css"):  # the viewer works from a plain install
+        installed = target / "latentpacs" / "web" / "static" / name
+        assert installed.read_bytes() == (REPO / "src" / "latentpacs" / "web" / "static" / name).read_bytes()
 
 
 def test_the_sdist_carries_the_models(built: tuple[Path, Path, ModelCard]) -> None:
