@@ -181,8 +181,17 @@ def stow(target: Target, request: Multipart, expected: int) -> float:
     return answer.seconds
 
 
-def wado(target: Target, study_uid: str, syntax: str, expected: int) -> tuple[float, Counter[str]]:
-    """WADO-RS the study in ``syntax`` (``*``: as the server keeps it); seconds and syntaxes received.
+@dataclass(frozen=True)
+class Retrieved:
+    """One WADO-RS retrieval: seconds, bytes of the answer's body, transfer syntaxes received."""
+
+    seconds: float
+    body_bytes: int
+    syntaxes: Counter[str]
+
+
+def wado(target: Target, study_uid: str, syntax: str, expected: int) -> Retrieved:
+    """WADO-RS the study in ``syntax`` (``*``: as the server keeps it).
 
     BenchError unless ``expected`` parts arrive, each a DICOM object (in ``syntax``
     unless ``*``).
@@ -201,7 +210,7 @@ def wado(target: Target, study_uid: str, syntax: str, expected: int) -> tuple[fl
         syntaxes[str(meta.TransferSyntaxUID)] += 1
     if syntax != "*" and set(syntaxes) != {syntax}:
         raise BenchError(f"WADO-RS from {target.name}: asked for {syntax}, got {dict(syntaxes)}")
-    return answer.seconds, syntaxes
+    return Retrieved(answer.seconds, len(answer.body), syntaxes)
 
 
 @dataclass(frozen=True)
@@ -298,19 +307,20 @@ def _wado_rounds(plan: WebPlan, targets: Sequence[Target], syntax: str, bar: tqd
     phase = WADO_ANY if syntax == "*" else WADO
     count = len(plan.study.files)
     runs: dict[str, list[float]] = {t.name: [] for t in targets}
-    received: dict[str, Counter[str]] = {}
+    last: dict[str, Retrieved] = {}
     for _ in range(plan.repeats):
         for target in targets:
             bar.set_postfix_str(f"{phase}: {target.name}")
             os.sync()
-            seconds, received[target.name] = wado(target, plan.study.study_uid, syntax, count)
-            runs[target.name].append(seconds)
+            last[target.name] = wado(target, plan.study.study_uid, syntax, count)
+            runs[target.name].append(last[target.name].seconds)
             bar.update(1)
     results = Results()
     for target in targets:
+        got = last[target.name]
         notes: dict[str, float | int | str] = {
-            "accept_transfer_syntax": syntax,
-            "received": ", ".join(f"{uid} x{n}" for uid, n in sorted(received[target.name].items()))}
+            "accept_transfer_syntax": syntax, "body_mb": round(got.body_bytes / 1e6, 1),
+            "received": ", ".join(f"{uid} x{n}" for uid, n in sorted(got.syntaxes.items()))}
         results.timings.append(Timing(phase, target.name, count, plan.study.pixel_mb,
                                       tuple(runs[target.name]), notes))
         results.memory.append(Memory(phase, target.name, target.server.peak_memory_kib()))
@@ -371,7 +381,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     work = args.work or Path(tempfile.mkdtemp(prefix="latentpacs-bench-web-"))
     token = secrets.token_urlsafe(24)
     extra = {k: (int(v) if v.isdigit() else v) for k, v in (s.split("=", 1) for s in args.node_setting)}
-    report: dict[str, object] = {"machine": machine(), "args": {k: str(v) for k, v in vars(args).items()}}
+    report: dict[str, object] = {"machine": machine(), "args": {k: str(v) for k, v in vars(args).items()},
+                                 "loadavg_start": os.getloadavg()}
     started = time.perf_counter()
     with tqdm(total=1, desc="bench_web") as bar:
         bar.set_postfix_str("images")
@@ -382,6 +393,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         results = run_web(plan, token, bar)
     timings, memory = results.timings, with_overall(results.memory)
     report["wall_s"] = time.perf_counter() - started
+    report["loadavg_end"] = os.getloadavg()
     report["timings"] = [t.as_json() for t in timings]
     report["ratios"] = {r.name: r.value for r in speed_ratios(timings)}
     report["memory"] = [{"phase": m.phase, "server": m.server, "peak_mib": m.peak_mib} for m in memory]
