@@ -23,6 +23,8 @@ server, it measures
   and once with ``transfer-syntax=*`` (each server sends what it keeps: the lossless node
   its JPEG-LS streams); the time runs to the last byte; every part must be a DICOM
   object, one per instance, in the syntax asked for.
+* for reference, C-GET of the same study from the same servers (DCMTK ``getscu``,
+  native, 16 KiB PDUs, as ``bench.py`` runs it): what the DIMSE path costs in this run.
 
 The node's requests carry a bearer token with store, query and retrieve (as a client
 would); Orthanc runs without authentication. Every phase runs ``--repeats`` times,
@@ -40,6 +42,7 @@ import json
 import logging
 import os
 import secrets
+import shutil
 import sys
 import tempfile
 import time
@@ -53,8 +56,18 @@ from pathlib import Path
 import pydicom
 from bench import machine, make_study
 from bench_network import ImageSet
-from bench_peers import HOST, BenchError, Server, start_node, start_orthanc, stored_instances, wait_until_coded
+from bench_peers import (
+    HOST,
+    BenchError,
+    Server,
+    getscu_study,
+    start_node,
+    start_orthanc,
+    stored_instances,
+    wait_until_coded,
+)
 from bench_report import (
+    GET,
     NODE_PREFIX,
     STOW,
     STOW_CODED,
@@ -228,8 +241,8 @@ class WebPlan:
         return ["orthanc", *self.nodes]
 
     def steps(self) -> int:
-        """Progress-bar steps: one STOW and two WADO-RS per server and repetition."""
-        return 3 * self.repeats * len(self.targets)
+        """Progress-bar steps: one STOW, two WADO-RS and one C-GET per server and repetition."""
+        return 4 * self.repeats * len(self.targets)
 
 
 def node_settings(tiers: Sequence[str], extra: Mapping[str, str | int],
@@ -327,16 +340,40 @@ def _wado_rounds(plan: WebPlan, targets: Sequence[Target], syntax: str, bar: tqd
     return results
 
 
+def _get_rounds(plan: WebPlan, targets: Sequence[Target], bar: tqdm) -> Results:
+    """C-GET the study from each of ``targets`` ``repeats`` times (the DIMSE reference)."""
+    count = len(plan.study.files)
+    runs: dict[str, list[float]] = {t.name: [] for t in targets}
+    for rep in range(plan.repeats):
+        for target in targets:
+            bar.set_postfix_str(f"{GET}: {target.name}")
+            out = plan.work / "c-get" / f"{target.name}-{rep}"
+            os.sync()
+            runs[target.name].append(getscu_study(target.server, plan.study.study_uid, out))
+            got = len(list(out.iterdir()))
+            shutil.rmtree(out)
+            if got != count:
+                raise BenchError(f"C-GET from {target.name} returned {got} of {count} images")
+            bar.update(1)
+    results = Results()
+    for target in targets:
+        results.timings.append(Timing(GET, target.name, count, plan.study.pixel_mb,
+                                      tuple(runs[target.name]), {"getscu_max_pdu": 16384}))
+        results.memory.append(Memory(GET, target.name, target.server.peak_memory_kib()))
+    return results
+
+
 def run_web(plan: WebPlan, token: str, bar: tqdm) -> Results:
-    """STOW-RS, then WADO-RS in both syntaxes; every server started is stopped by its PID."""
+    """STOW-RS, WADO-RS in both syntaxes, C-GET; every server started is stopped by its PID."""
     request = stow_body(plan.study.files)
     results = Results()
     with ExitStack() as stack:
         stowed, kept = _stow_rounds(plan, request, token, bar, stack)
         results.timings += stowed.timings
         results.memory += stowed.memory
-        for syntax in (EXPLICIT_VR_LE, "*"):
-            done = _wado_rounds(plan, kept, syntax, bar)
+        retrievals = [_wado_rounds(plan, kept, EXPLICIT_VR_LE, bar), _wado_rounds(plan, kept, "*", bar),
+                      _get_rounds(plan, kept, bar)]
+        for done in retrievals:
             results.timings += done.timings
             results.memory += done.memory
     return results
