@@ -4,7 +4,9 @@ The node's web server is configured in Orthanc as a DICOMweb server (``DicomWeb.
 with the node's URL and a bearer token in ``HttpHeaders``), the way a site would set it
 up. Orthanc pushes the study with the plugin's ``/stow`` (STOW-RS, PS3.18 10.5), asks
 the node with ``/qido`` (QIDO-RS, 10.6), forgets its copy, and takes the study back with
-``/retrieve`` (WADO-RS, 10.4): what Orthanc then holds is what the node sent.
+``/retrieve`` (WADO-RS, 10.4): what Orthanc then holds is what the node sent, and it
+must be what C-GET returns (the same SOP Instance UIDs and pixels): at ``lossless`` the
+pixels that were sent, byte for byte; at ``latent`` the derived objects C-FIND lists.
 """
 
 from __future__ import annotations
@@ -18,7 +20,7 @@ import pydicom
 import pytest
 
 from latentpacs import phantom
-from netpeers import DicomWebPeer, Orthanc, findscu, start_orthanc
+from netpeers import DicomWebPeer, Orthanc, findscu, getscu, start_orthanc
 from webpeers import start_web_node
 
 #: What Orthanc's token may do: everything its DICOMweb client asks for.
@@ -78,7 +80,13 @@ def test_orthanc_stows_queries_and_retrieves(tmp_path: Path, tier: str) -> None:
             retrieved = viewer.retrieve_from("latentpacs", study_uid)
             assert int(retrieved["ReceivedInstancesCount"]) == len(sources), retrieved
             received = [pydicom.dcmread(BytesIO(viewer.file(oid))) for oid in viewer.instances()]
-    assert {str(ds.SOPInstanceUID) for ds in received} == listed
+            got = getscu(web.node.port, web.node.aet, "STUDY", {"StudyInstanceUID": study_uid},
+                         tmp_path / "c-get")
+            by_get = {str(ds.SOPInstanceUID): ds for ds in map(pydicom.dcmread, got.files)}
+    assert {str(ds.SOPInstanceUID) for ds in received} == listed == set(by_get)
+    # What Orthanc took by WADO-RS is what C-GET returns: the same objects, the same pixels.
+    for ds in received:
+        assert _native_pixel_bytes(ds) == _native_pixel_bytes(by_get[str(ds.SOPInstanceUID)])
     assert all(str(ds.StudyInstanceUID) == study_uid for ds in received)
     if tier == "lossless":
         assert listed == set(originals)
