@@ -13,7 +13,6 @@ gets 403. Every route calls :func:`authorize` before it reads or writes any data
 from __future__ import annotations
 
 import hashlib
-import ipaddress
 import logging
 from dataclasses import dataclass
 
@@ -21,6 +20,7 @@ from starlette.exceptions import HTTPException
 from starlette.requests import HTTPConnection
 
 from latentpacs.config import WEB_PERMISSIONS, Config, WebToken
+from latentpacs.node.peers import Requestor
 
 logger = logging.getLogger(__name__)
 
@@ -42,15 +42,8 @@ def token_sha256(token: str) -> str:
 
 
 def _is_loopback(host: str | None) -> bool:
-    if not host:
-        return False
-    try:
-        address = ipaddress.ip_address(host.split("%", 1)[0])
-    except ValueError:
-        return False
-    if isinstance(address, ipaddress.IPv6Address) and address.ipv4_mapped is not None:
-        return address.ipv4_mapped.is_loopback
-    return address.is_loopback
+    """Whether ``host`` is a loopback address: the DIMSE rule (:class:`Requestor`), applied once."""
+    return bool(host) and Requestor(ae_title="", address=str(host)).is_loopback
 
 
 class Authenticator:
