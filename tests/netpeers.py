@@ -368,7 +368,9 @@ class Orthanc(_Stoppable):
         """STOW-RS ``resources`` (Orthanc ids, any level) to the DICOMweb server ``server``.
 
         The plugin's ``POST /dicom-web/servers/{server}/stow``, synchronously; an HTTP
-        error (the remote server refused the request) fails the test.
+        error (the remote server refused the request) fails the test. Plugin 1.7 sends
+        ``POST {url}/studies`` with ``Transfer-Encoding: chunked``, a 73-character
+        boundary (two UUIDs joined by ``-``) and a Content-Length header in each part.
         """
         return dict(self.rest("POST", f"{DICOMWEB_ROOT}/servers/{server}/stow",
                               {"Resources": resources, "Synchronous": True}))
@@ -376,8 +378,10 @@ class Orthanc(_Stoppable):
     def retrieve_from(self, server: str, study_uid: str) -> Any:
         """WADO-RS retrieve of one study from ``server`` into Orthanc, synchronously.
 
-        The plugin's ``POST /dicom-web/servers/{server}/retrieve`` with ``{"Study": uid}``;
-        the objects arrive as the remote server sends them and are stored here.
+        The plugin's ``POST /dicom-web/servers/{server}/retrieve`` with ``{"Study": uid}``:
+        ``GET {url}/studies/{uid}`` with ``Accept: multipart/related;
+        type="application/dicom"; transfer-syntax=*`` (the plugin's default
+        ``HasWadoRsUniversalTransferSyntax``); the objects are stored as they arrive.
         """
         return self.rest("POST", f"{DICOMWEB_ROOT}/servers/{server}/retrieve",
                          {"Resources": [{"Study": study_uid}], "Synchronous": True})
@@ -385,8 +389,9 @@ class Orthanc(_Stoppable):
     def qido_from(self, server: str, uri: str, arguments: Mapping[str, str]) -> list[dict[str, Any]]:
         """QIDO-RS ``uri`` (e.g. ``/studies``) with ``arguments`` on ``server``, through the plugin.
 
-        ``POST /dicom-web/servers/{server}/qido``; returns the DICOM JSON answers
-        (PS3.18 F.2) as the remote server gave them.
+        ``POST /dicom-web/servers/{server}/qido`` (the plugin asks with ``Accept: */*``);
+        returns the answers as the plugin gives them back: per tag ``{"Value": ...,
+        "vr": ...}`` with one value as a string.
         """
         return list(self.rest("POST", f"{DICOMWEB_ROOT}/servers/{server}/qido",
                               {"Uri": uri, "Arguments": dict(arguments)}))
