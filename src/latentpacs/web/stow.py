@@ -144,8 +144,10 @@ def boundary_of(content_type: str) -> str:
         raise HTTPException(415, f"only {APPLICATION_DICOM} parts are stored (PS3.10 files), "
                                  f"not {part_type}")
     boundary = parameters.get("boundary", "")
-    if not 1 <= len(boundary) <= 70:
-        raise HTTPException(400, "multipart/related needs a boundary of 1 to 70 characters")
+    # RFC 2046 5.1.1 says at most 70 characters, but a receiver is lenient: Orthanc's
+    # DICOMweb plugin (1.7) sends 73, two UUIDs joined by "-" (tests/test_web_orthanc.py).
+    if not 1 <= len(boundary) <= 256:
+        raise HTTPException(400, "multipart/related needs a boundary of 1 to 256 characters")
     return boundary
 
 
