@@ -356,9 +356,10 @@ def cmd_db_upgrade(args: argparse.Namespace) -> int:
 
 def cmd_archive_stats(args: argparse.Namespace) -> int:
     from latentpacs.archive import Archive
+    from latentpacs.archive.blobs import configured_stream_store
 
     config = _config(args)
-    with Archive(config.database_url, blob_dir=Path(config["archive.data_dir"]) / "blobs") as archive:
+    with Archive(config.database_url, blob_store=configured_stream_store(config)) as archive:
         stats = archive.stats()
     if args.json:
         print(json.dumps({
@@ -474,7 +475,10 @@ def cmd_archive_export(args: argparse.Namespace) -> int:
 def cmd_config_show(args: argparse.Namespace) -> int:
     config = _config(args)
     for setting in SETTINGS:
-        print(f"{setting.name:<32} {config[setting.name]!r:<28} {setting.env_var}")
+        value = config[setting.name]
+        if setting.name.endswith("secret_access_key") and value:
+            value = "(set)"  # a credential is never printed
+        print(f"{setting.name:<32} {value!r:<28} {setting.env_var}")
     for dest in config.destinations.values():
         print(f"destinations.{dest.aet:<19} {dest.host}:{dest.port}")
     return EXIT_OK

@@ -48,6 +48,15 @@ SETTINGS: tuple[Setting, ...] = (
     Setting("archive.database", "", str, "SQLAlchemy URL; empty: sqlite:///<data_dir>/archive.db"),
     Setting("archive.data_dir", "./latentpacs-data", str, "directory for the SQLite file and blobs"),
     Setting("archive.duplicates", "keep", str, "re-sent instance policy: keep | replace | reject"),
+    Setting("archive.blobs", "", str, "where streams above 64 KiB go: s3://bucket/prefix (an "
+            "S3-compatible bucket) or a directory; empty: <data_dir>/blobs"),
+    Setting("archive.s3_endpoint", "", str, "URL of the S3-compatible server (path-style); "
+            "empty: AWS's endpoint for the region"),
+    Setting("archive.s3_region", "", str, "S3 region; empty: boto3's default (AWS_DEFAULT_REGION)"),
+    Setting("archive.s3_access_key_id", "", str, "S3 access key; empty: boto3's standard chain "
+            "(AWS_ACCESS_KEY_ID, ~/.aws/credentials, instance role)"),
+    Setting("archive.s3_secret_access_key", "", str, "S3 secret key; empty: boto3's standard "
+            "chain (AWS_SECRET_ACCESS_KEY...)"),
     Setting("codec.model", "ae", str, "model name (in models_dir) used for new images"),
     Setting("codec.tier", "latent", str, "fidelity tier: latent | lossless | near-lossless:K"),
     Setting("codec.coder", "jpeg-ls", str, "stream coder of the lossless and near-lossless tiers"),
@@ -267,6 +276,11 @@ def load_config(
         raise ConfigError(
             f"archive.duplicates must be keep, replace or reject, not {values['archive.duplicates']!r}"
         )
+    blobs = values["archive.blobs"]
+    if blobs.startswith("s3://") and not blobs[len("s3://"):].partition("/")[0]:
+        raise ConfigError(f"archive.blobs {blobs!r} names no bucket (s3://bucket/prefix)")
+    if "://" in blobs and not blobs.startswith("s3://"):
+        raise ConfigError(f"archive.blobs {blobs!r}: a directory or s3://bucket/prefix")
     if bool(values["security.tls_cert"]) != bool(values["security.tls_key"]):
         raise ConfigError("security.tls_cert and security.tls_key must be set together")
     if values["security.tls_require_client_cert"] and not values["security.tls_ca"]:

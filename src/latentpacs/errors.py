@@ -159,6 +159,16 @@ class StreamHashError(ArchiveError):
     status = Status.PROCESSING_FAILURE
 
 
+class ObjectStoreError(ArchiveError):
+    """The S3-compatible object store was unreachable, timed out or refused a request.
+
+    Nothing was committed (PS3.4 B.2.3: Refused, Out of Resources, A700); the ErrorComment
+    names the S3 operation and the failure.
+    """
+
+    status = Status.OUT_OF_RESOURCES
+
+
 class DuplicateInstanceError(LatentPacsError):
     """A re-sent SOP Instance was refused under the ``reject`` duplicate policy."""
 

@@ -22,6 +22,7 @@ from pydicom.dataset import Dataset
 
 from latentpacs import metrics
 from latentpacs.archive import Archive, ArchivedImage, DuplicatePolicy, StoreResult
+from latentpacs.archive.blobs import configured_stream_store
 from latentpacs.codec.streams import DEFAULT_CODER, get_coder
 from latentpacs.codec.tiers import Tier
 from latentpacs.config import Config
@@ -406,7 +407,7 @@ def open_service(config: Config, *, background: bool = False) -> Service:
     """
     data_dir = Path(config["archive.data_dir"])
     data_dir.mkdir(parents=True, exist_ok=True)
-    archive = Archive(config.database_url, blob_dir=data_dir / "blobs")
+    archive = Archive(config.database_url, blob_store=configured_stream_store(config))
     try:
         engines = open_engines(config)
         service = Service(

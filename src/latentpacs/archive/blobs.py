@@ -15,10 +15,16 @@ that same lock, that its blob is still there (:meth:`BlobStore.present`), writin
 again when it is not. This module only offers the file operations, and it only ever
 touches names that it makes: 64 lower-case hex digits, or ``.incoming-`` plus the
 suffix :func:`tempfile.mkstemp` picks. A blob directory belongs to one archive database.
+
+:class:`StreamStore` is the contract the archive relies on; :class:`BlobStore` (this
+directory) is the embedded default, :class:`latentpacs.archive.s3.S3BlobStore` an
+S3-compatible bucket (``archive.blobs = "s3://bucket/prefix"``); :func:`open_stream_store`
+picks one from the settings and imports boto3 only for an ``s3://`` URL.
 """
 
 from __future__ import annotations
 
+import errno
 import fcntl
 import hashlib
 import logging
@@ -27,8 +33,12 @@ import re
 import tempfile
 from collections.abc import Iterator
 from pathlib import Path
+from typing import TYPE_CHECKING, Protocol
 
-from latentpacs.errors import ArchiveError, StreamHashError
+from latentpacs.errors import ArchiveError, ConfigError, StreamHashError
+
+if TYPE_CHECKING:
+    from latentpacs.config import Config
 
 logger = logging.getLogger(__name__)
 
@@ -41,6 +51,96 @@ BLOB_NAME = re.compile(r"[0-9a-f]{64}")
 #: The name of a temporary file made by :meth:`BlobStore.put`.
 TEMP_NAME = re.compile(re.escape(TEMP_PREFIX) + r"[A-Za-z0-9_]+")
 _WRITE_ATTEMPTS = 2
+#: The URL scheme of an S3-compatible object store in ``archive.blobs``.
+S3_SCHEME = "s3://"
+
+
+class StreamStore(Protocol):
+    """What :class:`latentpacs.archive.db.Archive` needs of a stream store.
+
+    Names are the streams' SHA-256 (64 lower-case hex digits), the same in every store, so
+    a row does not depend on where its stream lives. ``put`` returns only once the stream
+    is durable and checked (PS3.4 B.2.3: Success only once the instance is durable);
+    ``get`` raises :class:`~latentpacs.errors.StreamHashError` for content that no longer
+    matches; every other failure is an :class:`~latentpacs.errors.ArchiveError`.
+    """
+
+    @property
+    def location(self) -> str:
+        """Where the streams live, for log lines: a directory or an ``s3://`` URL."""
+        ...
+
+    def put(self, data: bytes, sha256: str | None = None) -> tuple[str, str]:
+        """Store ``data`` durably; returns (name, sha256 hex)."""
+        ...
+
+    def present(self, relative_path: str, size: int) -> bool:
+        """Whether the stream exists with ``size`` bytes."""
+        ...
+
+    def get(self, relative_path: str, sha256: str) -> bytes:
+        """The stream's bytes, checked against ``sha256``."""
+        ...
+
+    def names(self) -> Iterator[str]:
+        """Every finished stream's name."""
+        ...
+
+    def remove(self, relative_path: str) -> bool:
+        """Delete a stream no row names (the caller holds its lock); whether one was removed."""
+        ...
+
+    def remove_temporaries(self) -> int:
+        """Delete leftovers of writers that died; returns how many."""
+        ...
+
+
+def open_stream_store(blobs: str, data_dir: Path, *, s3_endpoint: str = "",
+                      s3_region: str = "", s3_access_key_id: str = "",
+                      s3_secret_access_key: str = "") -> StreamStore:
+    """The stream store the ``archive.blobs`` setting names.
+
+    Empty: the directory ``data_dir/blobs``; ``s3://bucket/prefix``: that bucket
+    (:class:`latentpacs.archive.s3.S3BlobStore`, credentials from the arguments or, when
+    empty, boto3's standard chain); anything else: a local directory path.
+
+    Raises
+    ------
+    ConfigError
+        For an ``s3://`` URL without a bucket, or another URL scheme.
+    ArchiveError
+        When the directory cannot be created or the object store client cannot be made.
+    """
+    if blobs.startswith(S3_SCHEME):
+        from latentpacs.archive.s3 import S3BlobStore
+
+        return S3BlobStore(blobs, endpoint=s3_endpoint, region=s3_region,
+                           access_key_id=s3_access_key_id,
+                           secret_access_key=s3_secret_access_key)
+    if "://" in blobs:
+        raise ConfigError(f"archive.blobs {blobs!r}: a directory or s3://bucket/prefix")
+    return BlobStore(Path(blobs) if blobs else data_dir / "blobs")
+
+
+def configured_stream_store(config: Config) -> StreamStore:
+    """The stream store of a node's settings (``archive.blobs``, ``archive.s3_*``)."""
+    return open_stream_store(
+        config["archive.blobs"], Path(config["archive.data_dir"]),
+        s3_endpoint=config["archive.s3_endpoint"], s3_region=config["archive.s3_region"],
+        s3_access_key_id=config["archive.s3_access_key_id"],
+        s3_secret_access_key=config["archive.s3_secret_access_key"])
+
+
+def _write_failure(exc: OSError) -> str:
+    """The message (and so the ErrorComment, PS3.7 C.4) for a blob that could not be written.
+
+    It fits the 64 characters of an ErrorComment and says first what an operator must fix:
+    a full disk (ENOSPC) or quota (EDQUOT) names the archive's data disk.
+    """
+    reason = exc.strerror or exc.__class__.__name__
+    if exc.errno in (errno.ENOSPC, errno.EDQUOT):
+        return f"archive data disk full ({reason}); not stored"
+    return f"cannot write stream blob ({reason}); not stored"
 
 
 class BlobStore:
@@ -58,6 +158,11 @@ class BlobStore:
             self.root.mkdir(parents=True, exist_ok=True)
         except OSError as exc:
             raise ArchiveError(f"cannot create blob directory {self.root}: {exc}") from exc
+
+    @property
+    def location(self) -> str:
+        """The blob directory, for log lines."""
+        return str(self.root)
 
     def put(self, data: bytes, sha256: str | None = None) -> tuple[str, str]:
         """Write ``data`` durably; returns (path relative to the root, sha256 hex).
@@ -90,7 +195,8 @@ class BlobStore:
                         raise
             self._sync_directory()
         except OSError as exc:
-            raise ArchiveError(f"cannot write stream blob {target}: {exc}") from exc
+            logger.error("cannot write stream blob %s: %s", target, exc)
+            raise ArchiveError(_write_failure(exc)) from exc
         logger.debug("wrote blob %s (%d bytes)", digest, len(data))
         return digest, digest
 

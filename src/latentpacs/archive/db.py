@@ -25,7 +25,7 @@ from sqlalchemy.exc import IntegrityError, SQLAlchemyError
 from sqlalchemy.orm import Session
 
 from latentpacs.archive import query, summary
-from latentpacs.archive.blobs import INLINE_LIMIT, BlobStore
+from latentpacs.archive.blobs import INLINE_LIMIT, BlobStore, StreamStore
 from latentpacs.archive.database import IMMEDIATE, make_engine, migrate as run_migrations
 from latentpacs.archive.rows import add_instance, prune, remove_instance, to_image
 from latentpacs.archive.keys import check_level
@@ -88,6 +88,9 @@ class Archive:
         Directory for streams above 64 KiB, written and fsynced before their row
         commits; without one every stream stays inline in the database. It belongs to
         this database alone: opening the archive sweeps it (:meth:`sweep`).
+    blob_store:
+        A stream store to use instead of ``blob_dir`` (e.g. an S3 bucket,
+        :func:`latentpacs.archive.blobs.open_stream_store`); same rules.
     migrate:
         Apply the Alembic migrations up to head first.
     sweep:
@@ -102,10 +105,12 @@ class Archive:
     """
 
     def __init__(self, url: str, *, blob_dir: Path | None = None, migrate: bool = True,
-                 sweep: bool = True) -> None:
+                 sweep: bool = True, blob_store: StreamStore | None = None) -> None:
         self._engine = make_engine(url)
         try:
-            self._blobs = BlobStore(blob_dir) if blob_dir is not None else None
+            self._blobs: StreamStore | None = (
+                blob_store if blob_store is not None
+                else BlobStore(blob_dir) if blob_dir is not None else None)
             if migrate:
                 run_migrations(self._engine)
             if sweep and self._blobs is not None:
@@ -378,7 +383,7 @@ class Archive:
                 removed += sum(self._blobs.remove(blob) for blob in sorted(orphans))
         if removed or temporaries:
             logger.info("swept %d orphan blobs and %d temporary files from %s",
-                        removed, temporaries, self._blobs.root)
+                        removed, temporaries, self._blobs.location)
         return removed, temporaries
 
     @staticmethod
