@@ -12,6 +12,7 @@ nothing half-stored, and stores work again once the server is back, without a re
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import os
 import socket
@@ -137,6 +138,18 @@ def test_an_s3_url_without_a_bucket_is_a_one_line_config_error(tmp_path: Path) -
     assert (tmp_path / "blobs").is_dir()  # the embedded default: <data_dir>/blobs
 
 
+def test_a_node_on_the_local_store_never_imports_boto3(tmp_path: Path) -> None:
+    code = ("import sys; from pathlib import Path; from latentpacs.archive import Archive; "
+            "from latentpacs.archive.blobs import open_stream_store; "
+            f"Archive('sqlite:///{tmp_path / 'a.db'}', blob_store=open_stream_store('', "
+            f"Path({str(tmp_path)!r}))).dispose(); "
+            "print(sorted(m for m in sys.modules if m.split('.')[0] in ('boto3', 'botocore')))")
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                            timeout=120)
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.strip() == "[]"
+
+
 def test_an_object_store_that_refuses_connections_is_a_named_a700_error() -> None:
     # Nothing listens on a port just freed: connection refused, on every attempt.
     store = S3BlobStore(f"s3://{BUCKET}/x", endpoint=f"http://{HOST}:{free_port()}",
@@ -191,6 +204,32 @@ def test_the_archive_on_s3_sweeps_orphans_and_cleans_up_after_a_replace(
         assert [found.stream for found in retrieved(reopened, replacement.sop_instance_uid)] == [
             replacement.stream]
     assert moto.keys(prefix + "/") == sorted([f"{prefix}/{replaced}", f"{prefix}/README"])
+
+
+def test_on_s3_neither_a_replace_nor_another_node_s_sweep_loses_a_stream_being_stored(
+        moto: S3Server, tmp_path: Path) -> None:
+    # test_blobs.py's two interleavings, played on one bucket prefix by two archives.
+    prefix = f"t-{uuid.uuid4().hex[:12]}"
+    url = f"sqlite:///{tmp_path / 'archive.db'}"
+    shared = os.urandom(BIG)
+    first = archived(phantom(*JANE, 1), stream=shared)
+    second = archived(phantom(*JANE, 2), stream=shared)  # another instance, same content
+    with _archive(moto, prefix, url) as a, _archive(moto, prefix, url) as b:
+        assert a.store(first) is StoreResult.STORED
+        placed = b._place_stream(second.stream)  # the object exists: reused
+        replacement = dataclasses.replace(first, stream=os.urandom(BIG))
+        assert a.store(replacement, duplicates=DuplicatePolicy.REPLACE) is StoreResult.REPLACED
+        assert b._store_once(second, DuplicatePolicy.KEEP, *placed)[0] is StoreResult.STORED
+        assert [found.stream for found in retrieved(b, second.sop_instance_uid)] == [shared]
+
+        third = archived(phantom(*JANE, 3), stream=os.urandom(BIG))
+        placed = b._place_stream(third.stream)  # uploaded, not committed
+        with Archive(url, blob_store=_s3_store(moto, prefix)):  # a node starts and sweeps
+            pass
+        assert f"{prefix}/{placed[1]}" not in moto.keys(prefix + "/")  # an orphan then
+        assert b._store_once(third, DuplicatePolicy.KEEP, *placed)[0] is StoreResult.STORED
+        assert f"{prefix}/{placed[1]}" in moto.keys(prefix + "/")  # uploaded again
+        assert [found.stream for found in retrieved(a, third.sop_instance_uid)] == [third.stream]
 
 
 # --- a real node on the bucket -------------------------------------------------------
