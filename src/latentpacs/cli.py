@@ -280,7 +280,15 @@ def cmd_serve(args: argparse.Namespace) -> int:
 
     for signum in (signal.SIGTERM, signal.SIGINT):
         signal.signal(signum, request_stop)
-    node = start_node(config)
+    from latentpacs import audit
+
+    audit.configure(config)  # before the node: its first association is audited
+    try:
+        node = start_node(config)
+    except BaseException:
+        audit.close()
+        raise
+    audit.application_activity(start=True)
     web = None
     try:
         if config["web.enabled"]:
@@ -312,6 +320,8 @@ def cmd_serve(args: argparse.Namespace) -> int:
         if web is not None:
             web.stop()
         node.stop()
+        audit.application_activity(start=False)
+        audit.close()
     print("stopped", flush=True)
     return EXIT_OK
 
@@ -447,6 +457,7 @@ def cmd_archive_import(args: argparse.Namespace) -> int:
 def cmd_archive_export(args: argparse.Namespace) -> int:
     from pydicom.dataset import Dataset
 
+    from latentpacs import audit
     from latentpacs.service import open_service
     from latentpacs.uid import check_uid, uid_file_name
 
@@ -462,12 +473,17 @@ def cmd_archive_export(args: argparse.Namespace) -> int:
             print(f"latentpacs: error: no archived study {args.study}", file=sys.stderr)
             return EXIT_ERROR
         args.out.mkdir(parents=True, exist_ok=True)
+        audit.configure(config)
+        transfer = audit.Transfer()
         for archived in tqdm(matches, desc="export", unit="img", disable=None):
             ds = service.returned(archived)
             ds.save_as(args.out / uid_file_name(str(ds.SOPInstanceUID), ".dcm"),
                        enforce_file_format=True)
+            transfer.add(ds)
+        audit.exported(args.out, transfer)  # PS3.15 A.5.3.6 Export
     finally:
         service.close()
+        audit.close()
     print(f"exported {len(matches)} instance(s) to {args.out}")
     return EXIT_OK
 

@@ -89,6 +89,10 @@ SETTINGS: tuple[Setting, ...] = (
     Setting("web.max_stow_bytes", 2147483648, int, "largest STOW-RS request body, bytes; more: 413"),
     Setting("web.public_url", "", str, "base URL clients reach the web server at, e.g. "
             "https://pacs.example.org (Retrieve URLs); empty: the address the request came in on"),
+    Setting("audit.syslog", "", str, "audit messages (PS3.15 A.5) as RFC 5424 syslog to "
+            "udp://host:port or tcp://host:port; empty: off"),
+    Setting("audit.file", "", str, "audit messages as JSON lines appended to this file; empty: off"),
+    Setting("audit.source_id", "", str, "AuditSourceID of the audit messages; empty: node.aet"),
 )
 #: Permissions a web token can carry (``[web.tokens.NAME] services``), by the DIMSE service
 #: each matches: ``store`` is STOW-RS (C-STORE), ``query`` QIDO-RS (C-FIND), ``retrieve``

@@ -43,7 +43,7 @@ from pynetdicom.sop_class import (  # type: ignore[attr-defined]  # names genera
     Verification,
 )
 
-from latentpacs import metrics
+from latentpacs import audit, metrics
 from latentpacs.config import Config
 from latentpacs.errors import ConfigError
 from latentpacs.node import handlers, pdata
@@ -192,6 +192,7 @@ def _handshake_counted(event: evt.Event) -> None:
     handshake_on_open(event)
     if event.assoc.acse_timeout == 0:
         metrics.refused(metrics.TLS_HANDSHAKE)
+        audit.on_tls_failure(event)
 
 
 def start_node(config: Config) -> Node:
@@ -223,6 +224,9 @@ def start_node(config: Config) -> Node:
         # /metrics: associations accepted and refused, each final response's status
         (evt.EVT_ESTABLISHED, metrics.on_established),
         (evt.EVT_REJECTED, metrics.on_rejected),
+        # audit trail (PS3.15 A.5.3.11 Node Authentication): accepted and refused
+        (evt.EVT_ESTABLISHED, audit.on_established),
+        (evt.EVT_REJECTED, audit.on_rejected),
         (evt.EVT_DIMSE_SENT, metrics.on_dimse_sent),
     ]
     if ssl_context is not None:

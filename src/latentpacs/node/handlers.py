@@ -16,9 +16,15 @@ from typing import Any
 from pydicom.dataset import Dataset
 from pynetdicom import events as evt
 
-from latentpacs import metrics
+from latentpacs import audit, metrics
 from latentpacs.errors import InvalidIdentifierError, LatentPacsError, Status
-from latentpacs.node.peers import DimseService, MoveDestinations, PeerPolicy, refuse_move
+from latentpacs.node.peers import (
+    DimseService,
+    MoveDestinations,
+    PeerPolicy,
+    Requestor,
+    refuse_move,
+)
 from latentpacs.service import Service
 
 logger = logging.getLogger(__name__)
@@ -46,6 +52,16 @@ def _from_error(exc: LatentPacsError) -> Dataset:
     return failure(exc.status, exc.error_comment)
 
 
+def _audit_refused(event: evt.Event, service: DimseService, refused: Dataset) -> None:
+    """Audit a request refused as not authorized (Security Alert, PS3.15 A.5.3.11)."""
+    audit.restricted(Requestor.of(event), service.dimse_name, str(refused.get("ErrorComment", "")))
+
+
+def _peer(event: evt.Event, role: audit.Code | None) -> audit.Participant:
+    """The association requestor as an audit participant (calling AE title, IP address)."""
+    return audit.peer_participant(Requestor.of(event), role)
+
+
 def _level_and_root(event: evt.Event) -> tuple[str, str, Dataset]:
     """The Query/Retrieve Level, information model root and identifier of a request."""
     root = ROOTS.get(str(event.request.AffectedSOPClassUID))
@@ -65,6 +81,7 @@ def handle_echo(event: evt.Event, policy: PeerPolicy) -> int | Dataset:
     """C-ECHO (PS3.4 A.4): Success, for a peer that may echo (0124H otherwise)."""
     refused = policy.refusal(event, DimseService.ECHO)
     if refused is not None:
+        _audit_refused(event, DimseService.ECHO, refused)
         return refused
     return int(Status.SUCCESS)
 
@@ -77,6 +94,7 @@ def handle_store(event: evt.Event, service: Service, policy: PeerPolicy) -> int 
     metrics.received("C-STORE", metrics.store_received_bytes(event))
     refused = policy.refusal(event, DimseService.STORE)
     if refused is not None:
+        _audit_refused(event, DimseService.STORE, refused)
         return refused
     try:
         ds = event.dataset
@@ -97,13 +115,17 @@ def handle_store(event: evt.Event, service: Service, policy: PeerPolicy) -> int 
             "Affected SOP Instance UID differs from the data set's SOP Instance UID",
         )
     try:
-        service.store(ds, received=_received_file(event))
+        result = service.store(ds, received=_received_file(event))
     except LatentPacsError as exc:
         logger.warning("C-STORE refused: %s", exc.message)
+        audit.stored(_peer(event, audit.SOURCE), ds, "stored", audit.MINOR_FAILURE, exc.message)
         return _from_error(exc)
     except Exception as exc:
         logger.exception("C-STORE failed")
+        audit.stored(_peer(event, audit.SOURCE), ds, "stored", audit.SERIOUS_FAILURE,
+                     f"internal error: {exc.__class__.__name__}")
         return failure(Status.PROCESSING_FAILURE, f"internal error: {exc.__class__.__name__}")
+    audit.stored(_peer(event, audit.SOURCE), ds, str(result))
     return int(Status.SUCCESS)
 
 
@@ -128,10 +150,13 @@ def handle_find(
     """
     refused = policy.refusal(event, DimseService.FIND)
     if refused is not None:
+        _audit_refused(event, DimseService.FIND, refused)
         yield refused, None
         return
     try:
         level, root, identifier = _level_and_root(event)
+        audit.query(_peer(event, audit.SOURCE), str(event.request.AffectedSOPClassUID),
+                    _encoded_identifier(event), str(event.context.transfer_syntax), identifier)
         answers = service.find(level, identifier, root=root, retrieve_aet=str(event.assoc.ae.ae_title))
         for answer in answers:
             if event.is_cancelled:
@@ -155,8 +180,18 @@ def handle_find(
 SUB_OPERATION_FAILED = "sub-operation failed"
 
 
+def _encoded_identifier(event: evt.Event) -> bytes:
+    """The C-FIND identifier as the peer encoded it (for the audit's ParticipantObjectQuery)."""
+    request: Any = event.request
+    try:
+        return bytes(request.Identifier.getvalue())
+    except (AttributeError, TypeError):
+        return b""
+
+
 def _send(
-    event: evt.Event, service: Service, matches: list[int], sendable: frozenset[tuple[str, str]]
+    event: evt.Event, service: Service, matches: list[int], sendable: frozenset[tuple[str, str]],
+    transfer: audit.Transfer | None = None,
 ) -> Iterator[tuple[Any, Any]]:
     """Yield each matched instance as a Pending sub-operation (PS3.4 C.4.2.3/C.4.3.3).
 
@@ -184,6 +219,8 @@ def _send(
                 yield (failure(Status.PENDING, f"internal error: {exc.__class__.__name__}"),
                        SUB_OPERATION_FAILED)
                 continue
+            if transfer is not None:
+                transfer.add(ds)
             yield Status.PENDING, ds
 
 
@@ -201,7 +238,8 @@ def _accepted_for_get(event: evt.Event) -> frozenset[tuple[str, str]]:
 
 
 def _retrieve(event: evt.Event, service: Service, service_name: str,
-              sendable: Callable[[], frozenset[tuple[str, str]]]) -> Iterator[Any]:
+              sendable: Callable[[], frozenset[tuple[str, str]]],
+              destination: audit.Participant | None = None) -> Iterator[Any]:
     """The sub-operation count, then one C-STORE per matched instance (C-GET and C-MOVE).
 
     ``sendable`` is asked after the count: pynetdicom opens a C-MOVE's sub-association
@@ -220,8 +258,17 @@ def _retrieve(event: evt.Event, service: Service, service_name: str,
         yield 1
         yield _from_error(exc), None
         return
-    yield len(matches)
-    yield from _send(event, service, matches, sendable())
+    # Audit (PS3.15 A.5.3.3, A.5.3.4): the start, then what was handed to the sub-operations.
+    requestor = _peer(event, None)
+    audit.begin_transfer(requestor, destination, identifier)
+    transfer = audit.Transfer()
+    try:
+        yield len(matches)
+        yield from _send(event, service, matches, sendable(), transfer)
+    finally:
+        audit.transferred(requestor, destination, transfer,
+                          audit.SUCCESS if transfer.count == len(matches) else audit.MINOR_FAILURE,
+                          f"{service_name}: {transfer.count} of {len(matches)} instance(s) sent")
 
 
 def handle_get(event: evt.Event, service: Service, policy: PeerPolicy) -> Iterator[Any]:
@@ -233,10 +280,12 @@ def handle_get(event: evt.Event, service: Service, policy: PeerPolicy) -> Iterat
     """
     refused = policy.refusal(event, DimseService.GET)
     if refused is not None:
+        _audit_refused(event, DimseService.GET, refused)
         yield 1
         yield refused, None
         return
-    yield from _retrieve(event, service, "C-GET", lambda: _accepted_for_get(event))
+    yield from _retrieve(event, service, "C-GET", lambda: _accepted_for_get(event),
+                         _peer(event, audit.DESTINATION))
 
 
 class SubAssociation:
@@ -275,6 +324,7 @@ def handle_move(
     """
     refused = policy.refusal(event, DimseService.MOVE)
     if refused is not None:
+        _audit_refused(event, DimseService.MOVE, refused)
         yield refuse_move(event, refused)
         return
     sub_association = SubAssociation()
@@ -286,4 +336,7 @@ def handle_move(
     yield address
     # pynetdicom has now opened the sub-association: the contexts its destination accepted
     # decide, per instance, whether the archived stream goes as it is or pixels go native.
-    yield from _retrieve(event, service, "C-MOVE", sub_association.sendable)
+    destination = audit.Participant(str(event.move_destination).strip(), False, audit.DESTINATION,
+                                    f"AETITLES={str(event.move_destination).strip()}", "",
+                                    str(address[0]))
+    yield from _retrieve(event, service, "C-MOVE", sub_association.sendable, destination)

@@ -19,6 +19,7 @@ from dataclasses import dataclass
 from starlette.exceptions import HTTPException
 from starlette.requests import HTTPConnection
 
+from latentpacs import audit
 from latentpacs.config import WEB_PERMISSIONS, Config, WebToken
 from latentpacs.node.peers import Requestor
 
@@ -89,14 +90,19 @@ class Authenticator:
         if permission not in WEB_PERMISSIONS:
             raise ValueError(f"unknown web permission {permission!r}")
         principal = self.principal(request)
+        address = request.client.host if request.client else ""
         if principal is None:
             invalid = "authorization" in request.headers
+            audit.web_refused("", address, 401, request.url.path,
+                              "invalid bearer token" if invalid else "no bearer token")
             raise HTTPException(
                 401, "a valid bearer token is required",
                 headers={"WWW-Authenticate": 'Bearer realm="latentpacs"'
                          + (', error="invalid_token"' if invalid else "")})
         if permission not in principal.services:
             logger.info("web: %s may not %s", principal.name, permission)
+            audit.web_refused(principal.name, address, 403, request.url.path,
+                              f"token {principal.name!r} may not {permission}")
             raise HTTPException(403, f"token {principal.name!r} may not {permission}")
         return principal
 

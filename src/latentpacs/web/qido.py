@@ -43,6 +43,7 @@ from starlette.requests import Request
 from starlette.responses import Response, StreamingResponse
 from starlette.routing import BaseRoute, Route
 
+from latentpacs import audit
 from latentpacs.archive.keys import COMPUTED_KEYS, NOT_KEYS, OTHER_KEY_LEVELS, SQL_KEYS
 from latentpacs.dicomjson import AS_RECEIVED_VR, header_json
 from latentpacs.errors import InvalidUidError
@@ -306,6 +307,10 @@ def search(request: Request, level: str, fixed: dict[str, str], levels: Sequence
     check_accept(request)
     query = parse_search(request.query_params.multi_items())
     ds = identifier(query, level, fixed, levels)
+    principal = ctx.auth.principal(request)
+    audit.web_query(principal.name if principal else "",
+                    request.client.host if request.client else "", request.url.path,
+                    request.url.query, ds)  # PS3.15 A.5.3.10 Query
     answers = ctx.service.find(level, ds, root="STUDY", retrieve_aet=ctx.aet)
     stop = None if query.limit is None else query.offset + query.limit + 1
     wado = wado_base(request)

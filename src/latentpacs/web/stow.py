@@ -46,6 +46,7 @@ from starlette.requests import Request
 from starlette.responses import Response
 from starlette.routing import BaseRoute, Route
 
+from latentpacs import audit
 from latentpacs.dicomjson import first_value
 from latentpacs.errors import LatentPacsError, Status
 from latentpacs.node.app import MAMMOGRAPHY_CLASSES, STORE_TRANSFER_SYNTAXES
@@ -277,7 +278,8 @@ def _failed(sop_class: str, sop_instance: str, reason: int, message: str) -> Out
     return Outcome(sop_class, sop_instance, reason)
 
 
-def store_part(ctx: WebContext, part: Part, study: str | None, wado: str) -> Outcome:
+def store_part(ctx: WebContext, part: Part, study: str | None, wado: str,
+               source: audit.Participant | None = None) -> Outcome:
     """Store one part as the node's C-STORE handler stores a received data set.
 
     Runs on a worker thread. Returns the :class:`Outcome`; never raises for the part's
@@ -307,13 +309,17 @@ def store_part(ctx: WebContext, part: Part, study: str | None, wado: str) -> Out
         return _failed(sop_class, sop_instance, STUDY_MISMATCH,
                        f"Study Instance UID {part_study} is not the requested {study}")
     try:
-        ctx.service.store(ds, received=part.path)
+        result = ctx.service.store(ds, received=part.path)
     except LatentPacsError as exc:
+        if source is not None:
+            audit.stored(source, ds, "stored", audit.MINOR_FAILURE, exc.message)
         return _failed(sop_class, sop_instance, int(exc.status), exc.message)
     except Exception as exc:
         logger.exception("STOW-RS store failed")
         return _failed(sop_class, sop_instance, int(Status.PROCESSING_FAILURE),
                        f"internal error: {exc.__class__.__name__}")
+    if source is not None:  # PS3.15 A.5.3.4 DICOM Instances Transferred
+        audit.stored(source, ds, str(result))
     return Outcome(sop_class, sop_instance, None, *_retrieve_url(ctx, sop_instance, wado))
 
 
@@ -368,10 +374,14 @@ async def _store(request: Request, study: str | None) -> Response:
     if length.isdigit() and int(length) > max_bytes:
         raise HTTPException(413, f"the body exceeds web.max_stow_bytes ({max_bytes} bytes)")
     wado = wado_base(request)
+    principal = ctx.auth.principal(request)
+    source = audit.web_participant(principal.name if principal else "",
+                                   request.client.host if request.client else "", audit.SOURCE)
     directory = Path(await run_in_threadpool(tempfile.mkdtemp, prefix="latentpacs-stow-"))
     try:
         parts = await MultipartReader(boundary, directory, max_bytes).read(request.stream())
-        outcomes = [await run_in_threadpool(store_part, ctx, part, study, wado) for part in parts]
+        outcomes = [await run_in_threadpool(store_part, ctx, part, study, wado, source)
+                    for part in parts]
     finally:
         await run_in_threadpool(shutil.rmtree, directory, True)
     studies = {outcome.study for outcome in outcomes if outcome.reason is None}

@@ -42,6 +42,7 @@ from starlette.requests import Request
 from starlette.responses import Response, StreamingResponse
 from starlette.routing import BaseRoute, Route
 
+from latentpacs import audit
 from latentpacs.archive import ArchivedImage
 from latentpacs.dicomjson import AS_RECEIVED_VR
 from latentpacs.errors import InvalidIdentifierError, LatentPacsError, NotFoundError
@@ -219,13 +220,32 @@ def retrieve_instances(request: Request) -> Response:
     rows = matched(ctx, resource)
     base = _base(request)
 
+    transfer = audit.Transfer()
+
     def build(ds: Dataset) -> multipart.Part:
+        transfer.add(ds)
         location = (f"{base}/studies/{ds.StudyInstanceUID}/series/{ds.SeriesInstanceUID}"
                     f"/instances/{ds.SOPInstanceUID}")
         return multipart.Part(f"{negotiate.DICOM}; transfer-syntax={_syntax(ds)}", part10(ds),
                               location)
 
-    return _multipart(_returned(ctx, rows, negotiate.sendable(syntaxes), build), negotiate.DICOM)
+    return _multipart(_audited(request, _returned(ctx, rows, negotiate.sendable(syntaxes), build),
+                               transfer, len(rows)), negotiate.DICOM)
+
+
+def _audited(request: Request, parts: Iterator[multipart.Part], transfer: audit.Transfer,
+             matched_count: int) -> Iterator[multipart.Part]:
+    """``parts``, then DICOM Instances Transferred (PS3.15 A.5.3.4) for what was sent."""
+    principal = context(request).auth.principal(request)
+    client = audit.web_participant(principal.name if principal else "",
+                                   request.client.host if request.client else "",
+                                   audit.DESTINATION)
+    try:
+        yield from parts
+    finally:
+        audit.transferred(client, client, transfer,
+                          audit.SUCCESS if transfer.count == matched_count else audit.MINOR_FAILURE,
+                          f"WADO-RS: {transfer.count} of {matched_count} instance(s) sent")
 
 
 # --- Metadata (PS3.18 10.4.1.1.2, F.2) --------------------------------------------------
