@@ -420,13 +420,14 @@ def cmd_archive_verify(args: argparse.Namespace) -> int:
     try:
         total = service.archive.stats().instances
         with tqdm(total=total, desc="verify", unit="img", disable=None) as bar:
-            for archived in service.archive.iter_images():
+            # One instance at a time: a corrupt or missing stream fails that instance only.
+            for row_id, sop_instance_uid in service.archive.instance_rows():
                 checked += 1
                 try:
-                    service.returned(archived)
+                    service.returned(row_id)
                 except LatentPacsError as exc:
                     failed += 1
-                    print(f"latentpacs: {archived.sop_instance_uid}: {exc.message}", file=sys.stderr)
+                    print(f"latentpacs: {sop_instance_uid}: {exc.message}", file=sys.stderr)
                 bar.update(1)
     finally:
         service.close()

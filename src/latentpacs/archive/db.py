@@ -21,7 +21,7 @@ from typing import Any
 import pydicom
 from sqlalchemy import exists, func, select, text, update
 from sqlalchemy.dialects import postgresql, sqlite
-from sqlalchemy.exc import IntegrityError, SQLAlchemyError
+from sqlalchemy.exc import IntegrityError, InterfaceError, OperationalError, SQLAlchemyError
 from sqlalchemy.orm import Session
 
 from latentpacs.archive import query, summary
@@ -134,7 +134,11 @@ class Archive:
         """A session in one transaction, committed when the block ends without an exception.
 
         Database errors become ArchiveError, except IntegrityError, which :meth:`store`
-        retries (a concurrent process stored the same entity first).
+        retries (a concurrent process stored the same entity first). A lost or refused
+        connection (PostgreSQL restarted, SQLite's disk full) is "archive database
+        unavailable" plus the driver's reason; SQLAlchemy has invalidated the broken
+        connection, and the next checkout's pre-ping (:func:`make_engine`) replaces any
+        other pooled connection the restart broke, so the next request reconnects.
         """
         try:
             with self._engine.connect() as connection:
@@ -144,6 +148,12 @@ class Archive:
                     yield session
         except IntegrityError:
             raise
+        except (OperationalError, InterfaceError) as exc:
+            reason = " ".join(str(exc.orig).split()) if exc.orig is not None else str(exc)
+            logger.info("archive database unavailable%s: %s",
+                           " (connection invalidated)" if exc.connection_invalidated else "",
+                           reason)
+            raise ArchiveError(f"archive database unavailable: {reason}") from exc
         except SQLAlchemyError as exc:
             raise ArchiveError(f"archive database error: {exc.__class__.__name__}: {exc}") from exc
 
@@ -468,11 +478,41 @@ class Archive:
             yield from images
             last = ids[-1]
 
+    def instance_rows(self) -> Iterator[tuple[int, str]]:
+        """(row id, returned SOP Instance UID) of every archived instance, in storage order.
+
+        ``latentpacs archive verify`` loads each by :meth:`load`, so that one unreadable
+        stream fails that instance only and the report names it.
+        """
+        last = 0
+        while True:
+            with self._session() as session:
+                rows = [(int(row_id), str(uid)) for row_id, uid in session.execute(
+                    select(Instance.id, Instance.sop_instance_uid).where(Instance.id > last)
+                    .order_by(Instance.id).limit(_CHUNK))]
+            if not rows:
+                return
+            yield from rows
+            last = rows[-1][0]
+
     def _load(self, session: Session, ids: list[int]) -> list[ArchivedImage]:
         rows = session.execute(
             select(Instance, Latent).join(Latent, Latent.instance_fk == Instance.id)
             .where(Instance.id.in_(ids)).order_by(Instance.id)).all()
-        return [to_image(instance, latent, self._stream(latent)) for instance, latent in rows]
+        images = []
+        for instance, latent in rows:
+            try:
+                stream = self._stream(latent)
+            except ArchiveError as exc:
+                # A corrupt or missing stream: what a peer (its ErrorComment, 64 characters)
+                # and an operator need first is what failed, then which instance.
+                logger.error("archive row %d (%s): %s", instance.id, instance.sop_instance_uid,
+                             exc.message)
+                what = ("fails its SHA-256 check" if isinstance(exc, StreamHashError)
+                        else "is unreadable")
+                raise type(exc)(f"archived stream {what}: {instance.sop_instance_uid}") from exc
+            images.append(to_image(instance, latent, stream))
+        return images
 
     def _stream(self, latent: Latent) -> bytes:
         if latent.stream_path is None:
