@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import dataclasses
 import hashlib
+import json
 import os
 import socket
 import subprocess
@@ -246,9 +247,9 @@ def batches(tmp_path_factory: pytest.TempPathFactory) -> tuple[list[Path], list[
     return first, second
 
 
-def _verify(config: Path) -> subprocess.CompletedProcess[str]:
+def _archive_command(config: Path, *command: str) -> subprocess.CompletedProcess[str]:
     return subprocess.run([str(Path(sys.executable).parent / "latentpacs"), "--config",
-                           str(config), "archive", "verify"], capture_output=True, text=True,
+                           str(config), "archive", *command], capture_output=True, text=True,
                           timeout=SCU_TIMEOUT_S, env={**os.environ, **_AWS_ENV})
 
 
@@ -288,9 +289,19 @@ def test_a_node_on_s3_stores_retrieves_survives_an_outage_and_names_corruption(
             for ds in map(pydicom.dcmread, got.files):
                 assert ds.PixelData == originals[ds.SOPInstanceUID].PixelData  # byte-identical
 
-            # A corrupted object: verify names its instance, the retrieval fails it.
-            server.client().put_object(Bucket=BUCKET, Key=keys[0], Body=b"\0" * (INLINE_LIMIT + 1))
-            verify = _verify(config)
+            stats = _archive_command(config, "stats", "--json")
+            assert stats.returncode == 0, stats.stderr
+            assert json.loads(stats.stdout)["instances"] == COUNT
+
+            # A corrupted object (same size, one byte flipped): verify names it, and the
+            # retrieval fails that one sub-operation.
+            body = bytearray(server.client().get_object(Bucket=BUCKET, Key=keys[0])["Body"].read())
+            body[len(body) // 2] ^= 0xFF
+            server.client().put_object(Bucket=BUCKET, Key=keys[0], Body=bytes(body))
+            broken = getscu(node.port, node.aet, "STUDY", {"StudyInstanceUID": study},
+                            tmp_path / "get-broken")
+            assert (broken.final.completed, broken.final.failed) == (COUNT - 1, 1)
+            verify = _archive_command(config, "verify")
             assert verify.returncode != 0
             corrupted = keys[0].rsplit("/", 1)[1]
             failed_lines = [line for line in verify.stderr.splitlines()
