@@ -1,9 +1,11 @@
-"""Stateless nodes behind HAProxy: three node processes, one PostgreSQL, one stream store.
+"""Stateless nodes behind HAProxy: three node processes, one PostgreSQL, one object store.
 
 Three ``latentpacs serve`` processes (each its own work folder) share a fresh PostgreSQL
-archive and one blob directory, behind HAProxy in TCP mode started from
-``deploy/haproxy.cfg`` (``tests/haproxy.py``). The lossless tier with 1024 x 832 images
-puts every stream in a blob (above the 64 KiB inline limit). Through the proxy:
+archive and one S3 bucket (``archive.blobs = "s3://..."`` on a ``moto_server`` started by
+the test, ``tests/s3peers.py``), behind HAProxy in TCP mode started from
+``deploy/haproxy.cfg`` (``tests/haproxy.py``): the multi-node recipe of
+``deploy/README.md``. The lossless tier with 1024 x 832 images puts every stream in the
+bucket (above the 64 KiB inline limit). Through the proxy:
 
 - four parallel ``storescu`` store everything once (PS3.4 B.2.3), and C-FIND (PS3.4
   C.4.1) lists each instance exactly once; C-GET (PS3.4 C.4.3) returns, byte for byte,
@@ -37,6 +39,7 @@ from haproxy import Proxy, start_haproxy
 from latentpacs import phantom
 from latentpacs.archive.blobs import BLOB_NAME
 from latentpacs.errors import Status
+from s3peers import ACCESS_KEY_ID, BUCKET, REGION, SECRET_ACCESS_KEY, S3Server, start_moto
 from netpeers import (HOST, SCU_TIMEOUT_S, NodeProcess, dimse_responses, findscu, getscu,
                       start_node, storescu)
 from test_node import write_config
@@ -65,10 +68,23 @@ def images(tmp_path_factory: pytest.TempPathFactory) -> dict[str, list[Path]]:
             "unlisted": _make(root / "unlisted", 1, 33), "killed": _make(root / "killed", 24, 34)}
 
 
+PREFIX = "cluster/streams"
+
+
 @pytest.fixture
-def cluster(archive_url: str, tmp_path: Path) -> Iterator[tuple[list[NodeProcess], Proxy]]:
-    """Three nodes on one fresh PostgreSQL database and one blob directory, behind HAProxy."""
-    shared = {"data_dir": str(tmp_path / "shared-data")}
+def bucket(tmp_path: Path) -> Iterator[S3Server]:
+    """A real S3 API server on loopback (moto_server, its own process) with the bucket."""
+    with start_moto(tmp_path) as server:
+        yield server
+
+
+@pytest.fixture
+def cluster(archive_url: str, bucket: S3Server,
+            tmp_path: Path) -> Iterator[tuple[list[NodeProcess], Proxy]]:
+    """Three nodes on one fresh PostgreSQL database and one S3 bucket, behind HAProxy."""
+    shared = {"blobs": f"s3://{BUCKET}/{PREFIX}", "s3_endpoint": bucket.endpoint,
+              "s3_region": REGION, "s3_access_key_id": ACCESS_KEY_ID,
+              "s3_secret_access_key": SECRET_ACCESS_KEY}
     configs = []
     for name in ("node1", "node2", "node3"):
         (tmp_path / name).mkdir()
@@ -148,12 +164,21 @@ def _streams_are_blobs(url: str) -> list[str | None]:
         engine.dispose()
 
 
+def _check_streams_in_bucket(url: str, bucket: S3Server, count: int) -> None:
+    """Every instance's stream is an object in the bucket, none stayed in its row."""
+    paths = _streams_are_blobs(url)
+    assert len(paths) == count
+    assert all(path is not None and BLOB_NAME.fullmatch(path) for path in paths), \
+        "a stream stayed in the row"
+    assert {f"{PREFIX}/{path}" for path in paths} <= set(bucket.keys(PREFIX + "/"))
+
+
 def _split(files: Sequence[Path]) -> list[list[Path]]:
     return [list(files[index::SENDERS]) for index in range(SENDERS)]
 
 
 @pytest.mark.parametrize("archive_url", ["postgresql"], indirect=True)  # a fresh database
-def test_three_nodes_behind_haproxy(cluster, images, archive_url, tmp_path) -> None:
+def test_three_nodes_behind_haproxy(cluster, bucket, images, archive_url, tmp_path) -> None:
     nodes, proxy = cluster
     # Four parallel senders through the proxy: every C-STORE succeeds, each instance once.
     outputs = _finish([_sender(proxy.port, part) for part in _split(images["first"])])
@@ -167,8 +192,7 @@ def test_three_nodes_behind_haproxy(cluster, images, archive_url, tmp_path) -> N
     stored = images["first"] + images["direct"]
     found = _found(proxy.port)
     assert Counter(found) == Counter(_uid(path) for path in stored)
-    assert all(path is not None and BLOB_NAME.fullmatch(path)
-               for path in _streams_are_blobs(archive_url)), "a stream stayed in the row"
+    _check_streams_in_bucket(archive_url, bucket, len(stored))
 
     # C-GET through the proxy: whichever node answers, it returns what each node stored.
     originals = {_uid(path): pydicom.dcmread(path) for path in stored}
@@ -228,3 +252,4 @@ def test_three_nodes_behind_haproxy(cluster, images, archive_url, tmp_path) -> N
     found = _found(proxy.port)
     assert Counter(found) == Counter(_uid(path) for path in stored)
     assert _row_count(archive_url) == len(stored)
+    _check_streams_in_bucket(archive_url, bucket, len(stored))
