@@ -40,6 +40,7 @@ from conftest import PG_BIN, PG_USER, PostgresCluster, _admin, _as_postgres, pos
 from dicomtools import require
 from latentpacs import phantom
 from latentpacs.archive.blobs import BLOB_NAME, TEMP_PREFIX
+from latentpacs.codec.tiers import RECEIVED
 from latentpacs.errors import Status
 from netpeers import DimseResponse, NodeProcess, dimse_responses, getscu, start_node, storescu
 from test_node import write_config
@@ -183,6 +184,51 @@ def test_postgresql_restarted_mid_ingest(small_images: list[Path], tmp_path: Pat
             assert _statuses(again) == [Status.SUCCESS] * len(small_images)
             assert node.proc.poll() is None
         assert _archived_uids(cluster.port) == set(_uids(small_images))
+
+
+def _received_rows(port: int) -> list[int]:
+    with psycopg.connect(host="127.0.0.1", port=port, user=PG_USER, dbname="latentpacs",
+                         connect_timeout=5) as connection:
+        return [int(row_id) for (row_id,) in connection.execute(
+            "SELECT instance_fk FROM latents WHERE stream_coder = %s ORDER BY instance_fk",
+            (RECEIVED,))]
+
+
+def test_deferred_coding_resumes_after_a_postgresql_restart(small_images: list[Path],
+                                                            tmp_path: Path) -> None:
+    """A row whose background coding met the restart is coded later by the same node."""
+    with postgres_cluster("latentpacs-faults-pg-", PG_SETTINGS) as cluster:
+        with _admin(cluster.port) as admin:
+            admin.execute("CREATE DATABASE latentpacs")
+        url = f"postgresql+psycopg://{PG_USER}@127.0.0.1:{cluster.port}/latentpacs"
+        deferred = {"tier": "lossless", "deferred": True}
+        # First archived as received and left so (no background coder) ...
+        config = write_config(tmp_path, url, codec={**deferred, "deferred_background": False})
+        with start_node(config) as node:
+            assert _statuses(dimse_responses(storescu(node.port, node.aet, small_images[:3]))) \
+                == [Status.SUCCESS] * 3
+        pending = _received_rows(cluster.port)
+        assert len(pending) == 3
+        # ... then a node with its background coder, whose first swap waits on a row lock.
+        gate = psycopg.connect(host="127.0.0.1", port=cluster.port, user=PG_USER,
+                               dbname="latentpacs")
+        try:
+            gate.execute("SELECT 1 FROM latents WHERE instance_fk = %s FOR UPDATE",
+                         (pending[0],))
+            config = write_config(tmp_path, url, codec={**deferred, "deferred_background": True})
+            with start_node(config) as node:
+                _poll("the background coder waiting on the locked row",
+                      lambda: _waiting_on_a_lock(cluster.port))
+                _restart(cluster)  # its transaction is terminated: kept as received
+                _poll("the node log naming the failed coding",
+                      lambda: "to be tried again" in node.log.read_text())
+                # A store after the restart: the archive is back, the row is coded again.
+                assert _statuses(dimse_responses(storescu(node.port, node.aet,
+                                                          small_images[3:4]))) == [Status.SUCCESS]
+                _poll("every row coded", lambda: _received_rows(cluster.port) == [])
+                assert node.proc.poll() is None
+        finally:
+            gate.close()
 
 
 # --- The data directory full ----------------------------------------------------------------

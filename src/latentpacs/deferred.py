@@ -14,7 +14,10 @@ against the pixel checksum), and swaps it in with
 :meth:`latentpacs.archive.Archive.recode`, one transaction that only succeeds while the
 row still names the object as received. The object as received is deleted only after
 that commit. A crash at any point leaves the row naming one valid stream; a restarted
-node finds the pending rows again (:meth:`DeferredCoder.start`).
+node finds the pending rows again (:meth:`DeferredCoder.start`). A row whose coding failed
+because the archive itself was unavailable (A700: the database restarted, the data disk
+full) is tried again, without a restart, when the next store is queued (the archive took a
+store, so it is back) or after :data:`RETRY_S` seconds.
 """
 
 from __future__ import annotations
@@ -32,7 +35,9 @@ from pydicom import dcmread
 from latentpacs import metrics
 from latentpacs.archive import Archive
 from latentpacs.codec.tiers import RECEIVED
-from latentpacs.errors import InvalidDicomError, LatentPacsError, NotFoundError
+from latentpacs.errors import (
+    ArchiveError, InvalidDicomError, LatentPacsError, NotFoundError, Status,
+)
 from latentpacs.image import chain
 from latentpacs.image.chain import EnginePool
 from latentpacs.image.record import ImageRecord
@@ -41,6 +46,8 @@ logger = logging.getLogger(__name__)
 
 #: How much the worker thread lowers its CPU priority (Linux nice increment).
 NICE_INCREMENT = 10
+#: Seconds before rows whose coding met an unavailable archive are tried again.
+RETRY_S = 30.0
 
 
 class DeferredCoder:
@@ -62,6 +69,8 @@ class DeferredCoder:
         self.coder = coder
         self._queue: deque[int] = deque()
         self._queued: set[int] = set()
+        #: Rows whose coding met an unavailable archive, to be queued again.
+        self._retry: set[int] = set()
         self._wake = threading.Condition()
         self._stopping = False
         self._busy = False
@@ -83,12 +92,26 @@ class DeferredCoder:
             logger.info("deferred coding: %d instance(s) pending from before", len(self._queued))
 
     def submit(self, instance_id: int) -> None:
-        """Queue one row for coding (ignored when it is queued already)."""
+        """Queue one row for coding (ignored when it is queued already).
+
+        The archive has just committed a store, so rows whose coding met it unavailable
+        are queued again too.
+        """
         with self._wake:
-            if instance_id not in self._queued:
-                self._queued.add(instance_id)
-                self._queue.append(instance_id)
-                self._wake.notify()
+            self._requeue_retries()
+            self._enqueue(instance_id)
+            self._wake.notify()
+
+    def _enqueue(self, instance_id: int) -> None:
+        if instance_id not in self._queued:
+            self._queued.add(instance_id)
+            self._queue.append(instance_id)
+
+    def _requeue_retries(self) -> None:
+        """Queue the rows to retry again (the caller holds ``self._wake``)."""
+        for instance_id in sorted(self._retry):
+            self._enqueue(instance_id)
+        self._retry.clear()
 
     def pending(self) -> int:
         """Rows queued or being coded in this process."""
@@ -112,18 +135,27 @@ class DeferredCoder:
         _lower_priority()
         while True:
             with self._wake:
-                self._wake.wait_for(lambda: self._queue or self._stopping)
+                self._wake.wait_for(lambda: self._queue or self._stopping,
+                                    timeout=RETRY_S if self._retry else None)
                 if self._stopping:
                     return
+                if not self._queue:  # waited RETRY_S with rows to retry
+                    self._requeue_retries()
+                    continue
                 instance_id = self._queue.popleft()
                 self._busy = True
+            retry = False
             try:
                 done = code_one(self.archive, self.engines, self.coder, instance_id)
             except LatentPacsError as exc:
                 self.failed += 1
                 metrics.coding_failed()
-                logger.warning("deferred coding of archive row %d failed, kept as received: %s",
-                               instance_id, exc.message)
+                unavailable = (isinstance(exc, ArchiveError)
+                               and exc.status == Status.OUT_OF_RESOURCES)
+                logger.warning("deferred coding of archive row %d failed, kept as received%s: %s",
+                               instance_id, ", to be tried again" if unavailable else "",
+                               exc.message)
+                retry = unavailable
             except Exception:
                 self.failed += 1
                 metrics.coding_failed()
@@ -134,6 +166,8 @@ class DeferredCoder:
             finally:
                 with self._wake:
                     self._queued.discard(instance_id)
+                    if retry:
+                        self._retry.add(instance_id)
                     self._busy = False
                     self._wake.notify_all()
 
