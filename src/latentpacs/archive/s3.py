@@ -238,7 +238,11 @@ class S3BlobStore:
         except BotoCoreError as exc:  # the body's read timed out or broke off
             raise ObjectStoreError(f"S3 GetObject failed: {type(exc).__name__}") from exc
         if hashlib.sha256(data).hexdigest() != sha256:
-            raise StreamHashError(f"stream object {relative_path} does not match its SHA-256")
+            logger.warning("stream object %s in %s does not match its SHA-256",
+                           self.url.key(relative_path), self.location)
+            # Short enough for an ErrorComment (64 characters) to keep the point.
+            raise StreamHashError(
+                f"stream object {relative_path[:16]} does not match its SHA-256")
         return data
 
     def names(self) -> Iterator[str]:
