@@ -24,11 +24,12 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import pydicom
+import pytest
 from pydicom.filereader import read_dataset
 from pydicom.uid import ImplicitVRLittleEndian
 
-from latentpacs import phantom
-from latentpacs.errors import Status
+from latentpacs import audit, phantom
+from latentpacs.errors import ConfigError, Status
 from netpeers import (
     HOST,
     dimse_responses,
@@ -310,3 +311,59 @@ def test_collector_down_does_not_fail_a_store(tmp_path: Path) -> None:
     log = web.node.log.read_text()
     assert "cannot reach syslog collector" in log
     assert re.search(r"audit: \d+ message\(s\) dropped in all", log)
+
+
+class _StalledSink:
+    """A sink whose first write waits until released: a collector that hangs."""
+
+    def __init__(self) -> None:
+        self.entered = threading.Event()
+        self.release = threading.Event()
+        self.lines: list[str] = []
+
+    def write(self, event: audit.AuditEvent, xml_text: str) -> bool:
+        self.entered.set()
+        self.release.wait(30)
+        self.lines.append(xml_text)
+        return True
+
+    def close(self) -> None:
+        pass
+
+
+def test_a_stalled_collector_drops_and_counts_never_blocks() -> None:
+    sink = _StalledSink()
+    auditor = audit.Auditor([sink], "TEST", audit.Local("TEST", "localhost"), maxsize=4)
+    event = audit.AuditEvent(audit.QUERY, "E", audit.SUCCESS)
+    auditor.emit(event)
+    assert sink.entered.wait(30)  # the writer holds the first event, stuck in the sink
+    for _ in range(4 + 3):
+        auditor.emit(event)  # returns at once: 4 queued, 3 dropped
+    assert auditor.dropped == 3
+    sink.release.set()
+    auditor.close()
+    assert len(sink.lines) == 5 and auditor.written == 5
+
+
+def test_message_format_and_file_mode(tmp_path: Path) -> None:
+    event = audit.AuditEvent(
+        audit.INSTANCES_TRANSFERRED, "C", audit.SUCCESS,
+        participants=(audit.Participant("MODALITY", True, audit.SOURCE, "AETITLES=MODALITY", "",
+                                        "192.0.2.7"),),
+        objects=(audit.study("1.2.3", [audit.SopClassCount("1.2.840.10008.5.1.4.1.1.1.2",
+                                                          ("1.2.3.4",))]),
+                 audit.patient("P-1", "DOE^JANE")))
+    xml_text = audit.to_xml(event, "NODE")
+    message = parse(audit.syslog_line(event, xml_text, "host.example", 42))
+    assert (message.pri, message.hostname, message.app) == (85, "host.example", "latentpacs")
+    participant = message.participants()[0]
+    assert participant.get("NetworkAccessPointTypeCode") == "2"  # an IP address
+    assert message.xml.find("ParticipantObjectIdentification/SOPClass").get("NumberOfInstances") == "1"  # type: ignore[union-attr]
+    sink = audit.FileSink(tmp_path / "audit.jsonl")
+    assert sink.write(event, xml_text)
+    sink.close()
+    assert (tmp_path / "audit.jsonl").stat().st_mode & 0o077 == 0  # it names patients
+    line = json.loads((tmp_path / "audit.jsonl").read_text())
+    assert line["objects"][1] == {"id": "P-1", "id_type": "Patient Number", "name": "DOE^JANE"}
+    with pytest.raises(ConfigError):
+        audit.parse_syslog_url("http://collector:514")

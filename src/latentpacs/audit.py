@@ -332,7 +332,9 @@ class FileSink:
         try:
             if self._handle is None:
                 self.path.parent.mkdir(parents=True, exist_ok=True)
-                self._handle = self.path.open("a", encoding="utf-8")
+                # it names patients: readable by the node's user only (new files)
+                descriptor = os.open(self.path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o600)
+                self._handle = os.fdopen(descriptor, "a", encoding="utf-8")
             self._handle.write(to_json(event, xml_text) + "\n")
             self._handle.flush()
         except OSError as exc:
