@@ -22,6 +22,15 @@ class Status(IntEnum):
     PROCESSING_FAILURE = 0x0110
     #: PS3.7 C.5.9: Failure, no such SOP Instance.
     NO_SUCH_OBJECT_INSTANCE = 0x0112
+    #: PS3.7 C.5: Failure, invalid argument value (DIMSE-N, e.g. an N-ACTION's
+    #: Action Information; PS3.7 10.1.4.1.10).
+    INVALID_ARGUMENT_VALUE = 0x0115
+    #: PS3.7 C.5: Failure, class-instance conflict (also a Failure Reason, PS3.4 J.3.3.1.1).
+    CLASS_INSTANCE_CONFLICT = 0x0119
+    #: PS3.7 C.5: Failure, no such action (an N-ACTION's Action Type ID).
+    NO_SUCH_ACTION = 0x0123
+    #: PS3.7 C.5: Failure, resource limitation (DIMSE-N; DIMSE-C's A700 counterpart).
+    RESOURCE_LIMITATION = 0x0213
     #: PS3.4 B.2.3: Refused, out of resources.
     OUT_OF_RESOURCES = 0xA700
     #: A900, one code for two services: PS3.4 B.2.3 (C-STORE) Error, data set does not
@@ -200,3 +209,22 @@ class NotAuthorizedError(LatentPacsError):
     """The requesting peer may not use this service (``security.*`` settings, PS3.7 C.5.25)."""
 
     status = Status.NOT_AUTHORIZED
+
+
+class CommitmentRequestError(LatentPacsError):
+    """A Storage Commitment N-ACTION the node cannot act on (PS3.4 J.3.2.1).
+
+    A missing or invalid Transaction UID, Referenced SOP Sequence or item UID: Failure,
+    invalid argument value (0115H, PS3.7 10.1.4.1.10); the ErrorComment names it.
+    """
+
+    status = Status.INVALID_ARGUMENT_VALUE
+
+
+class CommitmentLimitError(LatentPacsError):
+    """A Storage Commitment request names more instances than ``limits.max_retrieve_instances``.
+
+    Failure, resource limitation (0213H, PS3.7 10.1.4.1.10), before any is checked.
+    """
+
+    status = Status.RESOURCE_LIMITATION

@@ -46,7 +46,7 @@ from pynetdicom.sop_class import (  # type: ignore[attr-defined]  # names genera
 from latentpacs import audit, metrics
 from latentpacs.config import Config
 from latentpacs.errors import ConfigError
-from latentpacs.node import handlers, pdata
+from latentpacs.node import commitment, handlers, pdata
 from latentpacs.node.peers import MoveDestinations, PeerPolicy
 from latentpacs.node.tls import client_context, handshake_on_open, server_context
 from latentpacs.image.pixels import LOSSY_TRANSFER_SYNTAXES
@@ -109,6 +109,8 @@ def build_ae(config: Config, storage_classes: Sequence[str]) -> AE:
         ae.add_requested_context(sop_class, SEND_AS_ARCHIVED)
     for sop_class in QUERY_RETRIEVE_CLASSES:
         ae.add_supported_context(sop_class)
+    # Storage Commitment Push Model SCP (PS3.4 J.3); its reports: node/commitment.py.
+    ae.add_supported_context(commitment.STORAGE_COMMITMENT)
     # Any calling AE title may associate (unknown peers may still echo and store); the
     # called AE title must be the node's (A-ASSOCIATE-RJ "called AE title not recognized").
     ae.require_called_aet = True
@@ -213,6 +215,12 @@ def start_node(config: Config) -> Node:
     service = open_service(config, background=True)
     storage_classes = (*MAMMOGRAPHY_CLASSES, *config["node.extra_storage_classes"])
     ae = build_ae(config, storage_classes)
+    committer = commitment.CommitmentSCP(
+        service, policy, commitment.Reporter(
+            config["node.aet"], destinations, acse_timeout=config["node.acse_timeout"],
+            dimse_timeout=config["node.dimse_timeout"],
+            network_timeout=config["node.network_timeout"]),
+        retrieve_aet=config["node.aet"])
     bound: list[EventHandlerType] = [
         (evt.EVT_C_ECHO, metrics.timed("C-ECHO", handlers.handle_echo), [policy]),
         (evt.EVT_C_STORE, metrics.timed("C-STORE", handlers.handle_store), [service, policy]),
@@ -220,6 +228,7 @@ def start_node(config: Config) -> Node:
         (evt.EVT_C_GET, metrics.timed_iter("C-GET", handlers.handle_get), [service, policy]),
         (evt.EVT_C_MOVE, metrics.timed_iter("C-MOVE", handlers.handle_move),
          [service, destinations, policy]),
+        (evt.EVT_N_ACTION, metrics.timed("N-ACTION", commitment.handle_n_action), [committer]),
         pdata.ON_ACCEPTED,  # every message the node sends goes out in large writes
         # /metrics: associations accepted and refused, each final response's status
         (evt.EVT_ESTABLISHED, metrics.on_established),
