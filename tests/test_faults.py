@@ -9,7 +9,9 @@ Every test drives a real ``latentpacs serve`` node with DCMTK's ``storescu`` and
   started on the same port while it waits. The peer sees A700 with an ErrorComment
   (PS3.4 B.2.3: Refused, Out of Resources), never a hang or C000/0110; every Success it
   saw is archived; the node reconnects by itself (``pool_pre_ping``, broken connections
-  invalidated) and a second ``storescu`` stores everything.
+  invalidated) and a second ``storescu`` stores everything. A row whose background coding
+  (deferred coding) the restart broke is coded later by the same node. A server that
+  never answers is an error after the connect timeout, not a hang.
 - The data directory full: ``archive.data_dir`` on a 16 MiB tmpfs, filled by a filler
   file until the next stream blob cannot be written. C-STOREs are answered A700 with an
   ErrorComment naming the disk, no temporary file or partial blob is left, no row lacks
@@ -25,9 +27,11 @@ from __future__ import annotations
 
 import hashlib
 import os
+import socket
 import sqlite3
 import subprocess
 import sys
+import threading
 import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -39,10 +43,12 @@ from conftest import PG_BIN, PG_USER, PostgresCluster, _admin, _as_postgres, pos
 
 from dicomtools import require
 from latentpacs import phantom
+from latentpacs.archive import Archive
+from latentpacs.archive.database import PG_CONNECT_TIMEOUT_S
 from latentpacs.archive.blobs import BLOB_NAME, TEMP_PREFIX
 from latentpacs.codec.tiers import RECEIVED
-from latentpacs.errors import Status
-from netpeers import DimseResponse, NodeProcess, dimse_responses, getscu, start_node, storescu
+from latentpacs.errors import ArchiveError, Status
+from netpeers import DimseResponse, dimse_responses, getscu, start_node, storescu
 from test_node import write_config
 
 #: Big enough that every stream (JPEG-LS, lossless) is a blob, not inline (64 KiB).
@@ -229,6 +235,37 @@ def test_deferred_coding_resumes_after_a_postgresql_restart(small_images: list[P
                 assert node.proc.poll() is None
         finally:
             gate.close()
+
+
+def test_an_unanswering_database_server_is_an_error_not_a_hang() -> None:
+    """A server that takes the TCP connection and never answers (hung, or behind a broken
+    network path): opening the archive fails with ArchiveError (A700) after the connect
+    timeout instead of waiting for ever, as libpq does by default."""
+    silent = socket.socket()
+    silent.bind(("127.0.0.1", 0))
+    silent.listen(4)  # the kernel completes the handshake; nobody ever reads or answers
+    outcome: list[BaseException | None] = []
+
+    def open_archive() -> None:
+        try:
+            Archive(f"postgresql+psycopg://{PG_USER}@127.0.0.1:{silent.getsockname()[1]}/x")
+            outcome.append(None)
+        except BaseException as exc:  # handed to the test thread below
+            outcome.append(exc)
+
+    try:
+        worker = threading.Thread(target=open_archive, daemon=True)
+        worker.start()
+        worker.join(PG_CONNECT_TIMEOUT_S * 4)
+    finally:
+        silent.close()
+    if not outcome:
+        pytest.fail(f"opening an archive on a silent server still waits after "
+                    f"{PG_CONNECT_TIMEOUT_S * 4} s")
+    error = outcome[0]
+    assert isinstance(error, ArchiveError), error
+    assert error.status == Status.OUT_OF_RESOURCES
+    assert "timeout" in error.message
 
 
 # --- The data directory full ----------------------------------------------------------------

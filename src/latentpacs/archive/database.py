@@ -5,7 +5,11 @@ store survives a power cut or SIGKILL, foreign keys on, case-sensitive ``LIKE`` 
 wildcard matching is case-sensitive, PS3.4 C.2.2.2.4) and a busy timeout. Transactions
 are begun explicitly (the pysqlite driver's own transaction handling is switched off) so
 that DDL is transactional and writers take the lock up front (``BEGIN IMMEDIATE``).
-PostgreSQL (``postgresql+psycopg://``) needs nothing special.
+PostgreSQL (``postgresql+psycopg://``): a connection attempt gives up after
+:data:`PG_CONNECT_TIMEOUT_S` and TCP keepalives find a vanished server, so a store fails
+with A700 instead of hanging (a URL's own ``connect_timeout`` or ``keepalives*`` wins).
+Every engine pings a pooled connection before lending it (``pool_pre_ping``): after a
+server restart, broken connections are replaced, not reused.
 
 Migrations live in this package (``migrations/``) and are configured programmatically;
 no ``alembic.ini`` is needed at run time.
@@ -19,7 +23,7 @@ from typing import Any
 
 from alembic import command
 from alembic.config import Config
-from sqlalchemy import Engine, create_engine, event
+from sqlalchemy import Engine, create_engine, event, make_url
 from sqlalchemy.exc import ArgumentError, SQLAlchemyError
 
 from latentpacs.errors import ArchiveError, ConfigError
@@ -32,6 +36,11 @@ IMMEDIATE = "latentpacs_immediate"
 SQLITE_BUSY_TIMEOUT_MS = 30_000
 #: pg_advisory_xact_lock key serialising concurrent migrations of one PostgreSQL archive.
 PG_MIGRATION_LOCK = 0x4C50_4143
+#: Seconds a PostgreSQL connection attempt may take (libpq ``connect_timeout``).
+PG_CONNECT_TIMEOUT_S = 10
+#: libpq TCP keepalives: a server gone without a word is noticed after about a minute.
+PG_KEEPALIVES = {"keepalives": 1, "keepalives_idle": 30, "keepalives_interval": 10,
+                 "keepalives_count": 3}
 
 
 def make_engine(url: str) -> Engine:
@@ -49,7 +58,13 @@ def make_engine(url: str) -> Engine:
         When the URL cannot be parsed or names an unsupported database.
     """
     try:
-        engine = create_engine(url, pool_pre_ping=True)
+        parsed = make_url(url)
+        connect_args: dict[str, Any] = {}
+        if parsed.get_backend_name() == "postgresql":
+            defaults = {"connect_timeout": PG_CONNECT_TIMEOUT_S, **PG_KEEPALIVES}
+            connect_args = {key: value for key, value in defaults.items()
+                            if key not in parsed.query}
+        engine = create_engine(url, pool_pre_ping=True, connect_args=connect_args)
     except (ArgumentError, ImportError) as exc:
         raise ConfigError(f"archive URL {url!r} is not usable: {exc}") from exc
     if engine.dialect.name == "sqlite":
