@@ -315,12 +315,18 @@ def _blob_dir_is_clean(blobs: Path) -> list[str]:
     return names
 
 
-@pytest.mark.parametrize("deferred", [False, True], ids=["coded", "deferred"])
+@pytest.mark.parametrize(("deferred", "database_on_disk"),
+                         [(False, False), (True, False), (False, True)],
+                         ids=["coded", "deferred", "database-on-the-full-disk"])
 def test_data_disk_full(blob_images: list[Path], small_disk: Path, tmp_path: Path,
-                        deferred: bool) -> None:
-    """A700 naming the disk while it is full, nothing half-written, storing again after."""
-    database = tmp_path / "archive.db"  # elsewhere: only the blobs live on the small disk
-    config = write_config(tmp_path, f"sqlite:///{database}",
+                        deferred: bool, database_on_disk: bool) -> None:
+    """A700 naming the disk while it is full, nothing half-written, storing again after.
+
+    The SQLite file lives elsewhere (only the blobs fill the disk) or, as by default, in
+    ``archive.data_dir`` on the full disk itself.
+    """
+    database = (small_disk if database_on_disk else tmp_path) / "archive.db"
+    config = write_config(tmp_path, "" if database_on_disk else f"sqlite:///{database}",
                           archive={"data_dir": str(small_disk)},
                           codec={"tier": "lossless", "deferred": deferred,
                                  "deferred_background": False})
@@ -336,6 +342,10 @@ def test_data_disk_full(blob_images: list[Path], small_disk: Path, tmp_path: Pat
         for response in refused:
             assert response.error_comment and "disk full" in response.error_comment
         assert len(_blob_dir_is_clean(blobs)) == 2  # no partial blob, no temporary file
+        # Reading needs no space: the archived images are still retrieved.
+        study = str(pydicom.dcmread(blob_images[0], stop_before_pixels=True).StudyInstanceUID)
+        got = getscu(node.port, node.aet, "STUDY", {"StudyInstanceUID": study}, tmp_path / "get")
+        assert got.final.status == Status.SUCCESS and len(got.files) == 2
         with sqlite3.connect(database) as connection:
             rows = connection.execute("SELECT count(*) FROM instances").fetchone()[0]
         connection.close()
