@@ -63,9 +63,6 @@ STORAGE_COMMITMENT = UID("1.2.840.10008.1.20.1")
 STORAGE_COMMITMENT_INSTANCE = UID("1.2.840.10008.1.20.1.1")
 #: Action Type ID "Request Storage Commitment" (PS3.4 J.3.2.1.1).
 REQUEST_STORAGE_COMMITMENT = 1
-#: Event Type IDs (PS3.4 J.3.3.1.1): every instance committed / one or more not.
-ALL_COMMITTED = 1
-SOME_FAILED = 2
 #: Transfer syntaxes of the context the node proposes for a report on a new association.
 REPORT_TRANSFER_SYNTAXES = (ExplicitVRLittleEndian, ImplicitVRLittleEndian)
 #: How long a report waits for the requestor's association to be between messages.
