@@ -26,7 +26,7 @@ import pydicom
 import pytest
 from pydicom.dataset import Dataset
 from pydicom.sequence import Sequence as DicomSequence
-from pynetdicom import AE, evt
+from pynetdicom import AE, build_role, evt
 from pynetdicom.sop_class import (  # type: ignore[attr-defined]  # generated at import time
     StorageCommitmentPushModel,
     StorageCommitmentPushModelInstance,
@@ -163,7 +163,11 @@ def ask(node: NodeProcess, refs: Sequence[Ref], *, calling: str = "MODALITY",
     ae = AE(ae_title=calling)
     ae.add_requested_context(StorageCommitmentPushModel)
     handlers = [(evt.EVT_N_EVENT_REPORT, reports.handler)] if listen else []
-    assoc = ae.associate(HOST, node.port, ae_title=node.aet, evt_handlers=handlers)
+    # As modalities do: propose both roles, SCU for N-ACTION and SCP for the report
+    # (PS3.7 D.3.3.4); the node keeps the default roles, and the report may still come here.
+    role = build_role(StorageCommitmentPushModel, scu_role=True, scp_role=True)
+    assoc = ae.associate(HOST, node.port, ae_title=node.aet, evt_handlers=handlers,
+                         ext_neg=[role])
     if not assoc.is_established:
         pytest.fail(f"no association with the node:\n{node.log.read_text()[-3000:]}")
     reports.watch(assoc)
