@@ -13,10 +13,13 @@ A missing ``haproxy`` fails the test (never a skip).
 
 from __future__ import annotations
 
+import os
 import re
 import shutil
 import socket
 import subprocess
+import sys
+import time
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -25,7 +28,8 @@ from typing import Self
 
 import pytest
 
-from netpeers import HOST, START_TIMEOUT_S, _spawn, _stop, free_port, wait_for_echo
+from netpeers import (HOST, START_TIMEOUT_S, NodeProcess, _fail_if_exited, _port_written, _spawn,
+                      _stop, free_port, wait_for_echo)
 
 DEPLOY_CONFIG = Path(__file__).resolve().parents[1] / "deploy" / "haproxy.cfg"
 _DROPPED = re.compile(r"^\s*(chroot|user|group|daemon)\b.*$", re.MULTILINE)
@@ -51,16 +55,21 @@ def _substitute(pattern: re.Pattern[str], replacement: str, text: str, what: str
     return new
 
 
-def render_config(port: int, backends: Sequence[tuple[str, int]], stats_socket: Path) -> str:
+def render_config(port: int, backends: Sequence[tuple[str, int]], stats_socket: Path, *,
+                  server_options: str = "", frontend_lines: Sequence[str] = ()) -> str:
     """``deploy/haproxy.cfg`` for a test: frontend on ``HOST:port``, one server per backend.
 
-    ``backends`` are ``(name, port)`` pairs of nodes on loopback.
+    ``backends`` are ``(name, port)`` pairs of nodes on loopback; ``server_options`` are
+    appended to each ``server`` line (e.g. ``send-proxy-v2 check-send-proxy``),
+    ``frontend_lines`` follow the frontend's ``bind``.
     """
     text = DEPLOY_CONFIG.read_text()
     text = _substitute(_DROPPED, "", text, "process setting", count=4)
     text = _substitute(_SYSLOG, r"\1log stdout format raw local0 info", text, "syslog target")
-    text = _substitute(_BIND, rf"\1bind {HOST}:{port}", text, "frontend bind")
-    servers = "".join(f"    server {name} {HOST}:{node_port} check\n" for name, node_port in backends)
+    extra = "".join(f"\n    {line}" for line in frontend_lines)
+    text = _substitute(_BIND, rf"\1bind {HOST}:{port}{extra}", text, "frontend bind")
+    servers = "".join(f"    server {name} {HOST}:{node_port} check {server_options}".rstrip() + "\n"
+                      for name, node_port in backends)
     text = _substitute(_SERVERS, "", text, "backend server", count=3)
     text = text.rstrip("\n") + "\n" + servers
     return _substitute(_STATS, rf"\g<1>{stats_socket}\2", text, "stats socket")
@@ -128,9 +137,12 @@ class Proxy:
 
 
 def start_haproxy(workdir: Path, backends: Sequence[tuple[str, int]], *, aet: str,
+                  server_options: str = "", frontend_lines: Sequence[str] = (),
                   timeout: float = START_TIMEOUT_S) -> Proxy:
     """Start HAProxy in front of ``backends`` (``(name, port)`` pairs); returns once a
     C-ECHO to ``aet`` through the frontend succeeds.
+
+    ``server_options`` and ``frontend_lines``: see :func:`render_config`.
 
     Configuration ``workdir/haproxy.cfg`` (checked with ``haproxy -c`` first), log
     ``workdir/haproxy.log``.
@@ -140,7 +152,8 @@ def start_haproxy(workdir: Path, backends: Sequence[tuple[str, int]], *, aet: st
     port = free_port()
     config = workdir / "haproxy.cfg"
     stats_socket = workdir / "haproxy.sock"
-    config.write_text(render_config(port, backends, stats_socket))
+    config.write_text(render_config(port, backends, stats_socket, server_options=server_options,
+                                    frontend_lines=frontend_lines))
     check = subprocess.run([binary, "-c", "-f", str(config)], capture_output=True, text=True,
                            timeout=30, stdin=subprocess.DEVNULL)
     if check.returncode != 0:
@@ -153,3 +166,27 @@ def start_haproxy(workdir: Path, backends: Sequence[tuple[str, int]], *, aet: st
         _stop(proc)
         raise
     return Proxy(port=port, proc=proc, config=config, log=log, stats_socket=stats_socket)
+
+
+def start_node_behind_proxy(config: Path, workdir: Path,
+                            timeout: float = START_TIMEOUT_S) -> NodeProcess:
+    """Start ``latentpacs serve`` like :func:`netpeers.start_node`, but wait only for its
+    port file: a node with ``node.proxy_protocol`` closes a direct C-ECHO (no PROXY
+    header), so the proxy's C-ECHO in :func:`start_haproxy` is the readiness check.
+    """
+    script = Path(sys.executable).parent / "latentpacs"
+    port_file = workdir / "node.port"
+    port_file.unlink(missing_ok=True)
+    log = workdir / "node.log"
+    proc = _spawn([script, "--config", config, "serve", "--port", "0", "--port-file", port_file,
+                   "--web-port", "0"], log,
+                  env={**os.environ, "PYTHONUNBUFFERED": "1"}, cwd=workdir)
+    deadline = time.monotonic() + timeout
+    while not _port_written(port_file):
+        _fail_if_exited(proc, "latentpacs serve", log)
+        if time.monotonic() > deadline:
+            _stop(proc)
+            pytest.fail(f"latentpacs serve wrote no port to {port_file} within {timeout:.0f} s")
+        time.sleep(0.05)
+    return NodeProcess(port=int(port_file.read_text().strip()), aet="LATENTPACS", proc=proc,
+                       log=log)

@@ -35,13 +35,13 @@ import pytest
 from sqlalchemy import create_engine, text
 
 from dicomtools import require
-from haproxy import Proxy, start_haproxy
+from haproxy import Proxy, start_haproxy, start_node_behind_proxy
 from latentpacs import phantom
 from latentpacs.archive.blobs import BLOB_NAME
 from latentpacs.errors import Status
 from s3peers import ACCESS_KEY_ID, BUCKET, REGION, SECRET_ACCESS_KEY, S3Server, start_moto
-from netpeers import (HOST, SCU_TIMEOUT_S, NodeProcess, dimse_responses, findscu, getscu,
-                      start_node, storescu)
+from netpeers import (HOST, SCU_TIMEOUT_S, NodeProcess, dimse_responses, echoscu, findscu,
+                      getscu, start_node, storescu)
 from test_node import write_config
 
 SIZE = (1024, 832)
@@ -253,3 +253,38 @@ def test_three_nodes_behind_haproxy(cluster, bucket, images, archive_url, tmp_pa
     assert Counter(found) == Counter(_uid(path) for path in stored)
     assert _row_count(archive_url) == len(stored)
     _check_streams_in_bucket(archive_url, bucket, len(stored))
+
+
+#: The source address HAProxy puts in the PROXY header (TEST-NET-1, RFC 5737): not loopback.
+REAL_PEER = "192.0.2.10"
+
+
+def test_proxy_protocol_applies_permissions_to_the_real_peer(images, tmp_path) -> None:
+    """With ``node.proxy_protocol``, HAProxy's ``send-proxy-v2`` header names the peer.
+
+    The node keeps ``security.trust_loopback`` on (the default) and the proxy connects to it
+    from 127.0.0.1, yet the peer HAProxy names (``tcp-request connection set-src``, so the
+    header carries a non-loopback source) is judged: an unlisted AE title may store but is
+    refused C-FIND with 0124H, a listed one is served; a connection straight to the node,
+    without the header, is closed before the association.
+    """
+    workdir = tmp_path / "node"
+    workdir.mkdir()
+    config = write_config(workdir, f"sqlite:///{workdir / 'archive.db'}",
+                          node={"proxy_protocol": True}, codec={"tier": "lossless"},
+                          security={"allowed_calling_aets": LISTED})
+    node = start_node_behind_proxy(config, workdir)
+    try:
+        with start_haproxy(tmp_path / "proxy", [("node1", node.port)], aet=AET,
+                           server_options="send-proxy-v2",
+                           frontend_lines=[f"tcp-request connection set-src ipv4({REAL_PEER})"]
+                           ) as proxy:
+            stored = storescu(proxy.port, AET, images["unlisted"], calling=UNLISTED)
+            assert [r.status for r in dimse_responses(stored)] == [Status.SUCCESS]
+            refused = findscu(proxy.port, AET, "IMAGE", {"SOPInstanceUID": ""}, calling=UNLISTED)
+            assert refused.final.status == Status.NOT_AUTHORIZED and refused.final.error_comment
+            assert _found(proxy.port) == [_uid(images["unlisted"][0])]
+            assert echoscu(node.port, AET).returncode != 0  # no PROXY header: closed
+        assert f"({REAL_PEER}) refused" in node.log.read_text()  # the log names the real peer
+    finally:
+        node.stop()

@@ -68,6 +68,9 @@ SETTINGS: tuple[Setting, ...] = (
     Setting("codec.models_dir", "", str, "directory of model files; empty: the shipped models/"),
     Setting("codec.max_batch", 8, int, "largest batch the inference engine runs at once"),
     Setting("node.shutdown_grace", 30.0, float, "seconds SIGTERM waits for in-flight associations"),
+    Setting("node.proxy_protocol", False, bool, "every connection starts with a PROXY protocol v2 "
+            "header (HAProxy send-proxy-v2): permissions apply to the peer it names; "
+            "connections without one are closed"),
     Setting("security.allowed_calling_aets", [], list, "calling AE titles that may use every service"),
     Setting("security.unknown_peers", ["echo", "store"], list, "services other peers may use: echo, store, find, get, move"),
     Setting("security.trust_loopback", True, bool, "treat peers on the loopback interface as listed"),

@@ -48,6 +48,7 @@ from latentpacs.config import Config
 from latentpacs.errors import ConfigError
 from latentpacs.node import commitment, handlers, pdata
 from latentpacs.node.peers import MoveDestinations, PeerPolicy
+from latentpacs.node.proxy import conn_open_handlers
 from latentpacs.node.tls import client_context, handshake_on_open, server_context
 from latentpacs.image.pixels import LOSSY_TRANSFER_SYNTAXES
 from latentpacs.service import Service, open_service
@@ -210,6 +211,7 @@ def start_node(config: Config) -> Node:
     pynetdicom_config.STORE_RECV_CHUNKED_DATASET = True
     policy = PeerPolicy.from_config(config)  # settings first: they fail fast
     ssl_context = server_context(config)
+    proxy_handlers = conn_open_handlers(config, tls=ssl_context is not None)
     destinations = MoveDestinations(config.destinations, client_context(config),
                                     evt_handlers=(pdata.ON_ACCEPTED,))
     service = open_service(config, background=True)
@@ -238,6 +240,8 @@ def start_node(config: Config) -> Node:
         (evt.EVT_REJECTED, audit.on_rejected),
         (evt.EVT_DIMSE_SENT, metrics.on_dimse_sent),
     ]
+    # PROXY protocol first: every later handler sees the peer the header names.
+    bound[:0] = proxy_handlers
     if ssl_context is not None:
         bound.append((evt.EVT_CONN_OPEN, _handshake_counted))
     try:
