@@ -156,19 +156,26 @@ def test_postgresql_restarted_mid_ingest(small_images: list[Path], tmp_path: Pat
                     "patient_name_folded, patient_birth_date, patient_sex) "
                     "VALUES (%s, %s, '', '', '', '')",
                     (str(held.PatientID), str(held.get("IssuerOfPatientID", ""))))
-                sender = subprocess.Popen(
-                    [str(require("storescu")), "-d", "-nh", "-to", "10", "-aet", "STORESCU", "-aec", node.aet,
-                     "127.0.0.1", str(node.port), *map(str, small_images)],
-                    stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+                # Its -d log goes to a file: a pipe nobody reads while we poll could fill.
+                sender_log = tmp_path / "storescu.log"
+                with sender_log.open("w") as log:
+                    sender = subprocess.Popen(
+                        [str(require("storescu")), "-d", "-nh", "-to", "10", "-aet", "STORESCU",
+                         "-aec", node.aet, "127.0.0.1", str(node.port), *map(str, small_images)],
+                        stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL)
                 try:
                     _poll("three images archived, the fourth waiting inside its transaction",
                           lambda: _count(cluster.port) == 3 and _waiting_on_a_lock(cluster.port))
                     _restart(cluster)  # terminates the gate and the waiting store alike
-                    output, _ = sender.communicate(timeout=120)
+                    try:
+                        sender.wait(timeout=120)
+                    except subprocess.TimeoutExpired:
+                        pytest.fail("storescu still waits 120 s after the restart: a hang")
                 finally:
                     if sender.poll() is None:
                         sender.kill()
                         sender.wait()
+                output = sender_log.read_text(errors="replace")
             finally:
                 gate.close()
             sent = dimse_responses(subprocess.CompletedProcess(sender.args, 0, output, ""))
