@@ -19,6 +19,7 @@ import socket
 import subprocess
 import sys
 import threading
+import time
 import xml.etree.ElementTree as ET
 from dataclasses import dataclass
 from pathlib import Path
@@ -53,6 +54,8 @@ class Collector:
     def __init__(self, transport: str) -> None:
         self.transport = transport
         self.messages: list[bytes] = []
+        self.connections: list[socket.socket] = []
+        self.readers: list[threading.Thread] = []
         kind = socket.SOCK_DGRAM if transport == "udp" else socket.SOCK_STREAM
         self.sock = socket.socket(socket.AF_INET, kind)
         self.sock.bind((HOST, 0))
@@ -74,7 +77,10 @@ class Collector:
                     self.messages.append(data)
             while True:
                 connection, _ = self.sock.accept()
-                threading.Thread(target=self._frames, args=(connection,), daemon=True).start()
+                self.connections.append(connection)
+                reader = threading.Thread(target=self._frames, args=(connection,), daemon=True)
+                self.readers.append(reader)
+                reader.start()
         except OSError:  # the socket was closed: the test is done
             return
 
@@ -83,7 +89,10 @@ class Collector:
         buffer = b""
         with connection:
             while True:
-                chunk = connection.recv(65536)
+                try:
+                    chunk = connection.recv(65536)
+                except OSError:
+                    return
                 if not chunk:
                     return
                 buffer += chunk
@@ -94,8 +103,24 @@ class Collector:
                     self.messages.append(rest[:int(length)])
                     buffer = rest[int(length):]
 
+    def received(self, event_id: str, count: int = 1, timeout: float = 30.0) -> None:
+        """Wait until ``count`` messages of ``event_id`` arrived (the sender's last ones);
+        over TCP, until every connection the sender closed was read to its end."""
+        for reader in list(self.readers):
+            reader.join(timeout)
+        deadline = time.monotonic() + timeout
+        while sum(f"csd-code=\"{event_id}\"".encode() in m for m in self.messages) < count:
+            if time.monotonic() > deadline:
+                pytest.fail(f"the collector got no {count} message(s) {event_id}")
+            time.sleep(0.05)
+
     def close(self) -> None:
         self.sock.close()
+        for connection in self.connections:
+            try:
+                connection.shutdown(socket.SHUT_RDWR)
+            except OSError:
+                pass
 
 
 @dataclass(frozen=True)
@@ -152,8 +177,8 @@ def _by_event(messages: list[Message], code: str) -> list[Message]:
 def _stop_and_collect(web_node: object, collector: Collector) -> list[Message]:
     node = web_node.node  # type: ignore[attr-defined]
     node.stop()  # SIGTERM: the node writes Application Stop and drains its queue, then exits
+    collector.received("110100", 2)  # Application Start and Stop
     collector.close()
-    collector.thread.join(2)
     return [parse(raw) for raw in collector.messages]
 
 
@@ -284,9 +309,9 @@ def test_udp_collector_and_export(tmp_path: Path) -> None:
              "export", "--study", ds.StudyInstanceUID, "--out", str(tmp_path / "export")],
             capture_output=True, text=True, timeout=120)
         assert exported.returncode == 0, exported.stderr
+        collector.received("110106")  # Export, the last message
     finally:
         collector.close()
-    collector.thread.join(2)
     messages = [parse(raw) for raw in collector.messages]
     codes = [m.event_id for m in messages]
     assert codes.count("110104") == 1 and codes.count("110100") == 2
@@ -367,3 +392,39 @@ def test_message_format_and_file_mode(tmp_path: Path) -> None:
     assert line["objects"][1] == {"id": "P-1", "id_type": "Patient Number", "name": "DOE^JANE"}
     with pytest.raises(ConfigError):
         audit.parse_syslog_url("http://collector:514")
+
+
+def test_tcp_sink_reconnects_after_the_collector_restarts() -> None:
+    collector = Collector("tcp")
+    port = collector.port
+    sink = audit.SyslogSink("tcp", HOST, port)
+    event = audit.AuditEvent(audit.QUERY, "E", audit.SUCCESS)
+    xml_text = audit.to_xml(event, "TEST")
+    assert sink.write(event, xml_text)
+    collector.close()  # the collector goes away: sends fail once the peer's reset arrives
+    failed = False
+    for _ in range(200):
+        if not sink.write(event, xml_text):
+            failed = True
+            break
+    assert failed
+    assert not sink.write(event, xml_text)  # within the backoff: dropped, no connect attempt
+    restarted = socket.socket()
+    restarted.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    restarted.bind((HOST, port))
+    restarted.listen(1)
+    try:
+        sink._retry_at = 0.0  # the backoff is over
+        assert sink.write(event, xml_text)
+        connection, _ = restarted.accept()
+        with connection:
+            connection.settimeout(10)
+            data = b""
+            while b" " not in data or len(data.partition(b" ")[2]) < int(data.partition(b" ")[0]):
+                chunk = connection.recv(65536)
+                assert chunk, "the collector got no whole message"
+                data += chunk
+        assert parse(data.partition(b" ")[2][:int(data.partition(b" ")[0])]).event_id == "110112"
+    finally:
+        sink.close()
+        restarted.close()
