@@ -41,6 +41,7 @@ from netpeers import (
     start_storescp,
     storescu,
 )
+from test_tls import _running_tls_node, _scu, _tls_args, pki  # noqa: F401 (fixture)
 from webpeers import start_web_node
 
 #: RFC 5424 6: PRI VERSION SP TIMESTAMP SP HOSTNAME SP APP-NAME SP PROCID SP MSGID SP SD SP MSG
@@ -428,3 +429,18 @@ def test_tcp_sink_reconnects_after_the_collector_restarts() -> None:
     finally:
         sink.close()
         restarted.close()
+
+
+def test_a_bad_client_certificate_is_a_security_alert(tmp_path: Path,
+                                                       pki: dict[str, tuple[Path, Path]]) -> None:
+    journal = tmp_path / "audit.jsonl"
+    files = _files(tmp_path)[:1]
+    with _running_tls_node(tmp_path, pki, audit={"file": str(journal)}) as port:
+        rogue = _scu("storescu", port, _tls_args(pki, "rogue"), files)  # a CA the node does not trust
+        assert rogue.returncode != 0 and not dimse_responses(rogue)
+    lines = [json.loads(line) for line in journal.read_text().splitlines()]
+    failed = [line for line in lines if line["event_id"] == "110113"
+              and line["type"] == ["Node Authentication"] and line["outcome"] == 4]
+    assert [line["outcome_description"] for line in failed] == ["TLS handshake failed"]
+    assert HOST in {p["address"] for p in failed[0]["participants"]}
+    assert [line["event_id"] for line in lines][-1] == "110100"  # Application Stop, last
