@@ -23,12 +23,10 @@ import time
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from types import TracebackType
-from typing import Self
 
 import pytest
 
-from netpeers import (HOST, START_TIMEOUT_S, NodeProcess, _fail_if_exited, _port_written, _spawn,
+from netpeers import (HOST, _Stoppable, START_TIMEOUT_S, NodeProcess, _fail_if_exited, _port_written, _spawn,
                       _stop, free_port, wait_for_echo)
 
 DEPLOY_CONFIG = Path(__file__).resolve().parents[1] / "deploy" / "haproxy.cfg"
@@ -89,7 +87,7 @@ class ServerStat:
 
 
 @dataclass(frozen=True)
-class Proxy:
+class Proxy(_Stoppable):
     """A running HAProxy: DICOM frontend on ``port``, admin socket at ``stats_socket``."""
 
     port: int
@@ -97,17 +95,6 @@ class Proxy:
     config: Path
     log: Path
     stats_socket: Path
-
-    def stop(self) -> None:
-        """Stop HAProxy by its PID (SIGTERM: hard stop; SIGKILL after a timeout)."""
-        _stop(self.proc)
-
-    def __enter__(self) -> Self:
-        return self
-
-    def __exit__(self, kind: type[BaseException] | None, error: BaseException | None,
-                 trace: TracebackType | None) -> None:
-        self.stop()
 
     def command(self, line: str) -> str:
         """One command on the admin socket (HAProxy management guide, section 9.3)."""
