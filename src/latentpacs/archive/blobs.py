@@ -68,31 +68,24 @@ class StreamStore(Protocol):
     @property
     def location(self) -> str:
         """Where the streams live, for log lines: a directory or an ``s3://`` URL."""
-        ...
 
     def put(self, data: bytes, sha256: str | None = None) -> tuple[str, str]:
         """Store ``data`` durably; returns (name, sha256 hex)."""
-        ...
 
     def present(self, relative_path: str, size: int) -> bool:
         """Whether the stream exists with ``size`` bytes."""
-        ...
 
     def get(self, relative_path: str, sha256: str) -> bytes:
         """The stream's bytes, checked against ``sha256``."""
-        ...
 
     def names(self) -> Iterator[str]:
         """Every finished stream's name."""
-        ...
 
     def remove(self, relative_path: str) -> bool:
         """Delete a stream no row names (the caller holds its lock); whether one was removed."""
-        ...
 
     def remove_temporaries(self) -> int:
         """Delete leftovers of writers that died; returns how many."""
-        ...
 
 
 def open_stream_store(blobs: str, data_dir: Path, *, s3_endpoint: str = "",
