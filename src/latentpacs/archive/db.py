@@ -451,6 +451,18 @@ class Archive:
             return session.scalar(select(Instance.id).where(
                 Instance.original_sop_instance_uid == original_sop_instance_uid))
 
+    def returned_identity(self, original_sop_instance_uid: str) -> tuple[str, str, str] | None:
+        """(Study, Series, SOP Instance UID) a retrieval returns for the instance sent under
+        this UID, from indexed columns only (no header, no stream), or None if not archived."""
+        with self._session() as session:
+            row = session.execute(
+                select(Study.study_instance_uid, Series.series_instance_uid, Instance.sop_instance_uid)
+                .join(Series, Instance.series_fk == Series.id)
+                .join(Study, Series.study_fk == Study.id)
+                .where(Instance.original_sop_instance_uid == original_sop_instance_uid)
+            ).first()
+        return None if row is None else (str(row[0]), str(row[1]), str(row[2]))
+
     def load(self, instance_id: int) -> ArchivedImage:
         """One archived instance by row id (from :meth:`match_instances`), in a short session.
 

@@ -47,7 +47,6 @@ from starlette.responses import Response
 from starlette.routing import BaseRoute, Route
 
 from latentpacs import audit
-from latentpacs.dicomjson import first_value
 from latentpacs.errors import LatentPacsError, Status
 from latentpacs.node.app import MAMMOGRAPHY_CLASSES, STORE_TRANSFER_SYNTAXES
 from latentpacs.web.auth import authorize
@@ -326,12 +325,10 @@ def store_part(ctx: WebContext, part: Part, study: str | None, wado: str,
 def _retrieve_url(ctx: WebContext, sop_instance: str, wado: str) -> tuple[str, str]:
     """The WADO-RS URL of a stored instance and its study, under the UIDs a retrieval
     returns (derived at lossy tiers, the ones C-FIND and QIDO-RS show)."""
-    archive = ctx.service.archive
-    instance_id = archive.instance_id(sop_instance)
-    if instance_id is None:  # replaced by a concurrent re-send meanwhile
+    identity = ctx.service.archive.returned_identity(sop_instance)
+    if identity is None:  # replaced by a concurrent re-send meanwhile
         return "", ""
-    header = archive.load(instance_id).effective_header
-    study, series, shown = (first_value(header, tag) for tag in ("0020000D", "0020000E", "00080018"))
+    study, series, shown = identity
     return f"{wado}/studies/{study}/series/{series}/instances/{shown}", study
 
 
