@@ -63,6 +63,14 @@ _ORIENTATION = {
 }
 _PIXEL_SPACING_MM = {2294: 0.1, 3328: 0.07, 4096: 0.07}
 _WORK_GRID = 1024  # smooth fields are computed at most this size, then upsampled
+#: Physical model (render_image with a dose): attenuation of the brightest anatomy in nats,
+#: detector blur (Gaussian sigma in pixels) and electronic noise (photons, rms).
+ATTENUATION_NATS = 3.0
+DETECTOR_BLUR_PX = 0.7
+ELECTRONIC_NOISE = 4.0
+#: Photons per pixel of the unattenuated beam: the default and the accepted range.
+DEFAULT_DOSE = 1000.0
+MIN_DOSE, MAX_DOSE = 10.0, 1.0e6
 _UID_NAMESPACE = uuid.uuid5(uuid.NAMESPACE_URL, "latentpacs:phantom")
 
 
@@ -92,6 +100,10 @@ class PhantomSpec:
         (PS3.3 C.8.11.1).
     masses, calcification_clusters:
         How many of each lesion to draw (0 or more).
+    dose:
+        None for the plain model (anatomy plus white noise), or the mean photon count per
+        pixel of the unattenuated beam for the physical model of :func:`render_image`:
+        Poisson quantum noise, detector blur, electronic noise, log transform, air at 0.
     """
 
     rows: int
@@ -103,6 +115,7 @@ class PhantomSpec:
     presentation: str
     masses: int = 1
     calcification_clusters: int = 1
+    dose: float | None = None
 
     def __post_init__(self) -> None:
         if self.rows < 32 or self.columns < 32:
@@ -118,6 +131,9 @@ class PhantomSpec:
                 raise ConfigError(f"phantom {name}={value!r} is not one of {allowed}")
         if self.masses < 0 or self.calcification_clusters < 0:
             raise ConfigError("phantom lesion counts must be 0 or more")
+        if self.dose is not None and not MIN_DOSE <= self.dose <= MAX_DOSE:
+            raise ConfigError(f"phantom dose {self.dose} is not within {MIN_DOSE:g} to "
+                              f"{MAX_DOSE:g} photons per pixel")
 
     @property
     def pixel_spacing_mm(self) -> float:
@@ -302,8 +318,32 @@ def _burn_in_text(image: np.ndarray, label: str, chest_wall_left: bool) -> None:
     np.maximum(region, glyphs[:region.shape[0], :region.shape[1]], out=region)
 
 
+def _expose(anatomy: np.ndarray, inside: np.ndarray, dose: float,
+            rng: np.random.Generator) -> np.ndarray:
+    """The physical acquisition chain of a phantom: what a detector records of ``anatomy``.
+
+    ``anatomy`` (bright = dense) is read as the attenuation line integral, up to
+    :data:`ATTENUATION_NATS` at 1. The expected photon count ``dose * exp(-mu t)`` is drawn
+    as Poisson quanta, spread by the detector's point-spread function (a Gaussian of
+    :data:`DETECTOR_BLUR_PX`: correlated noise, as in indirect CsI detectors), offset by
+    electronic noise, and log-transformed back to attenuation, so the noise grows where the
+    breast is dense, as on real FOR PRESENTATION images (PS3.3 C.8.11.7 Pixel Intensity
+    Relationship LOG). Pixels outside the breast are air, set to exactly 0 as processed
+    mammograms show them.
+    """
+    mu_t = np.clip(anatomy.astype(np.float64), 0.0, 1.0) * ATTENUATION_NATS
+    quanta = rng.poisson(dose * np.exp(-mu_t)).astype(np.float64)
+    detected = gaussian_filter(quanta, DETECTOR_BLUR_PX)
+    detected += rng.normal(0.0, ELECTRONIC_NOISE, detected.shape)
+    attenuation = np.log(dose / np.maximum(detected, 0.5)) / ATTENUATION_NATS
+    return np.where(inside >= 0.5, attenuation, 0.0).astype(np.float32)
+
+
 def render_image(spec: PhantomSpec, rng: np.random.Generator) -> np.ndarray:
     """Draw one synthetic mammogram as a canonical image.
+
+    Without a dose, white noise is added to the anatomy; with one, :func:`_expose` records
+    it through the physical chain (quantum, blur, electronic noise, log, air at 0).
 
     Parameters
     ----------
@@ -333,8 +373,11 @@ def render_image(spec: PhantomSpec, rng: np.random.Generator) -> np.ndarray:
         _draw_mass(image, spec, breast, tone, rng)
     for _ in range(spec.calcification_clusters):
         _draw_calcifications(image, spec, breast, tone, rng)
-    noise = rng.standard_normal((spec.rows, spec.columns), dtype=np.float32)
-    image += 0.01 + noise * np.float32(tone.noise * 0.5) * (1.0 + inside)
+    if spec.dose is None:
+        noise = rng.standard_normal((spec.rows, spec.columns), dtype=np.float32)
+        image += 0.01 + noise * np.float32(tone.noise * 0.5) * (1.0 + inside)
+    else:
+        image = _expose(image, inside, spec.dose, rng)
     chest_wall_left = spec.laterality == "L"
     if not chest_wall_left:
         image = np.ascontiguousarray(image[:, ::-1])
@@ -476,7 +519,8 @@ _VIEW_ORDER = (("R", "CC"), ("L", "CC"), ("R", "MLO"), ("L", "MLO"))
 
 
 def generate(out_dir: Path, count: int, seed: int, *, size: tuple[int, int] | None = None,
-             images_per_study: int = 4, studies_per_patient: int = 2) -> list[Path]:
+             images_per_study: int = 4, studies_per_patient: int = 2,
+             dose: float | None = None) -> list[Path]:
     """Write ``count`` phantom mammograms as DICOM Part 10 files (PS3.10 7.1).
 
     Images are grouped ``images_per_study`` to a study (one series each, the views cycling
@@ -496,6 +540,9 @@ def generate(out_dir: Path, count: int, seed: int, *, size: tuple[int, int] | No
         Non-negative integer.
     size:
         (rows, cols) for every image, or None to cycle the vendor sizes.
+    dose:
+        None for the plain phantom, or photons per pixel for the physical model
+        (:class:`PhantomSpec` ``dose``).
 
     Returns
     -------
@@ -516,7 +563,7 @@ def generate(out_dir: Path, count: int, seed: int, *, size: tuple[int, int] | No
         rng = np.random.default_rng([seed, index])
         spec = PhantomSpec(rows, cols, view, laterality, profile.bits_stored, profile.photometric,
                            profile.presentation, masses=int(rng.integers(0, 3)),
-                           calcification_clusters=int(rng.integers(0, 3)))
+                           calcification_clusters=int(rng.integers(0, 3)), dose=dose)
         study_uid = _derived_uid("study", seed, study_index)
         series_uid = _derived_uid("series", seed, study_index)
         date = datetime.date(2020, 1, 6) + datetime.timedelta(days=patient * 3 + visit * 365)
