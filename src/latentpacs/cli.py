@@ -108,7 +108,8 @@ def _progress(total: int, desc: str) -> tuple[tqdm, Callable[[object], None]]:
 def cmd_demo_data(args: argparse.Namespace) -> int:
     from latentpacs import phantom
 
-    paths = phantom.generate(args.out, args.count, args.seed, size=args.size)
+    dose = phantom.DEFAULT_DOSE if args.physical and args.dose is None else args.dose
+    paths = phantom.generate(args.out, args.count, args.seed, size=args.size, dose=dose)
     print(f"wrote {len(paths)} synthetic mammogram(s) under {args.out}")
     return EXIT_OK
 
@@ -651,6 +652,11 @@ def _add_demo_commands(sub: _Commands) -> None:
     p.add_argument("--count", type=int, default=8)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--size", type=_size, help="ROWSxCOLS for every image (default: vendor sizes)")
+    p.add_argument("--physical", action="store_true",
+                   help="physical noise model (Poisson quanta, detector blur, electronic noise, "
+                        "log transform, air at 0) at the default dose")
+    p.add_argument("--dose", type=float,
+                   help="photons per pixel of the unattenuated beam (implies --physical)")
 
     p = _command(sub, "demo", "encode and decode synthetic mammograms at every tier", cmd_demo)
     p.add_argument("--out", type=Path, default=Path("demo-out"))
