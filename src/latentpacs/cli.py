@@ -380,6 +380,9 @@ def cmd_archive_stats(args: argparse.Namespace) -> int:
             "pending": stats.pending,
             "tiers": [{"tier": t.tier, "instances": t.instances, "original_bytes": t.original_bytes,
                        "archived_bytes": t.archived_bytes, "ratio": t.ratio} for t in stats.tiers],
+            "coders": [{"coder": c.coder, "version": c.version, "streams": c.streams,
+                        "stream_bytes": c.stream_bytes, "native_bytes": c.native_bytes,
+                        "saved_bytes": c.saved_bytes, "ratio": c.ratio} for c in stats.coders],
         }, indent=2))
         return EXIT_OK
     print(f"patients {stats.patients}  studies {stats.studies}  series {stats.series}  instances {stats.instances}")
@@ -388,6 +391,14 @@ def cmd_archive_stats(args: argparse.Namespace) -> int:
         print(f"{t.tier:<18} {t.instances:>9} {t.original_bytes:>15} {t.archived_bytes:>15} {t.ratio:>10.1f}")
     print(f"{'all':<18} {stats.instances:>9} {stats.original_bytes:>15} {stats.archived_bytes:>15} {stats.ratio:>10.1f}")
     print(f"pending coding {stats.pending}")
+    if stats.coders:
+        # Native size: Rows x Columns x Bits Allocated / 8 (x 2 for a 16-bit mammogram).
+        print(f"{'coder':<18} {'streams':>9} {'native bytes':>15} {'stream bytes':>15} "
+              f"{'saved bytes':>15} {'ratio':>10}")
+        for c in stats.coders:
+            name = f"{c.coder} v{c.version}"
+            print(f"{name:<18} {c.streams:>9} {c.native_bytes:>15} {c.stream_bytes:>15} "
+                  f"{c.saved_bytes:>15} {c.ratio:>10.2f}")
     return EXIT_OK
 
 
@@ -410,6 +421,38 @@ def cmd_archive_code_pending(args: argparse.Namespace) -> int:
         service.close()
     print(f"coded {coded} of {total} pending instance(s)")
     return EXIT_PARTIAL if failed else EXIT_OK
+
+
+def cmd_archive_recompress(args: argparse.Namespace) -> int:
+    from itertools import islice
+
+    from latentpacs.archive import Archive, StreamRow
+    from latentpacs.archive.blobs import configured_stream_store
+    from latentpacs.recompress import Outcome, candidates, recompress_rows
+
+    config = _config(args)
+    coder = config["codec.coder"]
+    if args.limit is not None and args.limit < 1:
+        _usage_error(args.command_prog, f"--limit must be at least 1, not {args.limit}")
+    with Archive(config.database_url, blob_store=configured_stream_store(config)) as archive:
+        rows = list(islice(candidates(archive, coder), args.limit))
+        bar, tick = _progress(len(rows), f"recompress ({coder})")
+
+        def done(row: StreamRow, _outcome: Outcome | None, error: str | None) -> None:
+            if error is not None:
+                bar.write(f"latentpacs: {row.sop_instance_uid}: {error}", file=sys.stderr)
+            tick(row)
+
+        with bar:
+            summary = recompress_rows(archive, coder, rows, on_done=done)
+    print(f"recompressed {summary.recompressed}, skipped {summary.skipped}, "
+          f"failed {summary.failed} of {len(rows)} stream(s) not coded by {coder}")
+    for reason, count in sorted(summary.skip_reasons.items()):
+        print(f"  skipped {count}: {reason}")
+    share = 100.0 * summary.saved_bytes / summary.bytes_before if summary.bytes_before else 0.0
+    print(f"stream bytes {summary.bytes_before} -> {summary.bytes_after} "
+          f"(saved {summary.saved_bytes}, {share:.1f} %)")
+    return EXIT_PARTIAL if summary.failed else EXIT_OK
 
 
 def cmd_archive_verify(args: argparse.Namespace) -> int:
@@ -757,8 +800,8 @@ def _add_archive_commands(sub: _Commands) -> None:
 
     archive = _command(sub, "archive", "archive administration").add_subparsers(
         dest="archive_command", required=True, metavar="ACTION")
-    p = _command(archive, "stats", "patients, studies, instances, bytes per tier, ratio", cmd_archive_stats,
-                 depth=2)
+    p = _command(archive, "stats", "patients, studies, instances, bytes per tier and per coder, ratio",
+                 cmd_archive_stats, depth=2)
     _add_archive_options(p)
     p.add_argument("--json", action="store_true")
 
@@ -771,6 +814,13 @@ def _add_archive_commands(sub: _Commands) -> None:
                  cmd_archive_code_pending, depth=2)
     _add_archive_options(p)
     _add_codec_options(p)
+
+    p = _command(archive, "recompress", "re-code lossless streams of other coders with codec.coder "
+                 "(verified, then swapped)", cmd_archive_recompress, depth=2)
+    _add_archive_options(p)
+    _add_setting_option(p, "--coder")
+    _add_setting_option(p, "--models-dir")
+    p.add_argument("--limit", type=int, metavar="N", help="recompress at most N streams")
 
     p = _command(archive, "export", "write a study's returned objects as DICOM files", cmd_archive_export, depth=2)
     _add_archive_options(p)

@@ -64,6 +64,8 @@ SETTINGS: tuple[Setting, ...] = (
             "as received, code them afterwards"),
     Setting("codec.deferred_background", True, bool, "code deferred images in a background thread; "
             "false: they stay as received until `latentpacs archive code-pending` (a nightly job)"),
+    Setting("codec.recompress", True, bool, "the background coder, when idle, recompresses "
+            "lossless rows of other coders with codec.coder (as `latentpacs archive recompress`)"),
     Setting("codec.device", "", str, "torch device; empty: cuda when available, else cpu"),
     Setting("codec.models_dir", "", str, "directory of model files; empty: the shipped models/"),
     Setting("codec.max_batch", 8, int, "largest batch the inference engine runs at once"),

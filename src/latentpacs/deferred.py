@@ -18,6 +18,13 @@ node finds the pending rows again (:meth:`DeferredCoder.start`). A row whose cod
 because the archive itself was unavailable (A700: the database restarted, the data disk
 full) is tried again, without a restart, when the next store is queued (the archive took a
 store, so it is back) or after :data:`RETRY_S` seconds.
+
+When its queue is empty the same worker recompresses, one row at a time, the ``lossless``
+rows whose stream another coder wrote than ``codec.coder`` (:mod:`latentpacs.recompress`;
+``codec.recompress = false`` turns this off). An image queued meanwhile is coded before
+the next row is recompressed, so acknowledgements and deferred coding do not wait for
+recompression. A scan that finds nothing more is repeated after :data:`RESCAN_S` seconds
+(another node or an import may have archived rows with another coder meanwhile).
 """
 
 from __future__ import annotations
@@ -26,14 +33,16 @@ import hashlib
 import logging
 import os
 import threading
+import time
 from collections import deque
 from collections.abc import Callable
 from io import BytesIO
 
 from pydicom import dcmread
 
-from latentpacs import metrics
-from latentpacs.archive import Archive
+from latentpacs import metrics, recompress
+from latentpacs.archive import Archive, StreamRow
+from latentpacs.codec.streams import get_coder
 from latentpacs.codec.tiers import RECEIVED
 from latentpacs.errors import (
     ArchiveError, InvalidDicomError, LatentPacsError, NotFoundError, Status,
@@ -48,6 +57,8 @@ logger = logging.getLogger(__name__)
 NICE_INCREMENT = 10
 #: Seconds before rows whose coding met an unavailable archive are tried again.
 RETRY_S = 30.0
+#: Seconds before the archive is scanned again for rows to recompress, once none was left.
+RESCAN_S = 300.0
 
 
 class DeferredCoder:
@@ -61,12 +72,33 @@ class DeferredCoder:
         The engine pool (its primary model's identity goes into each record).
     coder:
         The stream coder of the tier's streams (``codec.coder``).
+    recompress:
+        Recompress ``lossless`` rows of other coders with ``coder`` while the queue is
+        empty (``codec.recompress``, :mod:`latentpacs.recompress`).
+
+    Raises
+    ------
+    ConfigError
+        When no stream coder is called ``coder``.
     """
 
-    def __init__(self, archive: Archive, engines: EnginePool, coder: str) -> None:
+    def __init__(self, archive: Archive, engines: EnginePool, coder: str, *,
+                 recompress: bool = True) -> None:
         self.archive = archive
         self.engines = engines
-        self.coder = coder
+        self.coder = get_coder(coder).name
+        self.recompress = recompress
+        #: Rows to recompress, listed a page at a time from after ``_scan_after``.
+        self._candidates: deque[StreamRow] = deque()
+        self._scan_after = 0
+        #: When (time.monotonic) the next scan for rows to recompress may start.
+        self._scan_at = 0.0
+        #: Whether the last scan found nothing left to recompress.
+        self._scan_clean = False
+        #: Rows whose recompression failed for good (a damaged stream): not tried again.
+        self._given_up: set[int] = set()
+        #: Rows recompressed since start.
+        self.recompressed = 0
         self._queue: deque[int] = deque()
         self._queued: set[int] = set()
         #: Rows whose coding met an unavailable archive, to be queued again.
@@ -123,6 +155,17 @@ class DeferredCoder:
         with self._wake:
             return self._wake.wait_for(lambda: not self._queue and not self._busy, timeout)
 
+    def wait_recompressed(self, timeout: float) -> bool:
+        """Wait until a scan found nothing left to recompress and the worker is idle.
+
+        True at once when recompression is off; False on timeout.
+        """
+        with self._wake:
+            return self._wake.wait_for(
+                lambda: not self.recompress or (
+                    self._scan_clean and not self._candidates and not self._queue
+                    and not self._busy), timeout)
+
     def stop(self, timeout: float = 30.0) -> None:
         """Stop after the row being coded (the others stay pending in the archive)."""
         with self._wake:
@@ -131,19 +174,42 @@ class DeferredCoder:
         if self._thread is not None:
             self._thread.join(timeout)
 
+    def _recompress_due(self) -> bool:
+        """Whether an idle worker has a row to recompress or a scan to run (holding the lock)."""
+        return self.recompress and (bool(self._candidates) or time.monotonic() >= self._scan_at)
+
+    def _idle_timeout(self) -> float | None:
+        """How long an idle worker may sleep: until a retry or the next scan is due."""
+        waits = [RETRY_S] if self._retry else []
+        if self.recompress:
+            waits.append(max(self._scan_at - time.monotonic(), 0.0))
+        return min(waits) if waits else None
+
     def _run(self) -> None:
         _lower_priority()
         while True:
             with self._wake:
-                self._wake.wait_for(lambda: self._queue or self._stopping,
-                                    timeout=RETRY_S if self._retry else None)
+                if not self._queue and not self._stopping and not self._recompress_due():
+                    if not self._wake.wait_for(lambda: self._queue or self._stopping,
+                                               timeout=self._idle_timeout()):
+                        self._requeue_retries()  # waited: rows to retry, or a scan is due
+                        continue
                 if self._stopping:
                     return
-                if not self._queue:  # waited RETRY_S with rows to retry
-                    self._requeue_retries()
-                    continue
-                instance_id = self._queue.popleft()
-                self._busy = True
+                if not self._queue:  # idle: recompress one row (pending images come first)
+                    self._busy = True
+                    instance_id = None
+                else:
+                    instance_id = self._queue.popleft()
+                    self._busy = True
+            if instance_id is None:
+                try:
+                    self._recompress_next()
+                finally:
+                    with self._wake:
+                        self._busy = False
+                        self._wake.notify_all()
+                continue
             retry = False
             try:
                 done = code_one(self.archive, self.engines, self.coder, instance_id)
@@ -170,6 +236,58 @@ class DeferredCoder:
                         self._retry.add(instance_id)
                     self._busy = False
                     self._wake.notify_all()
+
+
+    def _recompress_next(self) -> None:
+        """Recompress the next candidate row, listing the next page of them when none is left.
+
+        A failure is logged and the row left as it is: a row that met an unavailable
+        archive (A700) is tried again at the next scan, any other failure (a damaged
+        stream, named in the log) not again in this process's life.
+        """
+        if not self._candidates:
+            try:
+                rows = self.archive.streams_not_by(
+                    self.coder, get_coder(self.coder).version, after=self._scan_after,
+                    tiers=recompress.RECOMPRESSED_TIERS)
+            except LatentPacsError as exc:
+                logger.warning("recompression scan failed, tried again in %.0f s: %s",
+                               RETRY_S, exc.message)
+                with self._wake:
+                    self._scan_at = time.monotonic() + RETRY_S
+                return
+            with self._wake:
+                if not rows:
+                    self._scan_after, self._scan_clean = 0, True
+                    self._scan_at = time.monotonic() + RESCAN_S
+                    return
+                self._scan_after = rows[-1].instance_id
+                self._scan_clean = False
+                self._candidates.extend(row for row in rows
+                                        if row.instance_id not in self._given_up)
+                if not self._candidates:
+                    return
+        with self._wake:
+            if not self._candidates:
+                return
+            row = self._candidates.popleft()
+        try:
+            outcome = recompress.recompress_one(self.archive, self.coder, row)
+        except LatentPacsError as exc:
+            unavailable = isinstance(exc, ArchiveError) and exc.status == Status.OUT_OF_RESOURCES
+            if not unavailable:
+                self._given_up.add(row.instance_id)
+            logger.warning("recompression of archive row %d failed, left as it is%s: %s",
+                           row.instance_id, ", to be tried again" if unavailable else "",
+                           exc.message)
+        except Exception:
+            self._given_up.add(row.instance_id)
+            logger.exception("recompression of archive row %d failed, left as it is",
+                             row.instance_id)
+        else:
+            self.recompressed += int(outcome.result is recompress.Result.RECOMPRESSED)
+            if outcome.reason == recompress.SKIP_NO_CHECKSUM:
+                self._given_up.add(row.instance_id)  # it stays so: not listed again
 
 
 def code_one(archive: Archive, engines: EnginePool, coder: str, instance_id: int) -> bool:

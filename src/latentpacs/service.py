@@ -150,6 +150,9 @@ class Service:
         Archive native ``lossless`` images as received and code them in a background
         thread (``codec.deferred``; :mod:`latentpacs.deferred`), started by
         :meth:`start_background`.
+    recompress:
+        The background coder, when idle, recompresses ``lossless`` rows of other coders
+        with ``coder`` (``codec.recompress``; :mod:`latentpacs.recompress`).
     """
 
     def __init__(
@@ -162,6 +165,7 @@ class Service:
         limits: Limits | None = None,
         coder: str = DEFAULT_CODER,
         deferred: bool = False,
+        recompress: bool = True,
     ) -> None:
         self.archive = archive
         self.engines = engines
@@ -171,7 +175,8 @@ class Service:
         self.limits = limits or Limits()
         self.decodes = DecodeBudget(self.limits.max_concurrent_decodes, self.limits.decode_wait_s)
         #: The background coder, when deferred coding is on (:mod:`latentpacs.deferred`).
-        self.deferred = DeferredCoder(archive, engines, self.coder) if deferred else None
+        self.deferred = (DeferredCoder(archive, engines, self.coder, recompress=recompress)
+                         if deferred else None)
         card = engines.primary_card
         archive.register_model(
             sha256=card.sha256, name=card.name, arch=card.arch, card=json.loads(card.to_json())
@@ -414,6 +419,7 @@ def open_service(config: Config, *, background: bool = False) -> Service:
             archive, engines, config.tier, duplicates=DuplicatePolicy(config["archive.duplicates"]),
             limits=Limits.from_config(config), coder=config["codec.coder"],
             deferred=background and config["codec.deferred"],
+            recompress=config["codec.recompress"],
         )
         if background and config["codec.deferred_background"]:
             service.start_background()

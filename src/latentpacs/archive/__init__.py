@@ -6,14 +6,18 @@ SQLAlchemy, Alembic and :mod:`latentpacs.errors` only.
 
 from latentpacs.archive.db import Archive, DuplicatePolicy, StoreResult
 from latentpacs.archive.database import upgrade
-from latentpacs.archive.records import ArchivedImage, ArchiveStats, TierStats
+from latentpacs.archive.records import (
+    ArchivedImage, ArchiveStats, CoderStats, StreamRow, TierStats,
+)
 
 __all__ = [
     "Archive",
     "ArchiveStats",
     "ArchivedImage",
+    "CoderStats",
     "DuplicatePolicy",
     "StoreResult",
+    "StreamRow",
     "TierStats",
     "upgrade",
 ]

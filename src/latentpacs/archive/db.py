@@ -19,7 +19,7 @@ from pathlib import Path
 from typing import Any
 
 import pydicom
-from sqlalchemy import exists, func, select, text, update
+from sqlalchemy import BigInteger, CursorResult, cast, exists, func, select, text, update
 from sqlalchemy.dialects import postgresql, sqlite
 from sqlalchemy.exc import IntegrityError, InterfaceError, OperationalError, SQLAlchemyError
 from sqlalchemy.orm import Session
@@ -29,7 +29,9 @@ from latentpacs.archive.blobs import INLINE_LIMIT, BlobStore, StreamStore
 from latentpacs.archive.database import IMMEDIATE, make_engine, migrate as run_migrations
 from latentpacs.archive.rows import add_instance, prune, remove_instance, to_image
 from latentpacs.archive.keys import check_level
-from latentpacs.archive.records import ArchivedImage, ArchiveStats, TierStats
+from latentpacs.archive.records import (
+    ArchivedImage, ArchiveStats, CoderStats, StreamRow, TierStats,
+)
 from latentpacs.archive.schema import Instance, Latent, Model, Patient, Series, Study
 from latentpacs.codec.tiers import RECEIVED
 from latentpacs.errors import (
@@ -331,6 +333,70 @@ class Archive:
             self._drop_blob_if_unused(path)
         return updated
 
+    def restream(self, instance_id: int, expected_stream_sha256: str, stream: bytes, *,
+                 coder: str, coder_version: int) -> bool:
+        """Replace an instance's stream by another coder's stream of the same pixels.
+
+        :mod:`latentpacs.recompress` calls this once it has decoded the new stream and
+        checked that it gives exactly the cells the old one gave (the archived pixel
+        checksum), so the row's checksums, tier, overrides and identity stay as they are;
+        only the stream, its coder and version, and the instance's archived byte count
+        change. The new stream is made durable first (a blob is fsynced before a row names
+        it). Then one transaction updates the row only if it still names the expected
+        stream (compare-and-swap: ``UPDATE ... WHERE stream_sha256 = expected``, which a
+        concurrent replace, recode or restream makes match no row). The stream it replaced
+        is deleted after the commit, when no row names it; a loser's new blob likewise. A
+        crash at any point leaves the row naming one valid stream, the old or the new, and
+        at most an orphan blob that no row names (not counted in :meth:`stats`, removed by
+        the next :meth:`sweep`).
+
+        Returns
+        -------
+        bool
+            Whether the row was updated (False: it is gone or names another stream now).
+
+        Raises
+        ------
+        ConfigError
+            When ``stream`` is empty or ``coder`` is empty or the reserved ``received``.
+        ArchiveError
+            When the database or blob store fails; the row is unchanged.
+        """
+        if not stream or not coder or coder == RECEIVED:
+            raise ConfigError(f"restream needs a coded stream and a coder name, not {coder!r}")
+        inline, path, digest = self._place_stream(stream)
+        old_blob: str | None = None
+        updated = False
+        with self._session(write=True) as session:
+            if path is not None and self._blobs is not None:
+                self._lock_blob(session, path, exclusive=False)
+                if not self._blobs.present(path, len(stream)):
+                    self._blobs.put(stream)
+            row = session.execute(
+                select(Latent.stream_path, Latent.stream_size)
+                .where(Latent.instance_fk == instance_id,
+                       Latent.stream_sha256 == expected_stream_sha256)
+                .with_for_update()).first()
+            if row is not None:
+                swapped: CursorResult[Any] = session.execute(  # type: ignore[assignment]
+                    update(Latent).where(Latent.instance_fk == instance_id,
+                                         Latent.stream_sha256 == expected_stream_sha256,
+                                         Latent.stream_coder != RECEIVED)
+                    .values(stream=inline, stream_path=path, stream_sha256=digest,
+                            stream_size=len(stream), stream_coder=coder,
+                            stream_coder_version=coder_version)
+                    .execution_options(synchronize_session=False))
+                updated = swapped.rowcount == 1
+            if updated and row is not None:
+                old_blob = row.stream_path
+                session.execute(update(Instance).where(Instance.id == instance_id).values(
+                    archived_bytes=Instance.archived_bytes - int(row.stream_size) + len(stream)))
+        if old_blob and old_blob != path:
+            self._drop_blob_if_unused(old_blob)
+        if not updated and path is not None:
+            self._drop_blob_if_unused(path)
+        return updated
+
     def pending(self, *, after: int = 0, limit: int = _CHUNK) -> list[int]:
         """Row ids of instances archived as received whose coding is pending, in order.
 
@@ -341,6 +407,29 @@ class Archive:
                 select(Latent.instance_fk).where(Latent.stream_coder == RECEIVED,
                                                  Latent.instance_fk > after)
                 .order_by(Latent.instance_fk).limit(limit)))
+
+    def streams_not_by(self, coder: str, coder_version: int, *, after: int = 0,
+                       limit: int = _CHUNK, tiers: tuple[str, ...] | None = None,
+                       ) -> list[StreamRow]:
+        """Coded streams written by another coder (or version) than ``coder``, in row order.
+
+        Rows of the latent tier (no stream) and rows archived as received (their coding is
+        pending, :mod:`latentpacs.deferred`) are not listed. ``tiers`` keeps only rows of
+        those tiers (e.g. ``("lossless",)``); ``after`` and ``limit`` page through them.
+        """
+        query = (select(Instance.id, Instance.sop_instance_uid, Instance.tier,
+                        Latent.stream_coder, Latent.stream_coder_version, Latent.stream_size)
+                 .join(Latent, Latent.instance_fk == Instance.id)
+                 .where(Instance.id > after, Latent.stream_coder.not_in(("", RECEIVED)),
+                        (Latent.stream_coder != coder)
+                        | (Latent.stream_coder_version != coder_version))
+                 .order_by(Instance.id).limit(limit))
+        if tiers is not None:
+            query = query.where(Instance.tier.in_(tiers))
+        with self._session() as session:
+            return [StreamRow(int(row_id), str(uid), str(tier), str(name), int(version),
+                              int(size))
+                    for row_id, uid, tier, name, version, size in session.execute(query)]
 
     def _drop_blob_if_unused(self, blob: str) -> None:
         """Delete a blob a replace left unnamed, in a write transaction holding its lock.
@@ -553,7 +642,22 @@ class Archive:
             )
             pending = session.scalar(select(func.count()).select_from(Latent)
                                      .where(Latent.stream_coder == RECEIVED)) or 0
-        return ArchiveStats(patients, studies, series, instances, tiers=tiers, pending=pending)
+            # Bits, summed as BIGINT (a 64 Mi-pixel image at 16 bits overflows INTEGER).
+            native_bits = (cast(Instance.pixel_rows, BigInteger) * Instance.pixel_columns
+                           * Instance.bits_allocated)
+            coders = tuple(
+                CoderStats(coder=str(name), version=int(version), streams=int(count),
+                           stream_bytes=int(size or 0), native_bytes=int(bits or 0) // 8)
+                for name, version, count, size, bits in session.execute(
+                    select(Latent.stream_coder, Latent.stream_coder_version, func.count(),
+                           func.sum(Latent.stream_size), func.sum(native_bits))
+                    .join(Instance, Instance.id == Latent.instance_fk)
+                    .where(Latent.stream_coder != "")
+                    .group_by(Latent.stream_coder, Latent.stream_coder_version)
+                    .order_by(Latent.stream_coder, Latent.stream_coder_version))
+            )
+        return ArchiveStats(patients, studies, series, instances, tiers=tiers, pending=pending,
+                            coders=coders)
 
     def study_summaries(self, *, study_uids: list[str] | None = None, limit: int,
                         offset: int = 0) -> list[summary.StudySummary]:
