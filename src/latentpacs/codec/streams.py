@@ -80,8 +80,14 @@ class JpegLsCoder:
         return jpegls.stream_precision(data)
 
 
+def _learned() -> StreamCoder:
+    from latentpacs.codec.learned import LearnedCoder
+
+    return LearnedCoder()
+
+
 #: Every coder by name, each at the versions it decodes.
-CODERS: dict[str, StreamCoder] = {"jpeg-ls": JpegLsCoder()}
+CODERS: dict[str, StreamCoder] = {"jpeg-ls": JpegLsCoder(), "learned": _learned()}
 
 
 def get_coder(name: str, version: int | None = None) -> StreamCoder:
