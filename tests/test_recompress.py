@@ -36,6 +36,8 @@ from latentpacs.recompress import (
     SKIP_NEAR_LOSSLESS, Result, candidates, recompress_one, recompress_rows,
 )
 from latentpacs.service import Service, open_engines, open_service
+from netpeers import getscu, start_node, storescu
+from test_node import write_config
 
 #: Failure bound for waits (never a timing assertion).
 WAIT_S = 300.0
@@ -425,3 +427,31 @@ def test_the_idle_background_coder_recompresses_unless_turned_off(
     finally:
         on.close()
     assert _check_every_row(config, _originals(small[:5])) == {TARGET: 5}
+
+
+def test_a_learned_node_recompresses_while_idle_and_c_get_returns_the_originals(
+        tmp_path: Path, small: list[Path]) -> None:
+    """JPEG-LS rows archived before; a node with codec.coder = learned acknowledges new
+    images as before, recompresses the old rows when idle, and C-GET returns every
+    original byte for byte (getscu, the learned stream decoded for it)."""
+    database = f"sqlite:///{tmp_path / 'node.db'}"
+    _store(_config(tmp_path, database=database), small[:2])  # one study, JPEG-LS
+    config = write_config(tmp_path, database, codec={"tier": "lossless", "coder": TARGET})
+    with start_node(config) as node:
+        sent = storescu(node.port, node.aet, small[2:4])
+        assert sent.returncode == 0, sent.stderr
+        deadline = time.monotonic() + WAIT_S
+        with _archive(_config(tmp_path, database=database)) as archive:
+            while archive.stats().pending or list(candidates(archive, TARGET)):
+                assert time.monotonic() < deadline, f"not recompressed in {WAIT_S:.0f} s"
+                time.sleep(0.05)
+            assert {c.coder for c in archive.stats().coders} == {TARGET}
+        files: list[Path] = []
+        for study in sorted({str(pydicom.dcmread(p).StudyInstanceUID) for p in small[:4]}):
+            got = getscu(node.port, node.aet, "STUDY", {"StudyInstanceUID": study},
+                         tmp_path / "got")
+            assert got.final.status == 0x0000, got
+            files += got.files
+    returned = {str(ds.SOPInstanceUID): ds.PixelData
+                for ds in (pydicom.dcmread(path) for path in files)}
+    assert returned == _originals(small[:4])
