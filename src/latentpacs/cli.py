@@ -819,7 +819,6 @@ def _add_archive_commands(sub: _Commands) -> None:
                  "(verified, then swapped)", cmd_archive_recompress, depth=2)
     _add_archive_options(p)
     _add_setting_option(p, "--coder")
-    _add_setting_option(p, "--models-dir")
     p.add_argument("--limit", type=int, metavar="N", help="recompress at most N streams")
 
     p = _command(archive, "export", "write a study's returned objects as DICOM files", cmd_archive_export, depth=2)
