@@ -33,6 +33,9 @@ FIGURES = {
     "protocol, 1024 x 1024 files; jpeg-native and jpeg2000: native-size files).",
     "storage-cost.png": "Storage cost: median bits per pixel of every codec and tier.",
 }
+#: The lossless-coder comparison's figure (only when the run measured it, ``summary["coders"]``).
+CODER_FIGURE = ("lossless-coders.png", "Lossless and near-lossless coders: mean bits per pixel of every coder at "
+                "each NEAR (native bit depth, every stream verified).")
 
 
 def _pyplot() -> Any:
@@ -118,6 +121,32 @@ def _storage(plt: Any, summary: dict[str, Any], path: Path) -> None:
     plt.close(fig)
 
 
+def coder_figure(coders: dict[str, Any], path: Path) -> Path:
+    """Bars of mean bpp per coder, grouped by NEAR, from :func:`latentpacs.evaluate.coders.summarise`."""
+    plt = _pyplot()
+    rows = [r for r in coders["rows"] if "mean_bpp" in r]
+    nears = sorted({r["near"] for r in rows})
+    names = list(dict.fromkeys(r["coder"] for r in rows))
+    width = 0.8 / max(1, len(names))
+    fig, ax = plt.subplots(figsize=(8, 4.5))
+    for i, name in enumerate(names):
+        mine = {r["near"]: r for r in rows if r["coder"] == name}
+        xs = [j + (i - (len(names) - 1) / 2) * width for j, near in enumerate(nears) if near in mine]
+        bars = ax.bar(xs, [mine[n]["mean_bpp"] for n in nears if n in mine], width, label=name)
+        for bar, near in zip(bars, [n for n in nears if n in mine]):
+            if mine[near]["failed"]:
+                bar.set_hatch("xx")  # a row that failed verification on some image
+    ax.set_xticks(range(len(nears)), [f"NEAR={n}" for n in nears])
+    ax.set_ylabel("mean bits per pixel")
+    ax.grid(alpha=0.3, axis="y")
+    ax.legend(fontsize=8, ncol=2)
+    fig.tight_layout()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+    return path
+
+
 def write_figures(out: Path) -> list[Path]:
     """Draw every figure of :data:`FIGURES` from the evaluation files under ``out``."""
     plt = _pyplot()
@@ -135,5 +164,8 @@ def write_figures(out: Path) -> list[Path]:
         _grid(plt, previews, labels, target / names[3], diff=True)
     _rate_distortion(plt, summary, target / names[4])
     _storage(plt, summary, target / names[5])
-    logger.info("wrote %d figures under %s", len(names), target)
-    return [target / name for name in names]
+    written = [target / name for name in names]
+    if "coders" in summary:
+        written.append(coder_figure(summary["coders"], target / CODER_FIGURE[0]))
+    logger.info("wrote %d figures under %s", len(written), target)
+    return written

@@ -15,7 +15,7 @@ from pathlib import Path
 from typing import Any
 
 from latentpacs.evaluate import records
-from latentpacs.evaluate.plots import FIGURES, FIGURES_DIR
+from latentpacs.evaluate.plots import CODER_FIGURE, FIGURES, FIGURES_DIR
 
 logger = logging.getLogger(__name__)
 
@@ -109,6 +109,43 @@ def _dicom_files(dicom: dict[str, list[str]] | None) -> str:
     )
 
 
+def _coders(coders: dict[str, Any] | None, figures_dir: Path) -> str:
+    """The lossless-coder comparison (:mod:`~latentpacs.evaluate.coders`), when the run measured it."""
+    if not coders:
+        return ""
+    head = ("coder", "NEAR", "images", "mean bpp", "ratio (16-bit)", "vs JPEG-LS", "bpp in breast", "encode ms",
+            "decode ms", "max error")
+    body = []
+    for r in coders["rows"]:
+        cells = [html.escape(r["coder"]), str(r["near"]), str(r["images"])]
+        if "mean_bpp" in r:
+            vs = r["vs_reference_percent"]
+            cells += [_number(r["mean_bpp"]), f"{_number(r['ratio_allocated'])}:1",
+                      "&ndash;" if vs is None else f"{vs:+.1f}%", _number(r["mean_breast_bpp"]),
+                      f"{r['median_encode_ms']:.0f}", f"{r['median_decode_ms']:.0f}", str(r["max_abs_error"])]
+        else:
+            cells += ["&ndash;"] * 7
+        if r["failed"]:
+            cells[2] += f' <strong class="failed">FAILED on {r["failed"]}</strong>'
+        body.append("<tr>" + "".join(f"<td>{c}</td>" for c in cells) + "</tr>")
+    failures = "".join(
+        f"<li>{html.escape(f['coder'])} NEAR={f['near']} on {html.escape(f['image'])}: {html.escape(f['reason'])}</li>"
+        for f in coders["failures"])
+    unavailable = "".join(f"<li>{html.escape(n)}: {html.escape(why)}</li>" for n, why in coders["unavailable"].items())
+    figure = figures_dir / CODER_FIGURE[0]
+    return "".join([
+        '<h2 id="lossless-coders">Lossless and near-lossless coders</h2>',
+        "<p>Every stream coder at each NEAR and the classical lossless coders at the native bit depth; each stream "
+        "was decoded and verified (bit-exact, or every value within NEAR) before its size counted. Ratio against "
+        "16 bits allocated; vs JPEG-LS is the mean bpp relative to JPEG-LS at the same NEAR; bits per breast pixel "
+        "counts all bits over the breast region; times are medians of one call per image.</p>",
+        "<table><tr>" + "".join(f"<th>{h}</th>" for h in head) + "</tr>" + "".join(body) + "</table>",
+        f'<h3>Verification failures</h3><ul class="failed">{failures}</ul>' if failures else "",
+        f"<h3>Coders not measured</h3><ul>{unavailable}</ul>" if unavailable else "",
+        _figure(figure, CODER_FIGURE[1]) if figure.is_file() else "",
+    ])
+
+
 def render(summary: dict[str, Any], figures_dir: Path) -> str:
     """The report page as an HTML string."""
     codecs = summary["codecs"]
@@ -131,7 +168,8 @@ def render(summary: dict[str, Any], figures_dir: Path) -> str:
         "<h2>Rate-distortion settings</h2>",
         "<p>JPEG by quality (jpeg: the paper's 1024 x 1024 protocol; jpeg-native: the native matrix), "
         "JPEG 2000 (native) by target PSNR (dB); medians over the images.</p>",
-        _rd_table(summary["rate_distortion"]), "<h2>Models</h2>", _models(summary["models"]),
+        _rd_table(summary["rate_distortion"]), _coders(summary.get("coders"), figures_dir),
+        "<h2>Models</h2>", _models(summary["models"]),
         "<h2>Figures</h2>",
         *[_figure(figures_dir / name, caption) for name, caption in FIGURES.items()],
     ]

@@ -1,0 +1,145 @@
+"""Lossless and near-lossless coders on physical phantoms: bpp, time and issue 13's targets.
+
+Run from the repository root::
+
+    .venv/bin/python benchmarks/bench_coders.py
+    .venv/bin/python benchmarks/bench_coders.py --count 6 --size 2294x1914 --doses 500 1500 5000 --threads 2
+
+Images are physical phantoms (:func:`latentpacs.phantom.render_image` with a dose:
+Poisson quanta, detector blur, electronic noise, log transform, air at 0) from seeds and
+doses the learned coder never saw in training (it was trained on seeds below 9000 at 300,
+1000 and 3000 photons per pixel): image ``i`` has seed ``--seed + i``, dose
+``--doses[i % n]`` and Bits Stored ``--bits[i % n]``, the views and photometric
+interpretations cycling. Every coder of :mod:`latentpacs.evaluate.coders` codes every
+image; every stream is decoded and verified (bit-exact, or within NEAR) before it counts,
+and a coder that fails verification is printed as FAILED and makes the exit status 1.
+
+Printed: the Markdown table (coder, NEAR, mean bpp, ratio against 16 bits allocated, bpp
+relative to JPEG-LS at the same NEAR, bits per breast pixel, median encode and decode
+ms, and the target status of each learned row), then JPEG-LS's lossless ratio beside the
+published FFDM figures. ``--out`` writes the summary as JSON, ``--plot`` the bpp figure.
+Nothing here asserts a target.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+#: Seeds and doses of the learned coder's training set; never used for figures here.
+TRAINING_SEED_LIMIT = 9000
+TRAINING_DOSES = (300.0, 1000.0, 3000.0)
+#: Clunie 2000 (SPIE Medical Imaging 3980): JPEG-LS lossless over 3,679 images; mammography
+#: (MG) overall, and by digital vendor.
+PUBLISHED_FFDM = "Clunie 2000: JPEG-LS about 2.6:1 over mammograms (MG 2.62), 2.2 to 4:1 by vendor"
+
+
+def _size(text: str) -> tuple[int, int]:
+    try:
+        rows, cols = (int(v) for v in text.lower().split("x"))
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"size must be ROWSxCOLS, got {text!r}") from None
+    return rows, cols
+
+
+def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
+    """The benchmark's options."""
+    p = argparse.ArgumentParser(description=(__doc__ or "").split("\n")[0])
+    p.add_argument("--count", type=int, default=3, help="images (default 3)")
+    p.add_argument("--size", type=_size, default=(2294, 1914), metavar="ROWSxCOLS", help="default 2294x1914")
+    p.add_argument("--doses", type=float, nargs="+", default=[500.0, 1500.0, 5000.0],
+                   help="photons per pixel, cycled over the images (default 500 1500 5000)")
+    p.add_argument("--bits", type=int, nargs="+", default=[12, 14, 16], choices=(12, 14, 16),
+                   help="Bits Stored, cycled over the images (default 12 14 16)")
+    p.add_argument("--seed", type=int, default=TRAINING_SEED_LIMIT, help=f"first seed (>= {TRAINING_SEED_LIMIT})")
+    p.add_argument("--nears", type=int, nargs="+", default=[0, 1, 2, 4], help="NEAR values of the stream coders")
+    p.add_argument("--jpegxl-efforts", type=int, nargs="*", default=[7, 9], help="JPEG-XL efforts (default 7 9)")
+    p.add_argument("--threads", type=int, default=None,
+                   help="threads of numpy's BLAS, libjxl and OpenJPEG (default: the libraries' own)")
+    p.add_argument("--out", type=Path, help="write the summary as JSON here")
+    p.add_argument("--plot", type=Path, help="write the bpp figure (PNG) here")
+    args = p.parse_args(argv)
+    if args.seed < TRAINING_SEED_LIMIT:
+        p.error(f"--seed must be >= {TRAINING_SEED_LIMIT}: lower seeds trained the learned coder")
+    if set(args.doses) & set(TRAINING_DOSES):
+        p.error(f"--doses must avoid the training doses {TRAINING_DOSES}")
+    if args.count < 1 or (args.threads is not None and args.threads < 1):
+        p.error("--count and --threads must be at least 1")
+    return args
+
+
+def _images(args: argparse.Namespace) -> list[tuple[str, Any, int, int]]:
+    """(name, stored values, Bits Stored, breast pixels) of each phantom."""
+    import numpy as np
+
+    from latentpacs import phantom
+    from latentpacs.evaluate.metrics import breast_mask
+
+    images = []
+    views = (("L", "CC"), ("R", "MLO"), ("R", "CC"), ("L", "MLO"))
+    for index in range(args.count):
+        seed, dose, bits = args.seed + index, args.doses[index % len(args.doses)], args.bits[index % len(args.bits)]
+        rng = np.random.default_rng(seed)
+        laterality, view = views[index % len(views)]
+        photometric = ("MONOCHROME2", "MONOCHROME1")[index % 2]
+        spec = phantom.PhantomSpec(args.size[0], args.size[1], view, laterality, bits, photometric,
+                                   "FOR PRESENTATION", masses=int(rng.integers(0, 3)),
+                                   calcification_clusters=int(rng.integers(0, 3)), dose=dose)
+        canonical = phantom.render_image(spec, rng)
+        name = f"seed{seed}-dose{dose:g}-{bits}bit-{photometric}"
+        images.append((name, phantom._quantise(canonical, spec), bits, int(breast_mask(canonical).sum())))
+    return images
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Measure, print the table; 1 when a coder failed verification, else 0."""
+    args = parse_args(argv)
+    if args.threads is not None:  # before numpy loads its BLAS
+        for name in ("OMP_NUM_THREADS", "OPENBLAS_NUM_THREADS", "MKL_NUM_THREADS"):
+            os.environ[name] = str(args.threads)
+    from tqdm import tqdm
+
+    from latentpacs.evaluate import coders, plots
+
+    chosen = coders.default_coders(args.nears, args.jpegxl_efforts, args.threads)
+    images = _images(args)
+    measures: list[coders.CoderMeasure] = []
+    failures: list[coders.CoderFailure] = []
+    with tqdm(total=len(images) * len(chosen.coders), desc="coders", unit="stream", file=sys.stderr) as bar:
+        for name, stored, bits, breast in images:
+            for coder in chosen.coders:
+                found, failed = coders.measure_image([coder], name, stored, bits, breast)
+                measures += found
+                failures += failed
+                bar.update()
+    summary = coders.summarise(measures, failures, chosen.unavailable)
+    summary["images_measured"] = [name for name, *_ in images]
+    summary["size"] = list(args.size)
+    print(f"{len(images)} physical phantom(s) of {args.size[0]}x{args.size[1]}, seeds {args.seed}.."
+          f"{args.seed + len(images) - 1}, doses {' '.join(f'{d:g}' for d in args.doses)}, "
+          f"bits {' '.join(map(str, args.bits))}, threads {args.threads or 'default'}\n")
+    print(coders.markdown_table(summary, targets=True))
+    reference = next((r for r in summary["rows"] if r["coder"] == coders.REFERENCE and r["near"] == 0
+                      and "mean_bpp" in r), None)
+    if reference is not None:
+        print(f"\nJPEG-LS lossless on these phantoms: {reference['ratio_allocated']:.2f}:1 against 16 bits "
+              f"allocated, {reference['ratio_stored']:.2f}:1 against Bits Stored "
+              f"({reference['mean_bpp']:.3f} bpp, {reference['mean_breast_bpp']:.3f} bits per breast pixel); "
+              f"{PUBLISHED_FFDM}.")
+    for failure in summary["failures"]:
+        print(f"FAILED: {failure['coder']} NEAR={failure['near']} on {failure['image']}: {failure['reason']}",
+              file=sys.stderr)
+    if args.out:
+        args.out.write_text(json.dumps(summary, indent=2, allow_nan=False) + "\n")
+    if args.plot:
+        plots.coder_figure(summary, args.plot)
+    return 1 if failures else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
