@@ -567,7 +567,7 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
         images=tuple(images), out=args.out, models=tuple(args.models), jpeg_quality=args.jpeg_quality,
         tiers=tuple(args.tiers), previews=args.previews, models_dir=config.models_dir,
         device=config["codec.device"] or None, write_dicom=not args.no_dicom,
-        map_max_side=args.map_max_side,
+        map_max_side=args.map_max_side, coders=args.coders,
     ))
     for path, reason in result.skipped:
         print(f"latentpacs: {path}: {reason}", file=sys.stderr)
@@ -579,6 +579,15 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
     if result.structured_reports:
         print(f"DICOM: {len(result.structured_reports)} measurement report(s), "
               f"{len(result.difference_maps)} difference map(s) in {args.out / 'dicom'}")
+    if "coders" in result.summary:
+        from latentpacs.evaluate.coders import markdown_table
+
+        print(markdown_table(result.summary["coders"]))
+    for failure in result.coder_failures:
+        print(f"latentpacs: {failure.coder} NEAR={failure.near} failed verification on {failure.image}: "
+              f"{failure.reason}", file=sys.stderr)
+    if result.coder_failures:
+        return EXIT_ERROR
     return EXIT_PARTIAL if result.skipped else EXIT_OK
 
 
@@ -769,6 +778,9 @@ def _add_evaluate_command(sub: _Commands) -> None:
                    help="write no DICOM SR and Parametric Maps (dicom/ beside metrics.csv)")
     p.add_argument("--map-max-side", type=int, default=2048, metavar="N",
                    help="difference maps longer than N pixels are averaged over blocks (0: never)")
+    p.add_argument("--coders", action="store_true",
+                   help="also compare the lossless/near-lossless coders (stream coders at NEAR 0 1 2 4, JPEG-XL "
+                   "e7 e9, JPEG 2000, HTJ2K), every stream verified; slow: JPEG-XL e9 ~15 s per 2294x1914 image")
     p.add_argument("--out", type=Path, required=True)
     _add_codec_options(p, model=False)
 
