@@ -19,8 +19,10 @@ import threading
 import time
 from pathlib import Path
 
+import numpy as np
 import pydicom
 import pytest
+from pydicom.uid import generate_uid
 from sqlalchemy import create_engine, text
 
 from latentpacs import phantom
@@ -33,7 +35,7 @@ from latentpacs.codec.tiers import Tier
 from latentpacs.config import load_config
 from latentpacs.errors import LatentPacsError
 from latentpacs.recompress import (
-    SKIP_NEAR_LOSSLESS, Result, candidates, recompress_one, recompress_rows,
+    SKIP_NEAR_LOSSLESS, SKIP_NOT_SMALLER, Result, candidates, recompress_one, recompress_rows,
 )
 from latentpacs.service import Service, open_engines, open_service
 from netpeers import getscu, start_node, storescu
@@ -138,7 +140,7 @@ def test_recompressed_rows_return_the_original_pixels_byte_for_byte(
     with _archive(config) as archive:
         rows = list(candidates(archive, TARGET))
         assert [row.coder for row in rows] == ["jpeg-ls"] * len(paths)
-        summary = recompress_rows(archive, TARGET, rows)
+        summary = recompress_rows(archive, TARGET, rows, only_smaller=False)
         assert (summary.recompressed, summary.skipped, summary.failed) == (len(paths), 0, 0)
         assert summary.bytes_before == sum(row.stream_bytes for row in rows)
         assert list(candidates(archive, TARGET)) == []
@@ -161,7 +163,8 @@ def test_archive_recompress_and_stats_per_coder(tmp_path: Path, small: list[Path
     native = sum(ds.Rows * ds.Columns * ds.BitsAllocated // 8
                  for ds in (pydicom.dcmread(p) for p in small))
 
-    part = _cli("archive", "recompress", "--coder", TARGET, "--limit", "2", *options)
+    part = _cli("archive", "recompress", "--coder", TARGET, "--limit", "2", "--even-if-larger",
+                *options)
     assert part.returncode == 0, part.stderr
     assert f"recompressed 2, skipped 0, failed 0 of 2 stream(s) not coded by {TARGET}" in part.stdout
     stats = _cli("archive", "stats", "--json", *options)
@@ -174,7 +177,7 @@ def test_archive_recompress_and_stats_per_coder(tmp_path: Path, small: list[Path
         assert c["saved_bytes"] == c["native_bytes"] - c["stream_bytes"] > 0
         assert c["ratio"] == pytest.approx(c["native_bytes"] / c["stream_bytes"])
 
-    rest = _cli("archive", "recompress", *options, "--coder", TARGET)
+    rest = _cli("archive", "recompress", *options, "--coder", TARGET, "--even-if-larger")
     assert rest.returncode == 0, rest.stderr
     assert f"recompressed {len(small) - 2}, skipped 0, failed 0 of {len(small) - 2}" in rest.stdout
     table = _cli("archive", "stats", *options)
@@ -228,7 +231,8 @@ def test_a_damaged_old_stream_is_refused_and_named(tmp_path: Path, small: list[P
     engine.dispose()
     before = _named_blobs(config.database_url)
 
-    done = _cli("archive", "recompress", "--coder", TARGET, "--data-dir", str(tmp_path / "data"))
+    done = _cli("archive", "recompress", "--coder", TARGET, "--even-if-larger",
+                "--data-dir", str(tmp_path / "data"))
     assert done.returncode == 1
     assert "recompressed 1, skipped 0, failed 2 of 3" in done.stdout
     errors = [line for line in done.stderr.splitlines() if line.startswith("latentpacs: ")]
@@ -264,7 +268,7 @@ def test_compare_and_swap_loses_to_a_concurrent_change(tmp_path: Path, archive_u
         # Two workers race on the same row: exactly one swaps, the other is told it lost.
         results: list[Result] = []
         workers = [threading.Thread(target=lambda: results.append(
-            recompress_one(archive, TARGET, row).result)) for _ in range(2)]
+            recompress_one(archive, TARGET, row, only_smaller=False).result)) for _ in range(2)]
         for worker in workers:
             worker.start()
         for worker in workers:
@@ -313,7 +317,7 @@ def test_sigkill_during_archive_recompress_loses_nothing(tmp_path: Path, small: 
     _store(config, paths)
     originals = _originals(paths)
     script = Path(sys.executable).parent / "latentpacs"
-    command = [str(script), "archive", "recompress", "--coder", TARGET,
+    command = [str(script), "archive", "recompress", "--coder", TARGET, "--even-if-larger",
                "--data-dir", str(tmp_path / "data")]
     database = tmp_path / "data" / "archive.db"
     done = 0
@@ -368,7 +372,7 @@ if point == "after-put":
 else:
     archive = KilledAfterCommit(url, blob_dir=Path(blobs), sweep=False)
 row = next(candidates(archive, coder))
-recompress_one(archive, coder, row)
+recompress_one(archive, coder, row, only_smaller=False)
 """
 
 
@@ -394,39 +398,93 @@ def test_sigkill_inside_one_swap_leaves_one_valid_stream(tmp_path: Path, large: 
     assert (old_blob in named) == (point == "after-put") and len(named) == 1
     with _archive(config) as archive:  # the open sweeps the orphan
         assert _blobs(config) == named
-        summary = recompress_rows(archive, TARGET, candidates(archive, TARGET))
+        summary = recompress_rows(archive, TARGET, candidates(archive, TARGET),
+                                  only_smaller=False)
     assert summary.recompressed == int(point == "after-put")
     assert _check_every_row(config, originals) == {TARGET: 1}
     assert _blobs(config) == _named_blobs(config.database_url)
 
 
+def _flat(source: Path, out: Path) -> Path:
+    """A copy of ``source`` under a new SOP Instance UID whose pixels are all one value:
+    JPEG-LS codes it in a few dozen bytes, less than the learned coder's header alone."""
+    ds = pydicom.dcmread(source)
+    ds.PixelData = np.full((ds.Rows, ds.Columns), 700, np.uint16).tobytes()
+    ds.SOPInstanceUID = ds.file_meta.MediaStorageSOPInstanceUID = generate_uid(
+        entropy_srcs=[str(source), "flat"])
+    ds.save_as(out, enforce_file_format=True)
+    return out
+
+
+def _expected_coders(config) -> dict[str, str]:
+    """The coder each row ends with once recompressed: the target where its verified
+    stream is smaller than the row's stream, else the row's own (computed here, the
+    coders being deterministic)."""
+    target = get_coder(TARGET)
+    expected = {}
+    with _archive(config) as archive:
+        for image in archive.iter_images():
+            stored = get_coder(image.stream_coder).decode(image.stream)
+            smaller = len(target.encode(stored, image.bits_stored, 0)) < len(image.stream)
+            expected[image.sop_instance_uid] = TARGET if smaller else image.stream_coder
+    return expected
+
+
+def _coders(config) -> dict[str, str]:
+    """Each row's stream coder (read without sweeping: a node may be running)."""
+    with Archive(config.database_url, blob_dir=Path(config["archive.data_dir"]) / "blobs",
+                 migrate=False, sweep=False) as archive:
+        return {image.sop_instance_uid: image.stream_coder for image in archive.iter_images()}
+
+
+def test_a_stream_that_would_grow_is_kept(tmp_path: Path, small: list[Path]) -> None:
+    config = _config(tmp_path)
+    _store(config, [_flat(small[0], tmp_path / "flat.dcm")])
+    options = ("--coder", TARGET, "--data-dir", str(tmp_path / "data"))
+    kept = _cli("archive", "recompress", *options)
+    assert kept.returncode == 0, kept.stderr
+    assert "recompressed 0, skipped 1, failed 0 of 1" in kept.stdout
+    assert f"skipped 1: {SKIP_NOT_SMALLER}" in kept.stdout
+    assert set(_coders(config).values()) == {"jpeg-ls"}
+    forced = _cli("archive", "recompress", "--even-if-larger", *options)
+    assert forced.returncode == 0, forced.stderr
+    assert "recompressed 1, skipped 0, failed 0 of 1" in forced.stdout
+    assert set(_coders(config).values()) == {TARGET}
+
+
 def test_the_idle_background_coder_recompresses_unless_turned_off(
         tmp_path: Path, small: list[Path]) -> None:
     """A node with codec.coder = learned codes its pending image, then recompresses the
-    JPEG-LS rows while idle; with codec.recompress = false it leaves them alone."""
+    JPEG-LS rows while idle (keeping a stream the learned one would not shrink); with
+    codec.recompress = false it leaves them alone."""
     config = _config(tmp_path)
-    _store(config, small[:3])
+    flat = _flat(small[0], tmp_path / "flat.dcm")
+    _store(config, [*small[:3], flat])
+    before = _coders(config)
+    expected = _expected_coders(config)
+    assert expected[str(pydicom.dcmread(flat).SOPInstanceUID)] == "jpeg-ls"
     off = open_service(_config(tmp_path, coder=TARGET, **{"codec.recompress": False}),
                        background=True)
     try:
         assert off.deferred is not None and not off.deferred.recompress
         assert off.store(pydicom.dcmread(small[3]), received=small[3]) is StoreResult.STORED
         assert off.deferred.wait_idle(WAIT_S) and off.deferred.wait_recompressed(WAIT_S)
-        coders = sorted(image.stream_coder for image in off.archive.iter_images())
-        assert coders == ["jpeg-ls"] * 3 + [TARGET]  # the pending image only, coded by learned
     finally:
         off.close()
+    # The pending image only was coded, by learned; the JPEG-LS rows are as they were.
+    assert _coders(config) == {**before, str(pydicom.dcmread(small[3]).SOPInstanceUID): TARGET}
     on = open_service(_config(tmp_path, coder=TARGET), background=True)
     try:
         assert on.deferred is not None and on.deferred.recompress
         assert on.store(pydicom.dcmread(small[4]), received=small[4]) is StoreResult.STORED
         assert on.deferred.wait_recompressed(WAIT_S)
         assert on.archive.stats().pending == 0
-        assert {image.stream_coder for image in on.archive.iter_images()} == {TARGET}
-        assert on.deferred.recompressed == 3
+        assert on.deferred.recompressed == list(expected.values()).count(TARGET)
     finally:
         on.close()
-    assert _check_every_row(config, _originals(small[:5])) == {TARGET: 5}
+    received = {str(pydicom.dcmread(p).SOPInstanceUID): TARGET for p in small[3:5]}
+    assert _coders(config) == {**expected, **received}
+    _check_every_row(config, _originals([*small[:5], flat]))
 
 
 def test_a_learned_node_recompresses_while_idle_and_c_get_returns_the_originals(
@@ -435,17 +493,18 @@ def test_a_learned_node_recompresses_while_idle_and_c_get_returns_the_originals(
     images as before, recompresses the old rows when idle, and C-GET returns every
     original byte for byte (getscu, the learned stream decoded for it)."""
     database = f"sqlite:///{tmp_path / 'node.db'}"
-    _store(_config(tmp_path, database=database), small[:2])  # one study, JPEG-LS
+    archived = _config(tmp_path, database=database)
+    _store(archived, small[:2])  # one study, JPEG-LS
+    expected = {**_expected_coders(archived), **{
+        str(pydicom.dcmread(p).SOPInstanceUID): TARGET for p in small[2:4]}}
     config = write_config(tmp_path, database, codec={"tier": "lossless", "coder": TARGET})
     with start_node(config) as node:
         sent = storescu(node.port, node.aet, small[2:4])
         assert sent.returncode == 0, sent.stderr
         deadline = time.monotonic() + WAIT_S
-        with _archive(_config(tmp_path, database=database)) as archive:
-            while archive.stats().pending or list(candidates(archive, TARGET)):
-                assert time.monotonic() < deadline, f"not recompressed in {WAIT_S:.0f} s"
-                time.sleep(0.05)
-            assert {c.coder for c in archive.stats().coders} == {TARGET}
+        while _coders(archived) != expected:  # polled in the archive, never timed
+            assert time.monotonic() < deadline, f"not recompressed in {WAIT_S:.0f} s"
+            time.sleep(0.05)
         files: list[Path] = []
         for study in sorted({str(pydicom.dcmread(p).StudyInstanceUID) for p in small[:4]}):
             got = getscu(node.port, node.aet, "STUDY", {"StudyInstanceUID": study},

@@ -444,7 +444,8 @@ def cmd_archive_recompress(args: argparse.Namespace) -> int:
             tick(row)
 
         with bar:
-            summary = recompress_rows(archive, coder, rows, on_done=done)
+            summary = recompress_rows(archive, coder, rows, on_done=done,
+                                      only_smaller=not args.even_if_larger)
     print(f"recompressed {summary.recompressed}, skipped {summary.skipped}, "
           f"failed {summary.failed} of {len(rows)} stream(s) not coded by {coder}")
     for reason, count in sorted(summary.skip_reasons.items()):
@@ -832,6 +833,8 @@ def _add_archive_commands(sub: _Commands) -> None:
     _add_archive_options(p)
     _add_setting_option(p, "--coder")
     p.add_argument("--limit", type=int, metavar="N", help="recompress at most N streams")
+    p.add_argument("--even-if-larger", action="store_true",
+                   help="swap in a verified new stream even when it is not smaller")
 
     p = _command(archive, "export", "write a study's returned objects as DICOM files", cmd_archive_export, depth=2)
     _add_archive_options(p)

@@ -20,8 +20,8 @@ full) is tried again, without a restart, when the next store is queued (the arch
 store, so it is back) or after :data:`RETRY_S` seconds.
 
 When its queue is empty the same worker recompresses, one row at a time, the ``lossless``
-rows whose stream another coder wrote than ``codec.coder`` (:mod:`latentpacs.recompress`;
-``codec.recompress = false`` turns this off). An image queued meanwhile is coded before
+rows whose stream another coder wrote than ``codec.coder``, where the verified new stream
+is smaller (:mod:`latentpacs.recompress`; ``codec.recompress = false`` turns this off). An image queued meanwhile is coded before
 the next row is recompressed, so acknowledgements and deferred coding do not wait for
 recompression. A scan that finds nothing more is repeated after :data:`RESCAN_S` seconds
 (another node or an import may have archived rows with another coder meanwhile).
@@ -286,8 +286,8 @@ class DeferredCoder:
                              row.instance_id)
         else:
             self.recompressed += int(outcome.result is recompress.Result.RECOMPRESSED)
-            if outcome.reason == recompress.SKIP_NO_CHECKSUM:
-                self._given_up.add(row.instance_id)  # it stays so: not listed again
+            if outcome.reason in (recompress.SKIP_NO_CHECKSUM, recompress.SKIP_NOT_SMALLER):
+                self._given_up.add(row.instance_id)  # it stays so: not tried again
 
 
 def code_one(archive: Archive, engines: EnginePool, coder: str, instance_id: int) -> bool:

@@ -11,7 +11,9 @@ only when the new stream is proven to give back exactly what the archive promise
 3. code those cells with the new coder (NEAR = 0, at Bits Stored, or Bits Allocated when
    bits above High Bit are set, as :func:`latentpacs.image.chain.encode` does);
 4. decode the new stream and check it gives the same checksum;
-5. swap it in with :meth:`latentpacs.archive.Archive.restream`: one transaction that
+5. keep the old stream when the new one is not smaller (unless asked to swap anyway:
+   ``archive recompress --even-if-larger``), so recompression never grows the archive;
+6. swap it in with :meth:`latentpacs.archive.Archive.restream`: one transaction that
    succeeds only while the row still names the old stream (compare-and-swap on its
    SHA-256); the old stream is deleted after the commit.
 
@@ -63,6 +65,7 @@ SKIP_NO_STREAM = "no stream (latent tier)"
 SKIP_NO_CHECKSUM = "no archived pixel checksum to verify against"
 SKIP_DONE = "already coded by the target coder"
 SKIP_CHANGED = "changed meanwhile (replaced, or coded by another process)"
+SKIP_NOT_SMALLER = "the new stream is not smaller (the old one is kept)"
 
 
 class Result(StrEnum):
@@ -121,8 +124,12 @@ def candidates(archive: Archive, coder: str, *, tiers: tuple[str, ...] | None = 
         after = rows[-1].instance_id
 
 
-def recompress_one(archive: Archive, coder: str, row: StreamRow) -> Outcome:
+def recompress_one(archive: Archive, coder: str, row: StreamRow, *,
+                   only_smaller: bool = True) -> Outcome:
     """Recompress one row with ``coder`` (the steps of the module docstring).
+
+    ``only_smaller``: keep the old stream when the verified new one is not smaller
+    (skipped, with both sizes in the outcome).
 
     Raises
     ------
@@ -154,6 +161,9 @@ def recompress_one(archive: Archive, coder: str, row: StreamRow) -> Outcome:
     record = ImageRecord.from_archived(archived)
     cells = _verified_cells(record)
     stream = _exact_stream(target, cells, record.module, record.pixel_sha256)
+    if only_smaller and len(stream) >= len(archived.stream):
+        return Outcome(row, Result.SKIPPED, len(archived.stream), len(stream),
+                       reason=SKIP_NOT_SMALLER)
     old_sha256 = hashlib.sha256(archived.stream).hexdigest()
     if not archive.restream(row.instance_id, old_sha256, stream, coder=target.name,
                             coder_version=target.version):
@@ -166,18 +176,18 @@ def recompress_one(archive: Archive, coder: str, row: StreamRow) -> Outcome:
 
 def recompress_rows(archive: Archive, coder: str, rows: Iterable[StreamRow], *,
                     on_done: Callable[[StreamRow, Outcome | None, str | None], None] | None = None,
-                    ) -> Summary:
+                    only_smaller: bool = True) -> Summary:
     """Recompress ``rows`` (from :func:`candidates`) one at a time, in the foreground.
 
     A row that fails is left as it is and counted; ``on_done`` gets each row with its
-    outcome, or None and the error message.
+    outcome, or None and the error message. ``only_smaller``: see :func:`recompress_one`.
     """
     summary = Summary()
     for row in rows:
         outcome: Outcome | None = None
         error: str | None = None
         try:
-            outcome = recompress_one(archive, coder, row)
+            outcome = recompress_one(archive, coder, row, only_smaller=only_smaller)
         except LatentPacsError as exc:
             summary.failed += 1
             error = exc.message
