@@ -97,6 +97,8 @@ class DeferredCoder:
         self._scan_clean = False
         #: Rows whose recompression failed for good (a damaged stream): not tried again.
         self._given_up: set[int] = set()
+        #: Whether the worker is recompressing a row (or scanning for one) now.
+        self._recompressing = False
         #: Rows recompressed since start.
         self.recompressed = 0
         self._queue: deque[int] = deque()
@@ -164,7 +166,7 @@ class DeferredCoder:
             return self._wake.wait_for(
                 lambda: not self.recompress or (
                     self._scan_clean and not self._candidates and not self._queue
-                    and not self._busy), timeout)
+                    and not self._busy and not self._recompressing), timeout)
 
     def stop(self, timeout: float = 30.0) -> None:
         """Stop after the row being coded (the others stay pending in the archive)."""
@@ -197,7 +199,7 @@ class DeferredCoder:
                 if self._stopping:
                     return
                 if not self._queue:  # idle: recompress one row (pending images come first)
-                    self._busy = True
+                    self._recompressing = True
                     instance_id = None
                 else:
                     instance_id = self._queue.popleft()
@@ -207,7 +209,7 @@ class DeferredCoder:
                     self._recompress_next()
                 finally:
                     with self._wake:
-                        self._busy = False
+                        self._recompressing = False
                         self._wake.notify_all()
                 continue
             retry = False
@@ -237,7 +239,6 @@ class DeferredCoder:
                     self._busy = False
                     self._wake.notify_all()
 
-
     def _recompress_next(self) -> None:
         """Recompress the next candidate row, listing the next page of them when none is left.
 
@@ -250,9 +251,9 @@ class DeferredCoder:
                 rows = self.archive.streams_not_by(
                     self.coder, get_coder(self.coder).version, after=self._scan_after,
                     tiers=recompress.RECOMPRESSED_TIERS)
-            except LatentPacsError as exc:
-                logger.warning("recompression scan failed, tried again in %.0f s: %s",
-                               RETRY_S, exc.message)
+            except Exception as exc:  # the worker must live on to code what is stored
+                logger.warning("recompression scan failed, tried again in %.0f s: %s", RETRY_S,
+                               exc.message if isinstance(exc, LatentPacsError) else repr(exc))
                 with self._wake:
                     self._scan_at = time.monotonic() + RETRY_S
                 return
