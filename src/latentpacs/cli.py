@@ -192,6 +192,48 @@ def cmd_models_list(args: argparse.Namespace) -> int:
     return EXIT_OK
 
 
+def cmd_train_coder(args: argparse.Namespace) -> int:
+    from latentpacs.image.pixels import read_file, stored_values
+    from latentpacs.train.coder import CoderTrainConfig, save_coder_model, train_coder
+    from latentpacs.train.data import scan_dicom_folders
+    from latentpacs.train.split import split_by_patient
+
+    records, skipped = scan_dicom_folders(args.data)
+    for path, reason in skipped:
+        print(f"latentpacs: skipped {path}: {reason}", file=sys.stderr)
+    if not records:
+        raise ConfigError(f"no trainable DICOM images under {', '.join(map(str, args.data))}")
+    train_records, val_records = split_by_patient(records, val_fraction=args.val_fraction, seed=args.seed)
+
+    def load(chosen: list) -> list:
+        images = []
+        for record in tqdm(chosen, desc="read", unit="img", disable=None):
+            stored, module = stored_values(read_file(record.path))
+            images.append((stored, module.bits_stored))
+        return images
+
+    config = CoderTrainConfig(out=args.out, epochs=args.epochs, learning_rate=args.lr,
+                              samples_per_pass=args.samples, seed=args.seed)
+    model, metrics = train_coder(load(train_records), load(val_records), config)
+    command = "latentpacs " + " ".join(sys.argv[1:])
+    training = {
+        "command": command, "data": [str(d) for d in args.data], "data_note": args.data_note or "",
+        "train_images": len(train_records), "validation_images": len(val_records),
+        "train_patients": len({r.patient_id for r in train_records}),
+        "validation_patients": len({r.patient_id for r in val_records}),
+        "epochs": args.epochs, "samples_per_pass": args.samples, "learning_rate": args.lr,
+        "seed": args.seed,
+    }
+    _, card = save_coder_model(model, args.out.parent, args.out.name,
+                               description="learned lossless/near-lossless stream coder "
+                                           "(codec.coder = learned)",
+                               training=training, metrics=metrics)
+    print(f"wrote {args.out}.safetensors (sha256 {card.sha256[:16]}...): validation "
+          f"{metrics.get('bpp_near0', '-')} bpp lossless (JPEG-LS {metrics.get('jpegls_bpp_near0', '-')}), "
+          f"{metrics.get('bpp_near2', '-')} bpp at NEAR=2 (JPEG-LS {metrics.get('jpegls_bpp_near2', '-')})")
+    return EXIT_OK
+
+
 def cmd_train(args: argparse.Namespace) -> int:
     from latentpacs.train.loop import TrainConfig, train
 
@@ -765,6 +807,22 @@ def _add_model_commands(sub: _Commands) -> None:
     p.add_argument("--out", type=Path, required=True, help="models/NAME: writes NAME.safetensors + NAME.json")
 
 
+def _add_train_coder_command(sub: _Commands) -> None:
+    p = _command(sub, "train-coder", "train the learned lossless/near-lossless stream coder",
+                 cmd_train_coder)
+    p.add_argument("--data", type=Path, nargs="+", required=True, metavar="DIR",
+                   help="DICOM folders (e.g. demo-data --physical phantoms)")
+    p.add_argument("--epochs", type=int, default=12)
+    p.add_argument("--samples", type=int, default=40000,
+                   help="contexts sampled per image and subimage (default: 40000)")
+    p.add_argument("--lr", type=float, default=3e-3)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--val-fraction", type=float, default=0.2,
+                   help="share of the patients whose images choose the epoch and measure the card's bpp")
+    p.add_argument("--data-note", help="where the data came from (recorded in the card)")
+    p.add_argument("--out", type=Path, required=True, help="models/NAME: writes NAME.safetensors + NAME.json")
+
+
 def _add_evaluate_command(sub: _Commands) -> None:
     p = _command(sub, "evaluate", "measure the models against JPEG and lossless codecs", cmd_evaluate)
     _add_data_options(p)
@@ -865,6 +923,7 @@ def build_parser() -> argparse.ArgumentParser:
     _add_file_commands(sub)
     _add_model_commands(sub)
     _add_evaluate_command(sub)
+    _add_train_coder_command(sub)
     _add_serve_command(sub)
     _add_archive_commands(sub)
     _add_web_commands(sub)
