@@ -204,7 +204,7 @@ def test_train_coder_writes_a_card_and_a_model_that_codes(tmp_path: Path) -> Non
     phantom.generate(data, 6, seed=77, size=(128, 104), images_per_study=1, studies_per_patient=1,
                      dose=1000.0)
     out = tmp_path / "models" / "mycoder"
-    done = subprocess.run([sys.executable, "-m", "latentpacs", "train-coder", "--data", str(data),
+    done = subprocess.run([sys.executable, "-m", "latentpacs.cli", "train-coder", "--data", str(data),
                            "--epochs", "2", "--samples", "3000", "--out", str(out)],
                           capture_output=True, text=True, timeout=600, cwd=ROOT)
     assert done.returncode == 0, done.stderr[-2000:]
@@ -213,10 +213,10 @@ def test_train_coder_writes_a_card_and_a_model_that_codes(tmp_path: Path) -> Non
     assert card["training"]["command"].startswith("latentpacs train-coder")
     assert card["training"]["validation_patients"] >= 1
     assert card["metrics"]["bpp_near0"] > 0 and card["metrics"]["jpegls_bpp_near0"] > 0
-    model = learned.load_coder_model(out, expected_sha256=card["sha256"])
+    model = learned.load_coder_model(out.with_suffix(".safetensors"), expected_sha256=card["sha256"])
     values = _phantom(9701, 14, size=(96, 80))
     assert np.array_equal(learned.decode_stream(learned.encode_stream(values, 14, 0, model), model), values)
-    again = subprocess.run([sys.executable, "-m", "latentpacs", "train-coder", "--data", str(data),
+    again = subprocess.run([sys.executable, "-m", "latentpacs.cli", "train-coder", "--data", str(data),
                             "--epochs", "1", "--samples", "2000", "--seed", "5", "--out", str(out)],
                            capture_output=True, text=True, timeout=600, cwd=ROOT)
     assert again.returncode == 0, again.stderr[-2000:]
@@ -227,7 +227,7 @@ def test_train_coder_writes_a_card_and_a_model_that_codes(tmp_path: Path) -> Non
 
 def test_train_coder_without_images_is_a_one_line_error(tmp_path: Path) -> None:
     (tmp_path / "empty").mkdir()
-    done = subprocess.run([sys.executable, "-m", "latentpacs", "train-coder", "--data",
+    done = subprocess.run([sys.executable, "-m", "latentpacs.cli", "train-coder", "--data",
                            str(tmp_path / "empty"), "--out", str(tmp_path / "m" / "x")],
                           capture_output=True, text=True, timeout=120, cwd=ROOT)
     assert done.returncode != 0
