@@ -24,6 +24,7 @@ Nothing here asserts a target.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import os
 import sys
@@ -96,6 +97,18 @@ def _images(args: argparse.Namespace) -> list[tuple[str, Any, int, int]]:
     return images
 
 
+def _per_image(measures: Sequence[Any]) -> str:
+    """bpp of each image at NEAR = 0: every coder, one column each (Markdown)."""
+    names = list(dict.fromkeys(m.coder for m in measures if m.near == 0))
+    images = list(dict.fromkeys(m.image for m in measures))
+    bpp = {(m.image, m.coder): m.bpp for m in measures if m.near == 0}
+    lines = ["| image (lossless bpp) | " + " | ".join(names) + " |", "|---|" + "---:|" * len(names)]
+    for image in images:
+        cells = [f"{bpp[image, n]:.3f}" if (image, n) in bpp else "FAILED" for n in names]
+        lines.append(f"| {image} | " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     """Measure, print the table; 1 when a coder failed verification, else 0."""
     args = parse_args(argv)
@@ -119,6 +132,7 @@ def main(argv: Sequence[str] | None = None) -> int:
                 bar.update()
     summary = coders.summarise(measures, failures, chosen.unavailable)
     summary["images_measured"] = [name for name, *_ in images]
+    summary["measures"] = [dataclasses.asdict(m) for m in measures]
     summary["size"] = list(args.size)
     print(f"{len(images)} physical phantom(s) of {args.size[0]}x{args.size[1]}, seeds {args.seed}.."
           f"{args.seed + len(images) - 1}, doses {' '.join(f'{d:g}' for d in args.doses)}, "
@@ -131,6 +145,7 @@ def main(argv: Sequence[str] | None = None) -> int:
               f"allocated, {reference['ratio_stored']:.2f}:1 against Bits Stored "
               f"({reference['mean_bpp']:.3f} bpp, {reference['mean_breast_bpp']:.3f} bits per breast pixel); "
               f"{PUBLISHED_FFDM}.")
+    print("\n" + _per_image(measures))
     for failure in summary["failures"]:
         print(f"FAILED: {failure['coder']} NEAR={failure['near']} on {failure['image']}: {failure['reason']}",
               file=sys.stderr)

@@ -44,8 +44,8 @@ def images() -> list[tuple[str, np.ndarray, int, int]]:
 
 
 def _expected_stream_coders() -> list[str]:
-    """Registered stream coders that can code here: the learned one once its model is installed."""
-    return ["jpeg-ls", *(["learned"] if learned.model_available() else [])]
+    """The registered stream coders: JPEG-LS and the learned coder (its model ships in models/)."""
+    return ["jpeg-ls", "learned"]
 
 
 @pytest.fixture(scope="module")
@@ -65,8 +65,7 @@ def test_table_has_every_coder_at_every_near(summary: dict) -> None:
     assert keys == expected + [(name, 0) for name in CLASSICAL]
     assert summary["failures"] == []
     assert all(r["images"] == 2 and r["failed"] == 0 for r in summary["rows"])
-    if not learned.model_available():  # registered but not installed: named, with why
-        assert "learned" in summary["unavailable"] and summary["unavailable"]["learned"]
+    assert summary["unavailable"] == {}
     table = coders.markdown_table(summary, targets=True)
     for name, near in keys:
         assert f"| {name} | {near} |" in table
@@ -150,14 +149,44 @@ def test_a_corrupted_stream_and_a_broken_bound_are_failures(
     assert set(failed) == {("jpeg-ls-flipped", 0), ("jpeg-ls-flipped", 2), ("jpeg-ls-loose", 0), ("jpeg-ls-loose", 2)}
     assert "is not bit-exact" in failed["jpeg-ls-loose", 0]
     assert "is not within NEAR=2: a value is 3 away" in failed["jpeg-ls-loose", 2]
-    assert {m.coder for m in measures} == {"jpeg-ls", *(["learned"] if learned.model_available() else [])}
+    assert {m.coder for m in measures} == {"jpeg-ls", "learned"}
     summary = coders.summarise(measures, failures)
     by_key = {(r["coder"], r["near"]): r for r in summary["rows"]}
     assert by_key["jpeg-ls-loose", 0]["failed"] == 1 and "mean_bpp" not in by_key["jpeg-ls-loose", 0]
     table = coders.markdown_table(summary)
     assert "| jpeg-ls-flipped | 0 | FAILED |" in table and "| jpeg-ls-loose | 2 | FAILED |" in table
     with pytest.raises(coders.CoderVerificationError):
-        coders.measure(rows[-1], name, stored, bits)  # the last row: jpeg-ls-loose NEAR=2
+        loose = next(r for r in rows if (r.name, r.near) == ("jpeg-ls-loose", 2))
+        coders.measure(loose, name, stored, bits)
+
+
+@dataclass(frozen=True)
+class LearnedWithoutModel:
+    """The learned coder pointed at a models directory that holds no coder model."""
+
+    models_dir: Path
+    name: str = "learned-without-model"
+    version: int = 1
+    sends_as: tuple[str, str] | None = None
+
+    def encode(self, stored: np.ndarray, bits: int, near: int) -> bytes:
+        return learned.encode_stream(stored, bits, near, learned.load_coder_model(models_dir=self.models_dir))
+
+    def decode(self, data: bytes) -> np.ndarray:
+        return learned.decode_stream(data)
+
+    def precision(self, data: bytes) -> int:
+        return learned.stream_precision(data)
+
+
+def test_a_coder_whose_model_is_missing_is_named_unavailable(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setitem(streams.CODERS, "learned-without-model", LearnedWithoutModel(tmp_path))
+    rows, unavailable = coders.stream_coders((0,))
+    assert [(r.name, r.near) for r in rows] == [("jpeg-ls", 0), ("learned", 0)]
+    assert list(unavailable) == ["learned-without-model"]
+    assert str(tmp_path / "coder.safetensors") in unavailable["learned-without-model"]
+    table = coders.markdown_table(coders.summarise([], [], unavailable))
+    assert "learned-without-model: not measured (cannot read coder model" in table
 
 
 @pytest.fixture(scope="module")
