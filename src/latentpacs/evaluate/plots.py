@@ -127,15 +127,18 @@ def coder_figure(coders: dict[str, Any], path: Path) -> Path:
     rows = [r for r in coders["rows"] if "mean_bpp" in r]
     nears = sorted({r["near"] for r in rows})
     names = list(dict.fromkeys(r["coder"] for r in rows))
-    width = 0.8 / max(1, len(names))
+    colours = {name: f"C{i % 10}" for i, name in enumerate(names)}
     fig, ax = plt.subplots(figsize=(8, 4.5))
-    for i, name in enumerate(names):
-        mine = {r["near"]: r for r in rows if r["coder"] == name}
-        xs = [j + (i - (len(names) - 1) / 2) * width for j, near in enumerate(nears) if near in mine]
-        bars = ax.bar(xs, [mine[n]["mean_bpp"] for n in nears if n in mine], width, label=name)
-        for bar, near in zip(bars, [n for n in nears if n in mine]):
-            if mine[near]["failed"]:
-                bar.set_hatch("xx")  # a row that failed verification on some image
+    labelled: set[str] = set()
+    for j, near in enumerate(nears):
+        group = [r for r in rows if r["near"] == near]  # the coders measured at this NEAR, centred on it
+        width = 0.8 / len(group)
+        for i, row in enumerate(group):
+            name = row["coder"]
+            bar = ax.bar(j + (i - (len(group) - 1) / 2) * width, row["mean_bpp"], width, color=colours[name],
+                         label=None if name in labelled else name, hatch="xx" if row["failed"] else None)
+            ax.bar_label(bar, fmt="%.2f", fontsize=6)
+            labelled.add(name)
     ax.set_xticks(range(len(nears)), [f"NEAR={n}" for n in nears])
     ax.set_ylabel("mean bits per pixel")
     ax.grid(alpha=0.3, axis="y")
