@@ -299,7 +299,9 @@ def cmd_demo(args: argparse.Namespace) -> int:
 
     config = _config(args)
     with _engine(config) as engine:
-        rows = demo.run_demo(args.out, engine, count=args.count, size=args.size, seed=args.seed)
+        rows = demo.run_demo(args.out, engine, count=args.count, size=args.size, seed=args.seed,
+                             dose=None if args.white_noise else args.dose,
+                             coder=config["codec.coder"])
     print(demo.format_table(rows))
     print(f"figures and files under {args.out}")
     return EXIT_OK
@@ -758,6 +760,11 @@ def _add_demo_commands(sub: _Commands) -> None:
     p.add_argument("--count", type=int, default=4)
     p.add_argument("--seed", type=int, default=2026)
     p.add_argument("--size", type=_size, default=(2294, 1914))
+    p.add_argument("--dose", type=float, default=1000.0,
+                   help="photons per pixel of the physical phantom (default: 1000)")
+    p.add_argument("--white-noise", action="store_true",
+                   help="the plain phantom (anatomy plus white noise) instead of the physical one")
+    _add_setting_option(p, "--coder")
     _add_codec_options(p)
 
 

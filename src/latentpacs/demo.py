@@ -40,15 +40,20 @@ class DemoRow:
     decode_ms: float
 
 
-def run_demo(out: Path, engine: Engine, *, count: int, size: tuple[int, int], seed: int) -> list[DemoRow]:
-    """Generate ``count`` phantoms of ``size`` under ``out`` and round-trip them at every tier."""
-    sources = phantom.generate(out / "original", count, seed, size=size)
+def run_demo(out: Path, engine: Engine, *, count: int, size: tuple[int, int], seed: int,
+             dose: float | None = phantom.DEFAULT_DOSE, coder: str = "jpeg-ls") -> list[DemoRow]:
+    """Generate ``count`` phantoms of ``size`` under ``out`` and round-trip them at every tier.
+
+    ``dose`` is the physical phantom's (None: the plain white-noise phantom); ``coder``
+    codes the stream tiers.
+    """
+    sources = phantom.generate(out / "original", count, seed, size=size, dose=dose)
     datasets = [read_file(path) for path in sources]
     originals = [stored_values(ds) for ds in datasets]
     rows = []
     for tier in TIERS:
         started = time.perf_counter()
-        encoded = chain.encode(datasets, engine, tier)
+        encoded = chain.encode(datasets, engine, tier, coder=coder)
         encode_s = time.perf_counter() - started
         started = time.perf_counter()
         returned = [chain.returned(item, engine) for item in encoded]

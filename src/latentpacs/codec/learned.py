@@ -15,7 +15,8 @@ Prediction
     For every pixel, the context is the differences of its neighbours to the mean of the
     four nearest (the anchor), in quarter units of a 12-bit scale, plus the anchor's level
     (9 bits; the noise of a log-transformed X-ray image grows with attenuation). One small
-    network per subimage maps it to a mean and one of
+    network per subimage, a least-squares linear predictor of the mean plus a non-linear
+    correction (two hidden layers), maps it to a mean and one of
     :data:`SCALE_CLASSES` scale classes. A pixel whose context is flat (air, flat images)
     is predicted as the anchor in a class of its own, without the network.
 Distributions
@@ -173,7 +174,10 @@ def check_model(layers: dict[str, list[tuple[np.ndarray, np.ndarray, bool]]],
                 raise ModelError(f"coder model lacks network {name}")
             width = context_size(name)
             bound = float(MAX_INPUT)
-            for weights, bias, clip in net:
+            if len(net) < 2 or net[-1][0].shape != (2, width):
+                raise ModelError(f"coder network {name} lacks its linear skip")
+            skip = bound * float(np.abs(net[-1][0]).sum(axis=1).max(initial=0))
+            for k, (weights, bias, clip) in enumerate(net[:-1]):
                 if weights.ndim != 2 or weights.shape[1] != width or bias.shape != (weights.shape[0],):
                     raise ModelError(f"coder network {name} has inconsistent layer shapes")
                 if not (np.all(np.isfinite(weights)) and np.all(weights == np.rint(weights))
@@ -182,7 +186,7 @@ def check_model(layers: dict[str, list[tuple[np.ndarray, np.ndarray, bool]]],
                 if np.abs(weights).max(initial=0) > MAX_WEIGHT:
                     raise ModelError(f"coder network {name} has a weight above {MAX_WEIGHT}")
                 worst = bound * float(np.abs(weights).sum(axis=1).max(initial=0)) \
-                    + float(np.abs(bias).max(initial=0))
+                    + float(np.abs(bias).max(initial=0)) + (skip if k == len(net) - 2 else 0.0)
                 if worst >= 2.0 ** 52:
                     raise ModelError(f"coder network {name} could leave float64's exact range")
                 bound = float(ACTIVATION_MAX) if clip else worst / 2 ** WEIGHT_SHIFT
@@ -392,14 +396,21 @@ def pass_context(image: np.ndarray, group: str, column: int) -> np.ndarray:
 
 
 def predict(model: CoderModel, group: str, context: np.ndarray,
-            bits: int) -> tuple[np.ndarray, np.ndarray]:
+            bits: int, near: int = 0) -> tuple[np.ndarray, np.ndarray]:
     """Integer mean (image units, clipped to the range) and class of every target.
 
-    ``context`` is (n, targets) int64 from :func:`pass_context`.
+    ``context`` is (n, targets) int64 from :func:`pass_context`. A context whose values
+    lie within ``near`` of each other is flat: predicted as its nearest value, in the flat
+    class, so a near-lossless reconstruction of air stays one exact value instead of
+    wandering within the bound and defeating the flat class.
     """
     top = (1 << bits) - 1
     anchor = (context[0] + context[1] + context[2] + context[3] + 2) >> 2
-    flat = np.all(context == context[:1], axis=0)
+    if near:
+        flat = context.max(axis=0) - context.min(axis=0) <= near
+        anchor = np.where(flat, context[0], anchor)
+    else:
+        flat = np.all(context == context[:1], axis=0)
     mean = anchor.copy()
     cls = np.full(anchor.shape, SCALE_CLASSES, dtype=np.int64)
     todo = np.flatnonzero(~flat)
@@ -423,10 +434,15 @@ def _network(net: list[tuple[np.ndarray, np.ndarray, bool]],
              inputs: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     """Run an integer network on (features, targets) inputs; exact in float64.
     """
-    act = inputs.T
+    x = inputs.T
+    act = x
     scale = float(2 ** WEIGHT_SHIFT)
-    for weights, bias, clip in net:
-        act = np.floor((act @ weights.T + bias) / scale)
+    last = len(net) - 2  # the final entry is the linear skip from the inputs to the output
+    for k, (weights, bias, clip) in enumerate(net[:-1]):
+        z = act @ weights.T + bias
+        if k == last:
+            z += x @ net[-1][0].T
+        act = np.floor(z / scale)
         if clip:
             np.minimum(np.maximum(act, 0.0, out=act), float(ACTIVATION_MAX), out=act)
     return act[:, 0].astype(np.int64), act[:, 1].astype(np.int64)
@@ -481,7 +497,7 @@ class _Symbols:
 def _code_column(model: CoderModel, symbols: _Symbols, flat_recon: np.ndarray, gather: _Gather,
                  column: int, bits: int, near: int, flat_truth: np.ndarray | None) -> None:
     """Predict, then code or decode one pass at ``column`` into ``flat_recon`` (raveled)."""
-    means, classes = predict(model, gather.group, gather.context(flat_recon, column), bits)
+    means, classes = predict(model, gather.group, gather.context(flat_recon, column), bits, near)
     positions = gather.rows * gather.width + column
     top = (1 << bits) - 1
     step = 2 * near + 1
