@@ -1,7 +1,8 @@
 """The node driven by real peers: DCMTK's SCUs and storescp, on SQLite and PostgreSQL.
 
 Every test starts ``latentpacs serve`` on an OS-assigned loopback port (polled with
-C-ECHO) with the shipped ``ae`` model, and stops it by PID.
+C-ECHO) with the shipped ``ae`` model, and stops it by PID; the tests that only query and
+retrieve share one such node.
 """
 
 from __future__ import annotations
@@ -19,6 +20,7 @@ from latentpacs.image.derive import METHOD_LATENT
 from latentpacs.errors import Status
 from netpeers import (
     NodeProcess,
+    StoreSCP,
     echoscu,
     final_response,
     dimse_responses,
@@ -87,6 +89,27 @@ def ok_statuses(proc) -> list[int]:
     return [r.status for r in dimse_responses(proc)]
 
 
+@pytest.fixture(scope="module")
+def viewer(tmp_path_factory: pytest.TempPathFactory) -> Iterator[StoreSCP]:
+    """storescp ``VIEWER``, the shared node's C-MOVE destination."""
+    with start_storescp(tmp_path_factory.mktemp("viewer") / "received", aet="VIEWER") as scp:
+        yield scp
+
+
+@pytest.fixture(scope="module")
+def shared_node(tmp_path_factory: pytest.TempPathFactory, phantoms: list[Path],
+                viewer: StoreSCP) -> Iterator[NodeProcess]:
+    """One default (latent, SQLite) node holding the 8 phantoms, with ``VIEWER`` as its
+    destination, for the tests that only query and retrieve: one node start and one
+    ingest instead of one per test."""
+    directory = tmp_path_factory.mktemp("shared-node")
+    config = write_config(directory, f"sqlite:///{directory / 'a.db'}",
+                          **{"destinations.VIEWER": {"host": "127.0.0.1", "port": viewer.port}})
+    with start_node(config) as node:
+        assert ok_statuses(storescu(node.port, node.aet, phantoms)) == [Status.SUCCESS] * COUNT
+        yield node
+
+
 def test_store_find_get_and_restart(archive_url, node_factory, phantoms, tmp_path) -> None:
     node = node_factory(archive_url)
     stored = storescu(node.port, node.aet, phantoms)
@@ -130,9 +153,8 @@ def test_store_find_get_and_restart(archive_url, node_factory, phantoms, tmp_pat
     assert sorted(p.name for p in regot.files) == sorted(p.name for p in got.files)
 
 
-def test_matching_types(node_factory, phantoms, tmp_path) -> None:
-    node = node_factory(f"sqlite:///{tmp_path / 'a.db'}")
-    storescu(node.port, node.aet, phantoms)
+def test_matching_types(shared_node, phantoms) -> None:
+    node = shared_node
     first = pydicom.dcmread(phantoms[0])
     other_study = next(
         pydicom.dcmread(p).StudyInstanceUID for p in phantoms
@@ -163,9 +185,8 @@ def test_matching_types(node_factory, phantoms, tmp_path) -> None:
     assert ds.get("StudyDescription", "") == first.get("StudyDescription", "")
 
 
-def test_bad_identifiers_are_refused_and_the_node_keeps_serving(node_factory, phantoms, tmp_path) -> None:
-    node = node_factory(f"sqlite:///{tmp_path / 'a.db'}")
-    storescu(node.port, node.aet, phantoms[:2])
+def test_bad_identifiers_are_refused_and_the_node_keeps_serving(shared_node, tmp_path) -> None:
+    node = shared_node
     bad_level = findscu(node.port, node.aet, "PATIENT", {"PatientID": ""}, root="STUDY")
     assert bad_level.final.status == Status.DOES_NOT_MATCH_SOP_CLASS
     assert bad_level.final.error_comment
@@ -175,7 +196,7 @@ def test_bad_identifiers_are_refused_and_the_node_keeps_serving(node_factory, ph
     assert bad_get.final.status != Status.SUCCESS and bad_get.final.error_comment
     assert not bad_get.files
     assert echoscu(node.port, node.aet).returncode == 0
-    assert len(findscu(node.port, node.aet, "IMAGE", {"SOPInstanceUID": ""}).datasets) == 2
+    assert len(findscu(node.port, node.aet, "IMAGE", {"SOPInstanceUID": ""}).datasets) == COUNT
 
 
 def test_bad_store_is_refused_with_a_comment(node_factory, phantoms, tmp_path) -> None:
@@ -221,23 +242,19 @@ def test_lossless_tier_is_bit_exact_with_original_identity(archive_url, node_fac
         np.testing.assert_array_equal(ds.pixel_array, original.pixel_array)
 
 
-def test_move_to_configured_destination_only(node_factory, phantoms, tmp_path) -> None:
-    with start_storescp(tmp_path / "received", aet="VIEWER") as viewer:
-        node = node_factory(
-            f"sqlite:///{tmp_path / 'a.db'}",
-            **{"destinations.VIEWER": {"host": "127.0.0.1", "port": viewer.port}},
-        )
-        storescu(node.port, node.aet, phantoms)
-        study_uid = pydicom.dcmread(phantoms[0]).StudyInstanceUID
-        moved = movescu(node.port, node.aet, "STUDY", {"StudyInstanceUID": study_uid}, "VIEWER")
-        final = final_response(moved)
-        assert final.status == Status.SUCCESS and (final.completed, final.failed) == (2, 0)
-        files = viewer.files()
-        assert len(files) == 2
-        assert all(pydicom.dcmread(f).LossyImageCompression == "01" for f in files)
-        unknown = final_response(movescu(node.port, node.aet, "STUDY", {"StudyInstanceUID": study_uid}, "STRANGER"))
-        assert unknown.status == Status.MOVE_DESTINATION_UNKNOWN
-        assert len(viewer.files()) == 2
+def test_move_to_configured_destination_only(shared_node, viewer, phantoms) -> None:
+    node = shared_node
+    assert viewer.files() == []  # no other test moves to it
+    study_uid = pydicom.dcmread(phantoms[0]).StudyInstanceUID
+    moved = movescu(node.port, node.aet, "STUDY", {"StudyInstanceUID": study_uid}, "VIEWER")
+    final = final_response(moved)
+    assert final.status == Status.SUCCESS and (final.completed, final.failed) == (2, 0)
+    files = viewer.files()
+    assert len(files) == 2
+    assert all(pydicom.dcmread(f).LossyImageCompression == "01" for f in files)
+    unknown = final_response(movescu(node.port, node.aet, "STUDY", {"StudyInstanceUID": study_uid}, "STRANGER"))
+    assert unknown.status == Status.MOVE_DESTINATION_UNKNOWN
+    assert len(viewer.files()) == 2
 
 
 def test_calling_ae_title_access_control(node_factory, tmp_path) -> None:
@@ -380,7 +397,7 @@ def test_lossless_tier_sends_the_archived_jpeg_ls_stream(node_factory, phantoms,
         assert dciodvfy_errors(path) == []
 
 
-def test_get_in_the_compressed_syntax_the_requestor_prefers(node_factory, phantoms, tmp_path) -> None:
+def test_get_in_the_compressed_syntax_the_requestor_prefers(shared_node, phantoms, tmp_path) -> None:
     """getscu +xt (JPEG-LS first, native as fallback) gets latent reconstructions JPEG-LS coded.
 
     The node accepts the requestor's compressed proposal and codes each reconstruction
@@ -389,8 +406,7 @@ def test_get_in_the_compressed_syntax_the_requestor_prefers(node_factory, phanto
     from dicomtools import require
     from netpeers import HOST, _run
 
-    node = node_factory(f"sqlite:///{tmp_path / 'a.db'}")
-    storescu(node.port, node.aet, phantoms)
+    node = shared_node
     study_uid = pydicom.dcmread(phantoms[0]).StudyInstanceUID
     native = getscu(node.port, node.aet, "STUDY", {"StudyInstanceUID": study_uid}, tmp_path / "native")
     out = tmp_path / "jls"
