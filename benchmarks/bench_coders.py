@@ -138,6 +138,11 @@ def main(argv: Sequence[str] | None = None) -> int:
           f"{args.seed + len(images) - 1}, doses {' '.join(f'{d:g}' for d in args.doses)}, "
           f"bits {' '.join(map(str, args.bits))}, threads {args.threads or 'default'}\n")
     print(coders.markdown_table(summary, targets=True))
+    if any(m.coder == "learned" for m in measures):
+        from latentpacs.codec import learned
+
+        summary["learned_model_sha256"] = learned.load_coder_model().sha256
+        print(f"\nlearned coder model: {summary['learned_model_sha256']}")
     reference = next((r for r in summary["rows"] if r["coder"] == coders.REFERENCE and r["near"] == 0
                       and "mean_bpp" in r), None)
     if reference is not None:
