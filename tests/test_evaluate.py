@@ -37,13 +37,23 @@ CODECS = {"ae", "vae", "jpeg-q85", "jpeg-q85-native", "ae+near-lossless:2", "ae+
 
 @pytest.fixture(scope="module")
 def data(tmp_path_factory: pytest.TempPathFactory) -> list[Path]:
-    return phantom.generate(tmp_path_factory.mktemp("eval-data"), 8, 31, size=(256, 208), images_per_study=2)
+    """4 images, 2 studies of 2: more than the 3 previews, and each test's data[:3]."""
+    return phantom.generate(tmp_path_factory.mktemp("eval-data"), 4, 31, size=(256, 208), images_per_study=2)
 
 
 @pytest.fixture(scope="module")
-def result(data: list[Path], tmp_path_factory: pytest.TempPathFactory) -> EvaluationResult:
+def bogus(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """An input that is not DICOM, evaluated among the phantoms (one run for both)."""
+    path = tmp_path_factory.mktemp("eval-bogus") / "not-dicom.dcm"
+    path.write_text("not a DICOM file")
+    return path
+
+
+@pytest.fixture(scope="module")
+def result(data: list[Path], bogus: Path, tmp_path_factory: pytest.TempPathFactory) -> EvaluationResult:
     out = tmp_path_factory.mktemp("eval-out")
-    return evaluate(EvaluationConfig(images=tuple(data), out=out, models=("ae", "vae"), previews=3), progress=False)
+    images = (data[0], bogus, *data[1:])  # the unreadable one between readable ones
+    return evaluate(EvaluationConfig(images=images, out=out, models=("ae", "vae"), previews=3), progress=False)
 
 
 @pytest.fixture(scope="module")
@@ -134,9 +144,10 @@ def test_summary_medians_are_the_csv_medians(result: EvaluationResult, table: li
     assert result.summary["codecs"]["jpeg-ls"]["psnr"]["median"] is None  # type: ignore[index]
 
 
-def test_jpeg_series_is_valid_dicom_carrying_the_measured_stream(result: EvaluationResult, table) -> None:
+def test_jpeg_series_is_valid_dicom_carrying_the_measured_stream(result: EvaluationResult, table,
+                                                                data: list[Path]) -> None:
     require("dciodvfy")
-    assert len(result.jpeg_series) == 8
+    assert len(result.jpeg_series) == len(data)
     for path in result.jpeg_series[:4]:
         ds = pydicom.dcmread(path)
         assert ds.file_meta.TransferSyntaxUID == JPEGBaseline8Bit
@@ -201,11 +212,7 @@ def test_cli_evaluate_writes_the_report_and_prints_medians(data: list[Path], tmp
     assert curves == {"jpeg", "jpeg-native", "jpeg2000"}
 
 
-def test_an_unreadable_input_is_skipped_and_named(data: list[Path], tmp_path: Path) -> None:
-    bogus = tmp_path / "not-dicom.dcm"
-    bogus.write_text("not a DICOM file")
-    outcome = evaluate(EvaluationConfig(images=(data[0], bogus), out=tmp_path / "out", models=("ae",), tiers=(),
-                                        previews=1), progress=False)
-    assert [p for p, _ in outcome.skipped] == [bogus]
-    assert outcome.summary["images"] == 1
-    assert "not-dicom.dcm" in outcome.report.read_text()
+def test_an_unreadable_input_is_skipped_and_named(result: EvaluationResult, data: list[Path], bogus: Path) -> None:
+    assert [p for p, _ in result.skipped] == [bogus]
+    assert result.summary["images"] == len(data)  # the images after it are measured too
+    assert "not-dicom.dcm" in result.report.read_text()
