@@ -129,32 +129,47 @@ def _running_tls_node(folder: Path, pki: dict[str, tuple[Path, Path]], *, extra_
             proc.wait(timeout=10)
 
 
-@pytest.fixture
-def tls_node(tmp_path: Path, pki: dict[str, tuple[Path, Path]]) -> Iterator[int]:
-    """A node with TLS that requires a client certificate from our CA; yields its port."""
-    with _running_tls_node(tmp_path, pki) as port:
+@pytest.fixture(scope="module")
+def tls_node(tmp_path_factory: pytest.TempPathFactory, pki: dict[str, tuple[Path, Path]]) -> Iterator[int]:
+    """A node with TLS that requires a client certificate from our CA, shared by the two
+    tests that store into it (their images are distinct); yields its port."""
+    with _running_tls_node(tmp_path_factory.mktemp("tls-node"), pki) as port:
         yield port
+
+
+@pytest.fixture(scope="module")
+def refused_phantoms(tmp_path_factory: pytest.TempPathFactory) -> list[Path]:
+    """Two phantoms with UIDs of their own, for the clients that must be refused."""
+    return phantom.generate(tmp_path_factory.mktemp("refused"), 2, seed=6, size=(64, 52))
+
+
+def _stored_count(port: int, pki: dict[str, tuple[Path, Path]]) -> int:
+    """How many instances a trusted client's C-FIND at IMAGE level finds."""
+    found = _scu("findscu", port, [*_tls_args(pki, "client"), "-S", "-k",
+                                   "QueryRetrieveLevel=IMAGE", "-k", "SOPInstanceUID"])
+    statuses = [r.status for r in dimse_responses(found)]
+    assert statuses[-1:] == [Status.SUCCESS], (found.stdout + found.stderr)[-2000:]
+    return statuses.count(Status.PENDING)
 
 
 def test_storescu_over_tls_with_a_client_certificate(tls_node, pki, phantoms) -> None:
     stored = _scu("storescu", tls_node, _tls_args(pki, "client"), phantoms)
     assert [r.status for r in dimse_responses(stored)] == [Status.SUCCESS] * len(phantoms)
-    found = _scu("findscu", tls_node, [*_tls_args(pki, "client"), "-S", "-k",
-                                        "QueryRetrieveLevel=IMAGE", "-k", "SOPInstanceUID"])
-    assert [r.status for r in dimse_responses(found)].count(Status.PENDING) == len(phantoms)
+    assert _stored_count(tls_node, pki) == len(phantoms)  # the refused test adds none
 
 
-def test_clients_without_a_trusted_certificate_or_without_tls_are_refused(tls_node, pki, phantoms) -> None:
-    anonymous = _scu("storescu", tls_node, _tls_args(pki, None), phantoms)
+def test_clients_without_a_trusted_certificate_or_without_tls_are_refused(tls_node, pki,
+                                                                          refused_phantoms) -> None:
+    before = _stored_count(tls_node, pki)
+    anonymous = _scu("storescu", tls_node, _tls_args(pki, None), refused_phantoms)
     assert anonymous.returncode != 0 and not dimse_responses(anonymous)
-    rogue = _scu("storescu", tls_node, _tls_args(pki, "rogue"), phantoms)
+    rogue = _scu("storescu", tls_node, _tls_args(pki, "rogue"), refused_phantoms)
     assert rogue.returncode != 0 and not dimse_responses(rogue)
-    plain = _scu("storescu", tls_node, [], phantoms)
+    plain = _scu("storescu", tls_node, [], refused_phantoms)
     assert plain.returncode != 0 and not dimse_responses(plain)
-    # None of them got an image in, and the node still serves a trusted client.
-    found = _scu("findscu", tls_node, [*_tls_args(pki, "client"), "-S", "-k",
-                                        "QueryRetrieveLevel=IMAGE", "-k", "SOPInstanceUID"])
-    assert [r.status for r in dimse_responses(found)] == [Status.SUCCESS]
+    # None of them got an image in (their UIDs are new to the node), and the node still
+    # serves a trusted client.
+    assert _stored_count(tls_node, pki) == before
 
 
 #: The first bytes of a TLS ClientHello: a handshake record (0x16, TLS 1.0 record version)
