@@ -10,7 +10,7 @@ from pathlib import Path
 import numpy as np
 import pydicom
 import pytest
-from scipy.ndimage import median_filter, minimum_filter
+from scipy.ndimage import maximum_filter, median_filter, minimum_filter
 
 from latentpacs.errors import ConfigError
 from latentpacs.phantom import (
@@ -183,3 +183,43 @@ def test_invalid_requests_raise_config_error(tmp_path: Path) -> None:
         _spec(rows=16)
     with pytest.raises(ConfigError):
         generate(tmp_path, 0, 1)
+
+
+def _local_noise(image: np.ndarray) -> np.ndarray:
+    """Per-pixel noise estimate: the absolute difference to the 3x3 median."""
+    return np.abs(image - median_filter(image, size=3))
+
+
+def test_physical_model_air_is_exactly_zero_and_noise_follows_dose_and_density() -> None:
+    spec = _spec(rows=512, columns=416, masses=0, calcification_clusters=0, dose=1000.0)
+    plain = render_image(_spec(rows=512, columns=416, masses=0, calcification_clusters=0),
+                         np.random.default_rng(4))
+    image = render_image(spec, np.random.default_rng(4))
+    air = maximum_filter(plain, size=9) < 0.05  # well outside the breast in the plain model
+    assert air.mean() > 0.2
+    assert np.all(image[air & (image < 0.5)] == 0.0)  # air is one exact value (labels aside)
+    inside = minimum_filter(plain, size=9) > 0.2
+    noise = _local_noise(image)
+    dense = inside & (plain > np.percentile(plain[inside], 75))
+    fatty = inside & (plain < np.percentile(plain[inside], 25))
+    assert noise[dense].mean() > 1.2 * noise[fatty].mean()  # fewer photons behind dense tissue
+    low = render_image(PhantomSpec(**{**spec.__dict__, "dose": 250.0}), np.random.default_rng(4))
+    assert _local_noise(low)[inside].mean() > 1.6 * noise[inside].mean()  # 4x fewer photons: ~2x noise
+    from latentpacs.phantom import _expose
+
+    flat = _expose(np.full((256, 256), 0.5, np.float32), np.ones((256, 256), np.float32), 1000.0,
+                   np.random.default_rng(5)).astype(np.float64)
+    flat -= flat.mean()
+    lag1 = float((flat[:, 1:] * flat[:, :-1]).mean() / (flat * flat).mean())
+    lag3 = float((flat[:, 3:] * flat[:, :-3]).mean() / (flat * flat).mean())
+    assert 0.3 < lag1 < 0.8 and abs(lag3) < 0.1  # blur: neighbours share noise, far pixels do not
+
+
+def test_physical_model_dose_is_checked_and_generate_uses_it(tmp_path: Path) -> None:
+    with pytest.raises(ConfigError, match="dose"):
+        _spec(dose=1.0)
+    paths = generate(tmp_path, 2, 5, size=(64, 52), dose=500.0)
+    again = generate(tmp_path / "again", 2, 5, size=(64, 52), dose=500.0)
+    plain = generate(tmp_path / "plain", 2, 5, size=(64, 52))
+    assert [p.read_bytes() for p in paths] == [p.read_bytes() for p in again]
+    assert paths[0].read_bytes() != plain[0].read_bytes()
