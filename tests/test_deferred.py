@@ -7,6 +7,7 @@ retrieval returns the original pixels and nothing acknowledged is lost.
 
 from __future__ import annotations
 
+import os
 import subprocess
 import sys
 import time
@@ -190,8 +191,12 @@ def test_a_killed_node_loses_nothing_it_acknowledged(tmp_path: Path, images: lis
 
 
 def _cli(*args: str) -> subprocess.CompletedProcess[str]:
+    """The console script as the lossless node's operator runs it: at that node's tier
+    (at ``lossless`` no model engine is built; the archive holds no latent)."""
     script = Path(sys.executable).parent / "latentpacs"
-    return subprocess.run([str(script), *args], capture_output=True, text=True, timeout=WAIT_S)
+    env = {**os.environ, "LATENTPACS_CODEC_TIER": "lossless"}
+    return subprocess.run([str(script), *args], capture_output=True, text=True, timeout=WAIT_S,
+                          env=env)
 
 
 def test_archive_stats_verify_and_code_pending(tmp_path: Path, images: list[Path]) -> None:
