@@ -49,11 +49,12 @@ def shown(result: subprocess.CompletedProcess[str], name: str) -> str:
     pytest.fail(f"config show printed no {name}:\n{result.stdout}{result.stderr}")
 
 
-def node_toml(directory: Path, aet: str) -> Path:
+def node_toml(directory: Path, aet: str, extra: str = "") -> Path:
     config = directory / f"{aet.lower()}.toml"
     config.write_text(
         f'[node]\naet = "{aet}"\nhost = "127.0.0.1"\n'
         f'[archive]\ndatabase = "sqlite:///{directory / "archive.db"}"\ndata_dir = "{directory / "data"}"\n'
+        + extra
     )
     return config
 
@@ -77,7 +78,9 @@ def test_verbose_after_the_command_raises_the_log_level(tmp_path: Path) -> None:
 
 
 def test_serve_with_config_after_the_command_starts_and_stops_on_sigterm(tmp_path: Path) -> None:
-    config = node_toml(tmp_path, "CLISERVE")  # the node answers only to the AE title in the file
+    # The node answers only to the AE title in the file; at the lossless tier it starts
+    # without building a model engine (what is tested here is the command line).
+    config = node_toml(tmp_path, "CLISERVE", '[codec]\ntier = "lossless"\n')
     port_file, log = tmp_path / "node.port", tmp_path / "node.log"
     proc = _spawn([SCRIPT, "serve", "--config", config, "--port", "0", "--port-file", port_file], log,
                   env={**os.environ, "PYTHONUNBUFFERED": "1"}, cwd=tmp_path)
