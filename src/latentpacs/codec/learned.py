@@ -127,7 +127,20 @@ class CoderModel:
     card: ModelCard | None = None
     _tables: dict[tuple[int, int, int], tuple[np.ndarray, int]] = field(default_factory=dict)
     _coding: dict[tuple[int, int, int], tuple[object, int]] = field(default_factory=dict)
+    _sets: dict[tuple[int, int], tuple[list[object], np.ndarray]] = field(default_factory=dict)
     _lock: threading.Lock = field(default_factory=threading.Lock)
+
+    def coding_set(self, bits: int, near: int) -> tuple[list[object], np.ndarray]:
+        """Every class's range coder model and ``Q`` at this bit depth and NEAR (built once)."""
+        key = (bits, near)
+        with self._lock:
+            found = self._sets.get(key)
+        if found is None:
+            pairs = [self.coding_model(cls, bits, near) for cls in range(SCALE_CLASSES + 1)]
+            found = ([m for m, _ in pairs], np.array([q for _, q in pairs], dtype=np.int64))
+            with self._lock:
+                self._sets[key] = found
+        return found
 
     def coding_model(self, cls: int, bits: int, near: int) -> tuple[object, int]:
         """The range coder's model of :meth:`table` (built once per class, depth and NEAR)."""
@@ -364,7 +377,8 @@ class _Gather:
         height, width = shape
         rows = pass_rows(height, group)
         base = np.stack([_reflect(rows + dy, height) * width for dy, _ in _CONTEXT[group]])
-        return cls(group, width, rows, base, tuple(dx for _, dx in _CONTEXT[group]),
+        return cls(group, width, rows, np.ascontiguousarray(base),
+                   tuple(dx for _, dx in _CONTEXT[group]),
                    tuple(dy % 2 == 0 for dy, _ in _CONTEXT[group]))
 
     def context(self, flat_image: np.ndarray, column: int) -> np.ndarray:
@@ -406,45 +420,62 @@ def predict(model: CoderModel, group: str, context: np.ndarray,
     """
     top = (1 << bits) - 1
     anchor = (context[0] + context[1] + context[2] + context[3] + 2) >> 2
+    flat = context.max(axis=0) - context.min(axis=0) <= near
     if near:
-        flat = context.max(axis=0) - context.min(axis=0) <= near
         anchor = np.where(flat, context[0], anchor)
-    else:
-        flat = np.all(context == context[:1], axis=0)
     mean = anchor.copy()
     cls = np.full(anchor.shape, SCALE_CLASSES, dtype=np.int64)
-    todo = np.flatnonzero(~flat)
-    if todo.size:
-        diffs = np.minimum(np.maximum(_scale(context[:, todo] - anchor[todo], 14 - bits),
-                                      -MAX_INPUT), MAX_INPUT)
-        level = _scale(anchor[todo], 9 - bits)  # 0..511
-        inputs = np.concatenate([diffs, level[None, :]], axis=0).astype(np.float64)
-        offsets, classes = _network(model.layers[group], inputs)
-        shift = bits - 14
-        if shift >= 0:
-            delta = offsets << shift
-        else:
-            delta = (offsets + (1 << (-shift - 1))) >> -shift
-        mean[todo] = anchor[todo] + delta
-        cls[todo] = np.minimum(np.maximum(classes, 0), SCALE_CLASSES - 1)
+    if flat.all():
+        return np.minimum(np.maximum(mean, 0), top), cls
+    todo = None if not flat.any() else np.flatnonzero(~flat)
+    columns = context if todo is None else context[:, todo]
+    base = anchor if todo is None else anchor[todo]
+    diffs = columns - base
+    shift = 14 - bits
+    if shift >= 0:
+        np.left_shift(diffs, shift, out=diffs)
+    else:
+        np.right_shift(diffs, -shift, out=diffs)
+    np.minimum(np.maximum(diffs, -MAX_INPUT, out=diffs), MAX_INPUT, out=diffs)
+    inputs = np.empty((diffs.shape[1], diffs.shape[0] + 1), dtype=np.float64)
+    inputs[:, :-1] = diffs.T
+    inputs[:, -1] = _scale(base, 9 - bits)  # 0..511
+    offsets, classes = _network(model.layers[group], inputs)
+    shift = bits - 14
+    if shift >= 0:
+        delta = offsets << shift
+    else:
+        delta = (offsets + (1 << (-shift - 1))) >> -shift
+    classes = np.minimum(np.maximum(classes, 0), SCALE_CLASSES - 1)
+    if todo is None:
+        mean, cls = base + delta, classes
+    else:
+        mean[todo] = base + delta
+        cls[todo] = classes
     return np.minimum(np.maximum(mean, 0), top), cls
 
 
 def _network(net: list[tuple[np.ndarray, np.ndarray, bool]],
              inputs: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    """Run an integer network on (features, targets) inputs; exact in float64.
+    """Run an integer network on (targets, features) inputs; exact in float64.
+
+    ``net`` is the layers, then a linear skip (weights (2, features)) added to the last
+    layer's sum: a linear predictor plus a non-linear correction. Scaling by the exact
+    power of two 2**-WEIGHT_SHIFT and flooring keep every value an integer.
     """
-    x = inputs.T
-    act = x
-    scale = float(2 ** WEIGHT_SHIFT)
+    scale = 1.0 / float(2 ** WEIGHT_SHIFT)
     last = len(net) - 2  # the final entry is the linear skip from the inputs to the output
+    act = inputs
     for k, (weights, bias, clip) in enumerate(net[:-1]):
-        z = act @ weights.T + bias
+        z = act @ weights.T
         if k == last:
-            z += x @ net[-1][0].T
-        act = np.floor(z / scale)
+            z += inputs @ net[-1][0].T
+        z += bias
+        z *= scale
+        np.floor(z, out=z)
         if clip:
-            np.minimum(np.maximum(act, 0.0, out=act), float(ACTIVATION_MAX), out=act)
+            np.minimum(np.maximum(z, 0.0, out=z), float(ACTIVATION_MAX), out=z)
+        act = z
     return act[:, 0].astype(np.int64), act[:, 1].astype(np.int64)
 
 
@@ -501,12 +532,13 @@ def _code_column(model: CoderModel, symbols: _Symbols, flat_recon: np.ndarray, g
     positions = gather.rows * gather.width + column
     top = (1 << bits) - 1
     step = 2 * near + 1
-    order = np.argsort(classes, kind="stable")
-    present, starts = np.unique(classes[order], return_index=True)
-    ends = np.append(starts[1:], classes.size)
-    codings = [model.coding_model(int(c), bits, near) for c in present]
-    q_limit = np.zeros(SCALE_CLASSES + 1, dtype=np.int64)
-    q_limit[present] = [q_max for _, q_max in codings]
+    order = np.argsort(classes.astype(np.uint8), kind="stable")  # radix sort of small integers
+    counts = np.bincount(classes, minlength=SCALE_CLASSES + 1)
+    present = np.flatnonzero(counts)
+    ends = np.cumsum(counts)[present]
+    starts = ends - counts[present]
+    all_models, q_limit = model.coding_set(bits, near)
+    codings = [(all_models[c], 0) for c in present]
     q_max = q_limit[classes]
     if flat_truth is not None:
         residual = flat_truth[positions] - means
