@@ -199,14 +199,22 @@ def test_a_decoder_that_went_wrong_is_caught_by_the_values_hash() -> None:
         learned.decode_stream(data, wrong)
 
 
-def test_train_coder_writes_a_card_and_a_model_that_codes(tmp_path: Path) -> None:
+def _train_coder(data: Path, out: Path, *args: str) -> subprocess.CompletedProcess[str]:
+    return subprocess.run([sys.executable, "-m", "latentpacs.cli", "train-coder", "--data", str(data),
+                           "--samples", "20000", "--out", str(out), *args],
+                          capture_output=True, text=True, timeout=600, cwd=ROOT)
+
+
+def test_train_coder_writes_a_card_resumes_after_sigkill_and_retires(tmp_path: Path) -> None:
+    import signal
+
+    import torch
+
     data = tmp_path / "data"
     phantom.generate(data, 6, seed=77, size=(128, 104), images_per_study=1, studies_per_patient=1,
                      dose=1000.0)
     out = tmp_path / "models" / "mycoder"
-    done = subprocess.run([sys.executable, "-m", "latentpacs.cli", "train-coder", "--data", str(data),
-                           "--epochs", "2", "--samples", "3000", "--out", str(out)],
-                          capture_output=True, text=True, timeout=600, cwd=ROOT)
+    done = _train_coder(data, out, "--epochs", "6")
     assert done.returncode == 0, done.stderr[-2000:]
     card = json.loads((out.parent / "mycoder.json").read_text())
     assert card["arch"] == learned.ARCH
@@ -216,9 +224,32 @@ def test_train_coder_writes_a_card_and_a_model_that_codes(tmp_path: Path) -> Non
     model = learned.load_coder_model(out.with_suffix(".safetensors"), expected_sha256=card["sha256"])
     values = _phantom(9701, 14, size=(96, 80))
     assert np.array_equal(learned.decode_stream(learned.encode_stream(values, 14, 0, model), model), values)
-    again = subprocess.run([sys.executable, "-m", "latentpacs.cli", "train-coder", "--data", str(data),
-                            "--epochs", "1", "--samples", "2000", "--seed", "5", "--out", str(out)],
-                           capture_output=True, text=True, timeout=600, cwd=ROOT)
+
+    # the same run, SIGKILLed while its first network trains, then resumed: the same model
+    other = tmp_path / "other" / "mycoder"
+    checkpoint = other.with_name("mycoder.coder-checkpoint.pt")
+    process = subprocess.Popen([sys.executable, "-m", "latentpacs.cli", "train-coder", "--data", str(data),
+                                "--samples", "20000", "--epochs", "6", "--out", str(other)],
+                               cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        while process.poll() is None:
+            if checkpoint.is_file():
+                current = torch.load(checkpoint, weights_only=True).get("current") or {}
+                if current.get("group") == "E" and current.get("epoch", 0) >= 2:
+                    process.send_signal(signal.SIGKILL)
+                    break
+        assert process.wait(timeout=600) == -signal.SIGKILL, "the run ended before the trigger"
+    finally:
+        if process.poll() is None:
+            process.kill()
+    assert not other.with_suffix(".safetensors").exists()
+    resumed = _train_coder(data, other, "--epochs", "6", "--resume")
+    assert resumed.returncode == 0, resumed.stderr[-2000:]
+    assert json.loads(other.with_suffix(".json").read_text())["sha256"] == card["sha256"]
+    refused = _train_coder(data, other, "--epochs", "7", "--resume")
+    assert refused.returncode != 0 and "epochs" in refused.stderr
+
+    again = _train_coder(data, out, "--epochs", "1", "--seed", "5")
     assert again.returncode == 0, again.stderr[-2000:]
     retired = list((out.parent / "retired").glob("mycoder-*.safetensors"))
     assert len(retired) == 1  # the replaced model is kept, never deleted

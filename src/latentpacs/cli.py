@@ -212,8 +212,10 @@ def cmd_train_coder(args: argparse.Namespace) -> int:
             images.append((stored, module.bits_stored))
         return images
 
+    checkpoint = args.out.with_name(args.out.name + ".coder-checkpoint.pt")
     config = CoderTrainConfig(out=args.out, epochs=args.epochs, learning_rate=args.lr,
-                              samples_per_pass=args.samples, seed=args.seed)
+                              samples_per_pass=args.samples, seed=args.seed,
+                              checkpoint=checkpoint, resume=args.resume)
     model, metrics = train_coder(load(train_records), load(val_records), config)
     command = "latentpacs " + " ".join(sys.argv[1:])
     training = {
@@ -827,6 +829,8 @@ def _add_train_coder_command(sub: _Commands) -> None:
     p.add_argument("--val-fraction", type=float, default=0.2,
                    help="share of the patients whose images choose the epoch and measure the card's bpp")
     p.add_argument("--data-note", help="where the data came from (recorded in the card)")
+    p.add_argument("--resume", action="store_true",
+                   help="continue an interrupted run from OUT.coder-checkpoint.pt (same settings and data)")
     p.add_argument("--out", type=Path, required=True, help="models/NAME: writes NAME.safetensors + NAME.json")
 
 

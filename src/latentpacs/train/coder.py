@@ -130,8 +130,38 @@ def code_length(out: torch.Tensor, target: torch.Tensor, width: torch.Tensor) ->
     return -torch.log2(torch.clamp(upper - lower, min=1e-12))
 
 
+class _Checkpoints:
+    """``OUT.coder-checkpoint.pt``: the run's fingerprint, finished networks, the one in training.
+
+    Written atomically after every epoch, so a killed run resumes (``--resume``) where it
+    stopped and ends with the model an uninterrupted run makes.
+    """
+
+    def __init__(self, path: Path | None, fingerprint: dict[str, object], resume: bool) -> None:
+        self.path, self.fingerprint = path, fingerprint
+        self.state: dict[str, object] = {"fingerprint": fingerprint, "done": {}, "current": None}
+        if not resume:
+            return
+        if path is None or not path.is_file():
+            raise ConfigError(f"nothing to resume: no {path}")
+        saved = torch.load(path, weights_only=True)
+        if saved.get("fingerprint") != fingerprint:
+            differing = sorted(k for k in fingerprint if saved.get("fingerprint", {}).get(k) != fingerprint[k])
+            raise ConfigError(f"{path} was written by another run (differs in {', '.join(differing)})")
+        self.state = saved
+
+    def save(self) -> None:
+        if self.path is None:
+            return
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = self.path.with_name(self.path.name + ".tmp")
+        torch.save(self.state, tmp)
+        tmp.replace(self.path)
+
+
 def _train_net(inputs: np.ndarray, target: np.ndarray, width: np.ndarray, val: tuple[np.ndarray, ...],
-               epochs: int, batch: int, lr: float, seed: int, bar: tqdm) -> tuple[dict[str, torch.Tensor], float, int]:
+               epochs: int, batch: int, lr: float, seed: int, bar: tqdm,
+               checkpoints: _Checkpoints, group: str) -> tuple[dict[str, torch.Tensor], float, int]:
     """Adam on the code length; returns the best epoch's state, its validation bits, the epoch."""
     torch.manual_seed(seed)
     net = _Net(inputs.shape[1])
@@ -147,7 +177,17 @@ def _train_net(inputs: np.ndarray, target: np.ndarray, width: np.ndarray, val: t
     vx, vt, vw = (torch.from_numpy(a) for a in val)
     generator = torch.Generator().manual_seed(seed)
     best: tuple[dict[str, torch.Tensor], float, int] = ({}, math.inf, 0)
-    for epoch in range(1, epochs + 1):
+    first = 1
+    current = checkpoints.state.get("current")
+    if isinstance(current, dict) and current.get("group") == group:
+        net.load_state_dict(current["net"])
+        opt.load_state_dict(current["opt"])
+        sched.load_state_dict(current["sched"])
+        generator.set_state(current["generator"])
+        best = (current["best_state"], float(current["best_bits"]), int(current["best_epoch"]))
+        first = int(current["epoch"]) + 1
+        bar.update(first - 1)
+    for epoch in range(first, epochs + 1):
         net.train()
         order = torch.randperm(x.shape[0], generator=generator)
         for start in range(0, x.shape[0], batch):
@@ -162,6 +202,11 @@ def _train_net(inputs: np.ndarray, target: np.ndarray, width: np.ndarray, val: t
             bits = float(code_length(net(vx), vt, vw).mean()) if vx.shape[0] else float(loss)
         if bits < best[1]:
             best = ({k: v.clone() for k, v in net.state_dict().items()}, bits, epoch)
+        checkpoints.state["current"] = {
+            "group": group, "epoch": epoch, "net": net.state_dict(), "opt": opt.state_dict(),
+            "sched": sched.state_dict(), "generator": generator.get_state(),
+            "best_state": best[0], "best_bits": best[1], "best_epoch": best[2]}
+        checkpoints.save()
         bar.update(1)
         bar.set_postfix_str(f"val {bits:.3f} bits")
     return best
@@ -219,6 +264,19 @@ class CoderTrainConfig:
     seed: int = 0
     command: str = ""
     data_note: str = ""
+    #: Where the per-epoch checkpoint goes (None: no checkpoint), and whether to resume from it.
+    checkpoint: Path | None = None
+    resume: bool = False
+
+
+def _data_digest(*sets: Sequence[tuple[np.ndarray, int]]) -> str:
+    """SHA-256 of the training and validation images' values and depths (a resume must match)."""
+    digest = hashlib.sha256()
+    for side, images in enumerate(sets):
+        for values, bits in images:
+            digest.update(f"{side}:{values.shape}:{bits}:".encode())
+            digest.update(np.ascontiguousarray(values).tobytes())
+    return digest.hexdigest()
 
 
 def _sample_images(images: Sequence[tuple[np.ndarray, int]], seed: int, per_phase: int) -> dict[str, Samples]:
@@ -239,9 +297,23 @@ def train_coder(train_images: Sequence[tuple[np.ndarray, int]], val_images: Sequ
     groups = list(learned.PASSES)
     layers: dict[str, list[tuple[np.ndarray, np.ndarray, bool]]] = {}
     val_bits: dict[str, float] = {}
+    fingerprint: dict[str, object] = {
+        "epochs": config.epochs, "batch_size": config.batch_size, "learning_rate": config.learning_rate,
+        "samples_per_pass": config.samples_per_pass, "seed": config.seed, "hidden": list(HIDDEN),
+        "data": _data_digest(train_images, val_images)}
+    checkpoints = _Checkpoints(config.checkpoint, fingerprint, config.resume)
+    done = checkpoints.state["done"]
+    if not isinstance(done, dict):
+        raise ConfigError("malformed coder checkpoint")
     with tqdm(total=len(groups) * config.epochs, desc="train-coder", unit="epoch",
               disable=not progress) as bar:
         for number, group in enumerate(groups):
+            if group in done:
+                state, bits, epoch = done[group]
+                layers[group] = integer_layers(state)
+                val_bits[group] = round(float(bits), 4)
+                bar.update(config.epochs)
+                continue
             samples = train.get(group)
             if samples is None:
                 raise ConfigError(f"training images are too small to train network {group}")
@@ -251,7 +323,11 @@ def train_coder(train_images: Sequence[tuple[np.ndarray, int]], val_images: Sequ
             held = val.get(group)
             v = features(*held.arrays()) if held is not None else (inputs[:0], target[:0], width[:0])
             state, bits, epoch = _train_net(inputs, target, width, v, config.epochs, config.batch_size,
-                                            config.learning_rate, config.seed + number, bar)
+                                            config.learning_rate, config.seed + number, bar,
+                                            checkpoints, group)
+            done[group] = (state, bits, epoch)
+            checkpoints.state["current"] = None
+            checkpoints.save()
             layers[group] = integer_layers(state)
             val_bits[group] = round(bits, 4)
             logger.info("coder network %s: best epoch %d, validation %.3f bits", group, epoch, bits)
