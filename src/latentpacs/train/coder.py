@@ -19,6 +19,7 @@ import time
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import cast
 
 import numpy as np
 import torch
@@ -108,10 +109,15 @@ class _Net(torch.nn.Module):
         self.skip = torch.nn.Linear(inputs, 1, bias=False)  # the linear predictor of the mean
         with torch.no_grad():
             self.skip.weight.zero_()
-            self.layers[-1].weight.mul_(0.1)
-            self.layers[-1].bias.copy_(torch.tensor([0.0, 24.0]))
+            self.output.weight.mul_(0.1)
+            self.output.bias.copy_(torch.tensor([0.0, 24.0]))
             for layer in self.layers[:-1]:
-                layer.bias.fill_(64.0)
+                cast(torch.nn.Linear, layer).bias.fill_(64.0)
+
+    @property
+    def output(self) -> torch.nn.Linear:
+        """The last layer: the mean's correction and the scale class."""
+        return cast(torch.nn.Linear, self.layers[-1])
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         act = x
@@ -170,7 +176,7 @@ def _train_net(inputs: np.ndarray, target: np.ndarray, width: np.ndarray, val: t
     solution = np.linalg.lstsq(design, target.astype(np.float64), rcond=None)[0]
     with torch.no_grad():
         net.skip.weight.copy_(torch.from_numpy(solution[None, :-1]).float())
-        net.layers[-1].bias[0] = float(solution[-1])
+        net.output.bias[0] = float(solution[-1])
     opt = torch.optim.Adam(net.parameters(), lr=lr)
     sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, max(1, epochs))
     x, t, w = (torch.from_numpy(a) for a in (inputs, target, width))
