@@ -8,6 +8,7 @@ retrieve share one such node.
 from __future__ import annotations
 
 from collections.abc import Callable, Iterator
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -259,8 +260,9 @@ def test_move_to_configured_destination_only(shared_node, viewer, phantoms) -> N
 
 def test_calling_ae_title_access_control(node_factory, tmp_path) -> None:
     """An unlisted calling AE title still associates (unknown peers may echo and store;
-    test_security.py covers the rest); a called AE title other than the node's does not."""
-    node = node_factory(f"sqlite:///{tmp_path / 'a.db'}",
+    test_security.py covers the rest); a called AE title other than the node's does not.
+    (At the lossless tier: only associations are tested, no model engine is needed.)"""
+    node = node_factory(f"sqlite:///{tmp_path / 'a.db'}", codec={"tier": "lossless"},
                         security={"allowed_calling_aets": ["FRIEND"], "trust_loopback": "false"})
     assert echoscu(node.port, node.aet, calling="FRIEND").returncode == 0
     assert echoscu(node.port, node.aet, calling="STRANGER").returncode == 0
@@ -331,7 +333,7 @@ def test_move_cancel_stops_the_sub_operations(node_factory, tmp_path) -> None:
     assert echoscu(node.port, node.aet).returncode == 0
 
 
-def test_extra_storage_classes_are_configurable(node_factory, phantoms, tmp_path) -> None:
+def test_extra_storage_classes_are_configurable(node_factory, shared_node, phantoms, tmp_path) -> None:
     """Grayscale single-frame classes beyond mammography are accepted only when configured."""
     computed_radiography = "1.2.840.10008.5.1.4.1.1.1"
     ds = pydicom.dcmread(phantoms[0])
@@ -340,10 +342,9 @@ def test_extra_storage_classes_are_configurable(node_factory, phantoms, tmp_path
     cr = tmp_path / "cr.dcm"
     ds.save_as(cr)
 
-    plain = node_factory(f"sqlite:///{tmp_path / 'plain.db'}")
+    plain = shared_node  # the default configuration
     refused = storescu(plain.port, plain.aet, [cr])
     assert refused.returncode != 0 and not dimse_responses(refused)
-    plain.stop()
 
     extended = node_factory(
         f"sqlite:///{tmp_path / 'extended.db'}", node={"extra_storage_classes": [computed_radiography]}
@@ -353,7 +354,31 @@ def test_extra_storage_classes_are_configurable(node_factory, phantoms, tmp_path
     assert found.SOPClassUID == computed_radiography
 
 
-def test_lossless_tier_sends_the_archived_jpeg_ls_stream(node_factory, phantoms, tmp_path) -> None:
+@dataclass(frozen=True)
+class LosslessNode:
+    """The shared ``lossless`` node, its database URL and its C-MOVE destination."""
+
+    node: NodeProcess
+    database: str
+    viewer: StoreSCP
+
+
+@pytest.fixture(scope="module")
+def lossless_node(tmp_path_factory: pytest.TempPathFactory,
+                  phantoms: list[Path]) -> Iterator[LosslessNode]:
+    """One ``lossless`` SQLite node holding the 8 phantoms, ``VIEWER`` (a storescp of its
+    own) as destination, for the two tests that only retrieve from it."""
+    directory = tmp_path_factory.mktemp("lossless-node")
+    database = f"sqlite:///{directory / 'a.db'}"
+    with start_storescp(directory / "viewer", aet="VIEWER") as viewer:
+        config = write_config(directory, database, codec={"tier": "lossless"},
+                              **{"destinations.VIEWER": {"host": "127.0.0.1", "port": viewer.port}})
+        with start_node(config) as node:
+            assert ok_statuses(storescu(node.port, node.aet, phantoms)) == [Status.SUCCESS] * COUNT
+            yield LosslessNode(node, database, viewer)
+
+
+def test_lossless_tier_sends_the_archived_jpeg_ls_stream(lossless_node, phantoms, tmp_path) -> None:
     """A C-GET requestor that accepts only JPEG-LS Lossless gets the archived stream itself.
 
     No decode on the node, and the peer decodes the original pixels bit for bit.
@@ -362,8 +387,7 @@ def test_lossless_tier_sends_the_archived_jpeg_ls_stream(node_factory, phantoms,
     from pynetdicom import AE, build_role, evt
     from pynetdicom.sop_class import StudyRootQueryRetrieveInformationModelGet as GET
 
-    node = node_factory(f"sqlite:///{tmp_path / 'a.db'}", codec={"tier": "lossless"})
-    storescu(node.port, node.aet, phantoms)
+    node = lossless_node.node
     classes = sorted({str(pydicom.dcmread(p).SOPClassUID) for p in phantoms})
     received: list[pydicom.Dataset] = []
 
@@ -438,27 +462,23 @@ def _wait_until_coded(database: str, timeout: float = 300.0) -> None:
 
 
 def test_move_sends_a_lossless_stream_as_archived_where_the_destination_takes_it(
-        node_factory, phantoms, tmp_path) -> None:
+        lossless_node, phantoms) -> None:
     """The node proposes JPEG-LS lossless beside native on a C-MOVE sub-association: a
     destination that accepts it (storescp +xa) gets the archived stream, no decode; the
     pixels are the originals."""
     from pydicom.uid import JPEGLSLossless
 
-    with start_storescp(tmp_path / "viewer", aet="VIEWER") as viewer:
-        node = node_factory(
-            f"sqlite:///{tmp_path / 'a.db'}", codec={"tier": "lossless"},
-            **{"destinations.VIEWER": {"host": "127.0.0.1", "port": viewer.port}},
-        )
-        storescu(node.port, node.aet, phantoms)
-        study_uid = pydicom.dcmread(phantoms[0]).StudyInstanceUID
-        _wait_until_coded(f"sqlite:///{tmp_path / 'a.db'}")
-        proc = movescu(node.port, node.aet, "STUDY", {"StudyInstanceUID": study_uid}, "VIEWER")
-        originals = {ds.SOPInstanceUID: ds for ds in map(pydicom.dcmread, phantoms)
-                     if ds.StudyInstanceUID == study_uid}
-        assert final_response(proc).completed == len(originals) >= 2
-        files = viewer.files()
-        assert len(files) == len(originals)
-        for path in files:
-            ds = pydicom.dcmread(path)
-            assert ds.file_meta.TransferSyntaxUID == JPEGLSLossless
-            np.testing.assert_array_equal(ds.pixel_array, originals[ds.SOPInstanceUID].pixel_array)
+    node, viewer = lossless_node.node, lossless_node.viewer
+    assert viewer.files() == []  # no other test moves to it
+    study_uid = pydicom.dcmread(phantoms[0]).StudyInstanceUID
+    _wait_until_coded(lossless_node.database)
+    proc = movescu(node.port, node.aet, "STUDY", {"StudyInstanceUID": study_uid}, "VIEWER")
+    originals = {ds.SOPInstanceUID: ds for ds in map(pydicom.dcmread, phantoms)
+                 if ds.StudyInstanceUID == study_uid}
+    assert final_response(proc).completed == len(originals) >= 2
+    files = viewer.files()
+    assert len(files) == len(originals)
+    for path in files:
+        ds = pydicom.dcmread(path)
+        assert ds.file_meta.TransferSyntaxUID == JPEGLSLossless
+        np.testing.assert_array_equal(ds.pixel_array, originals[ds.SOPInstanceUID].pixel_array)
