@@ -94,8 +94,8 @@ def test_association_and_pdu_limits_are_applied(node_factory, tmp_path) -> None:
     """``node.max_associations`` refuses one association too many (PS3.8 7.1.1.9, reason 2:
     local limit exceeded); ``node.max_pdu_size`` is the maximum length the node announces
     in its A-ASSOCIATE-AC (PS3.8 D.1)."""
-    node = node_factory(f"sqlite:///{tmp_path / 'a.db'}",
-                        node={"max_associations": 1, "max_pdu_size": 16384})
+    node = node_factory(f"sqlite:///{tmp_path / 'a.db'}", codec={"tier": "lossless"},
+                        node={"max_associations": 1, "max_pdu_size": 16384})  # no model engine needed
     held = _associate_when_free(node.port, node.aet)
     try:
         assert held.acceptor.maximum_length == 16384
