@@ -51,12 +51,12 @@ def images(tmp_path_factory: pytest.TempPathFactory) -> list[Path]:
                             images_per_study=2)
 
 
-def _config(directory: Path, extra: str = "") -> Path:
+def _config(directory: Path, extra: str = "", tier: str = "latent") -> Path:
     config = directory / "node.toml"
     config.write_text(
         '[node]\naet = "LATENTPACS"\nhost = "127.0.0.1"\n'
         f'[archive]\ndatabase = "sqlite:///{directory / "a.db"}"\ndata_dir = "{directory / "data"}"\n'
-        '[codec]\nmodel = "ae"\ntier = "latent"\n' + extra)
+        f'[codec]\nmodel = "ae"\ntier = "{tier}"\n' + extra)
     return config
 
 
@@ -154,8 +154,9 @@ def test_one_undecodable_instance_fails_only_its_sub_operation(served: Served, i
 
 
 def test_retrieve_and_find_limits_refuse_with_a700(images, tmp_path) -> None:
+    # The limits refuse before any image is sent: the lossless tier needs no model engine.
     node = start_node(_config(tmp_path, "[limits]\nmax_retrieve_instances = 1\n"
-                                        "max_find_answers = 3\n"))
+                                        "max_find_answers = 3\n", tier="lossless"))
     try:
         storescu(node.port, node.aet, images)
         got = getscu(node.port, node.aet, "STUDY", {"StudyInstanceUID": _study(images)},
