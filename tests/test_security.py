@@ -115,8 +115,10 @@ def viewer(tmp_path_factory: pytest.TempPathFactory) -> Iterator[StoreSCP]:
 
 
 def _strict_node(folder: Path, viewer: StoreSCP, unknown_peers: list[str]) -> NodeProcess:
+    """A node with access control; at the lossless tier (the checks are the same at every
+    tier, and it starts without building a model engine)."""
     config = write_config(
-        folder, f"sqlite:///{folder / 'a.db'}",
+        folder, f"sqlite:///{folder / 'a.db'}", codec={"tier": "lossless"},
         security={"allowed_calling_aets": ["FRIEND"], "trust_loopback": "false",
                   "unknown_peers": unknown_peers},
         **{"destinations.VIEWER": {"host": "127.0.0.1", "port": viewer.port}},
