@@ -112,10 +112,14 @@ def _start_tls_node(config: Path, tls_client: list[str]) -> tuple[subprocess.Pop
 @contextmanager
 def _running_tls_node(folder: Path, pki: dict[str, tuple[Path, Path]], *, extra_toml: str = "",
                       **sections: dict[str, object]) -> Iterator[int]:
-    """A node with TLS that requires a client certificate from our CA; yields its port."""
+    """A node with TLS that requires a client certificate from our CA; yields its port.
+
+    At the lossless tier: TLS is the same at every tier, and the node then starts without
+    building a model engine."""
     security = {"tls_cert": str(pki["server"][1]), "tls_key": str(pki["server"][0]),
                 "tls_ca": str(pki["ca"][1]), "tls_require_client_cert": "true"}
-    config = write_config(folder, f"sqlite:///{folder / 'a.db'}", security=security, **sections)
+    config = write_config(folder, f"sqlite:///{folder / 'a.db'}", security=security,
+                          **{"codec": {"tier": "lossless"}, **sections})
     config.write_text(config.read_text() + extra_toml)
     proc, port = _start_tls_node(config, _tls_args(pki, "client"))
     try:
