@@ -89,7 +89,8 @@ def test_sigterm_lets_the_in_flight_association_finish(tmp_path: Path, images: l
 
 def test_an_association_that_outlasts_the_grace_is_aborted(tmp_path: Path, images: list[Path]) -> None:
     # The idle timeout is far beyond the wait: only the grace can end the idle association.
-    config = write_config(tmp_path, f"sqlite:///{tmp_path / 'a.db'}",
+    # (Lossless tier: nothing is coded after the signal, and no model engine is built.)
+    config = write_config(tmp_path, f"sqlite:///{tmp_path / 'a.db'}", codec={"tier": "lossless"},
                           node={"shutdown_grace": 1.0, "network_timeout": 3600.0})
     with start_node(config) as node:
         idle = _associate(node, images)
