@@ -173,6 +173,10 @@ def test_corrupt_truncated_and_foreign_streams_are_refused() -> None:
         learned.decode_stream(b"JPLS" + bytes(data[4:]))
     with pytest.raises(PixelDataError, match="truncated"):
         learned.decode_stream(bytes(data[:10]))
+    huge = bytearray(data)
+    huge[6:14] = (1 << 20).to_bytes(4, "little") * 2  # claims 2**40 pixels: refused before allocating
+    with pytest.raises(PixelDataError, match="exceeds"):
+        learned.decode_stream(bytes(huge))
     other_model = bytearray(data)
     other_model[17:49] = bytes(32)  # the model SHA-256 field: names a model no directory holds
     with pytest.raises(ModelError, match="no model"):

@@ -85,6 +85,8 @@ MAX_INPUT = 8191
 MAX_WEIGHT = 1 << 20
 #: Escape symbols' probability, relative to a table's total mass.
 ESCAPE_SHARE = 1 << 16
+#: The largest image a stream may code or claim (a header is checked before any allocation).
+MAX_PIXELS = 1 << 28
 #: The two interleaved subimages, in coding order: even rows, then odd rows.
 PASSES = ("E", "O")
 
@@ -654,8 +656,8 @@ def encode_stream(stored: np.ndarray, bits: int, near: int, model: CoderModel | 
     """
     if stored.ndim != 2 or stored.size == 0:
         raise PixelDataError(f"stream needs a non-empty 2-D array, got shape {stored.shape}")
-    if stored.shape[0] > 0xFFFFFFFF or stored.shape[1] > 0xFFFFFFFF:
-        raise PixelDataError(f"image of {stored.shape} is too large")
+    if stored.size > MAX_PIXELS:
+        raise PixelDataError(f"image of {stored.shape} exceeds {MAX_PIXELS} pixels")
     if not np.issubdtype(stored.dtype, np.integer):
         raise PixelDataError(f"stream needs integer stored values, got {stored.dtype}")
     if not 1 <= bits <= 16:
@@ -719,6 +721,8 @@ def read_header(data: bytes) -> StreamHeader:
         raise PixelDataError("learned stream is corrupt: its payload differs from its hash")
     if not (1 <= bits <= 16 and rows and cols and near <= ((1 << bits) - 1) // 2):
         raise PixelDataError("learned stream header is out of range")
+    if rows * cols > MAX_PIXELS:
+        raise PixelDataError(f"learned stream of {rows}x{cols} pixels exceeds {MAX_PIXELS}")
     return StreamHeader(rows, cols, bits, near, bool(flags & _FLAG_INVERTED), model_sha.hex(),
                         payload, values_hash)
 
