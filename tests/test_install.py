@@ -23,7 +23,7 @@ from latentpacs.codec.modelfile import ModelCard, default_models_dir, save_model
 from latentpacs.codec.models import build_model
 
 REPO = Path(__file__).resolve().parents[1]
-SHIPPED = ("ae", "vae")
+SHIPPED = ("ae", "vae", "coder")
 
 # Run in the installed copy: where it was imported from, `models list --json`, and each
 # model loaded by name with its card's SHA-256 required.
@@ -31,12 +31,17 @@ PROBE = """
 import contextlib, io, json, sys
 import latentpacs
 from latentpacs.cli import main
+from latentpacs.codec import learned
 from latentpacs.codec.modelfile import default_models_dir, find_model_by_sha256, load_model
+def load(card):
+    if card["arch"] == learned.ARCH:  # the stream coder's model: integers, no torch module
+        return learned.load_coder_model(card["name"], expected_sha256=card["sha256"]).sha256
+    return load_model(card["name"], expected_sha256=card["sha256"]).card.sha256
 out = io.StringIO()
 with contextlib.redirect_stdout(out):
     code = main(["models", "list", "--json"])
 listed = json.loads(out.getvalue())
-loaded = {card["name"]: load_model(card["name"], expected_sha256=card["sha256"]).card.sha256 for card in listed}
+loaded = {card["name"]: load(card) for card in listed}
 retired = {sha: str(find_model_by_sha256(sha)) for sha in sys.argv[1:]}
 print(json.dumps({"file": latentpacs.__file__, "models_dir": str(default_models_dir()), "code": code,
                   "listed": listed, "loaded": loaded, "retired": retired}))

@@ -183,10 +183,10 @@ def cmd_models_list(args: argparse.Namespace) -> int:
     if args.json:
         print(json.dumps([json.loads(card.to_json()) for card in cards], indent=2))
         return EXIT_OK
-    print(f"{'name':<12} {'arch':<10} {'input':>6} {'latent':>7} {'bytes':>6} {'params':>10}  sha256")
+    print(f"{'name':<12} {'arch':<18} {'input':>6} {'latent':>7} {'bytes':>6} {'params':>10}  sha256")
     for card in cards:
         print(
-            f"{card.name:<12} {card.arch:<10} {card.image_size:>6} {card.latent_dim:>7} "
+            f"{card.name:<12} {card.arch:<18} {card.image_size:>6} {card.latent_dim:>7} "
             f"{card.latent_bytes:>6} {card.parameters:>10}  {card.sha256[:16]}"
         )
     return EXIT_OK

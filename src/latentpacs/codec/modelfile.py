@@ -46,6 +46,7 @@ from latentpacs.codec.cards import (  # re-exported: the torch-free half of mode
     weights_path,
 )
 from latentpacs.codec.latent import LatentFormat
+from latentpacs.codec.learned import ARCH as CODER_ARCH
 from latentpacs.codec.models import LatentAutoencoder, build_model, count_parameters
 from latentpacs.errors import ModelError, ModelHashMismatchError
 
@@ -193,6 +194,9 @@ def load_model(
     except OSError as exc:
         raise ModelError(f"cannot read model weights {weights}: {exc.strerror}") from exc
     card = read_card(weights)
+    if card.arch == CODER_ARCH:
+        raise ModelError(f"{weights.name} is the stream coder's model ({card.arch}), not an "
+                         "autoencoder: it serves codec.coder = learned, not codec.model")
     sha = hashlib.sha256(blob).hexdigest()
     if sha != card.sha256.lower():
         raise ModelHashMismatchError(
