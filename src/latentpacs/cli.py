@@ -453,7 +453,7 @@ def cmd_archive_code_pending(args: argparse.Namespace) -> int:
     from latentpacs.service import open_service
 
     config = _config(args)
-    service = open_service(config)
+    service = open_service(config, lazy_engine=True)
     try:
         total = service.archive.stats().pending
         with tqdm(total=total, desc="code", unit="img", disable=None) as bar:
@@ -506,7 +506,7 @@ def cmd_archive_verify(args: argparse.Namespace) -> int:
     from latentpacs.service import open_service
 
     config = _config(args)
-    service = open_service(config)
+    service = open_service(config, lazy_engine=True)
     failed = checked = 0
     try:
         total = service.archive.stats().instances
@@ -555,7 +555,7 @@ def cmd_archive_export(args: argparse.Namespace) -> int:
 
     config = _config(args)
     check_uid(args.study, "--study")
-    service = open_service(config)
+    service = open_service(config, lazy_engine=True)
     identifier = Dataset()
     identifier.QueryRetrieveLevel = "STUDY"
     identifier.StudyInstanceUID = args.study

@@ -369,13 +369,14 @@ def _read_received(path: Path) -> bytes:
         raise ArchiveError(f"the received data set cannot be read back: {exc.strerror}") from exc
 
 
-def open_engines(config: Config, *, encode: bool = True) -> EnginePool:
+def open_engines(config: Config, *, encode: bool = True, lazy: bool = False) -> EnginePool:
     """The engine pool of a configuration: ``codec.model`` on ``codec.device``, batches of
     ``codec.max_batch`` (the CLI's ``encode``/``decode`` use it as the node does).
 
     ``encode=False`` loads no model up front (decoding finds each by its hash). At a
-    stream tier the model is hash-checked now but its engine (and torch) is loaded only
-    if a latent is ever encoded or decoded: those records name the model, never run it.
+    stream tier, or with ``lazy`` (the archive maintenance commands, which meet latents
+    only in some rows), the model is hash-checked now but its engine (and torch) is
+    loaded only if a latent is ever encoded or decoded.
 
     Raises
     ------
@@ -386,7 +387,7 @@ def open_engines(config: Config, *, encode: bool = True) -> EnginePool:
     pool = {"models_dir": config.models_dir, "device": device, "max_batch": config["codec.max_batch"]}
     if not encode:
         return EnginePool(**pool)
-    if config.tier.has_stream:
+    if config.tier.has_stream or lazy:
         from latentpacs.codec.cards import verified_card
 
         return EnginePool(primary_model=verified_card(config["codec.model"],
@@ -398,12 +399,13 @@ def open_engines(config: Config, *, encode: bool = True) -> EnginePool:
     return EnginePool(Engine(loaded, device=device, max_batch=config["codec.max_batch"]), **pool)
 
 
-def open_service(config: Config, *, background: bool = False) -> Service:
+def open_service(config: Config, *, background: bool = False, lazy_engine: bool = False) -> Service:
     """Open the archive (applying migrations) and load the configured model.
 
     ``background``: defer coding as ``codec.deferred`` says and start the background
-    coder (the node); otherwise every image is coded in line (the CLI). The caller
-    closes it with :meth:`Service.close`.
+    coder (the node); otherwise every image is coded in line (the CLI). ``lazy_engine``:
+    load the model's engine only when a latent is met (:func:`open_engines`; the archive
+    maintenance commands). The caller closes it with :meth:`Service.close`.
 
     Raises
     ------
@@ -414,7 +416,7 @@ def open_service(config: Config, *, background: bool = False) -> Service:
     data_dir.mkdir(parents=True, exist_ok=True)
     archive = Archive(config.database_url, blob_store=configured_stream_store(config))
     try:
-        engines = open_engines(config)
+        engines = open_engines(config, lazy=lazy_engine)
         service = Service(
             archive, engines, config.tier, duplicates=DuplicatePolicy(config["archive.duplicates"]),
             limits=Limits.from_config(config), coder=config["codec.coder"],
