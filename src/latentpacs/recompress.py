@@ -222,22 +222,12 @@ def _verified_cells(record: ImageRecord) -> np.ndarray:
 
 def _exact_stream(coder: StreamCoder, cells: np.ndarray, module: PixelModule,
                   pixel_sha256: str) -> bytes:
-    """``cells`` coded exactly by ``coder``; its decode is checked against ``pixel_sha256``.
-
-    At Bits Stored, or at Bits Allocated when bits above High Bit are set (they are part
-    of the original Pixel Data, PS3.5 8.1.1), as :func:`latentpacs.image.chain.encode`
-    codes a ``lossless`` stream.
-    """
-    exact = not cells.size or int(cells.max()) <= module.max_value
-    bits = module.bits_stored if exact else module.bits_allocated
+    """:func:`latentpacs.image.chain.lossless_stream`, a coder's own failure named."""
     try:
-        stream = coder.encode(cells, bits, 0)
-        back = coder.decode(stream)
+        return chain.lossless_stream(coder, cells, module, pixel_sha256)
+    except PixelChecksumError as exc:
+        raise PixelChecksumError(f"{exc}; not swapped") from exc
     except LatentPacsError:
         raise
     except Exception as exc:
         raise LatentFormatError(f"the {coder.name} coder failed: {exc}") from exc
-    if back.shape != module.shape or cells_sha256(back, module) != pixel_sha256:
-        raise PixelChecksumError(
-            f"the new {coder.name} stream does not decode to the archived pixels; not swapped")
-    return stream

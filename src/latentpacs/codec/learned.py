@@ -61,7 +61,6 @@ from latentpacs.codec.cards import (
     default_models_dir,
     find_model_by_sha256,
     read_card,
-    sha256_file,
     weights_path,
 )
 from latentpacs.errors import ModelError, PixelChecksumError, PixelDataError
@@ -762,15 +761,6 @@ def stream_model(data: bytes) -> str:
 def stream_precision(data: bytes) -> int:
     """The sample precision a learned stream was coded at."""
     return read_header(data).bits
-
-
-def model_available(models_dir: Path | None = None) -> bool:
-    """Whether the default coder model is in the models directory."""
-    try:
-        path = weights_path(DEFAULT_MODEL, models_dir)
-    except ModelError:
-        return False
-    return path.is_file() and sha256_file(path) == read_card(path).sha256.lower()
 
 
 @dataclass(frozen=True)

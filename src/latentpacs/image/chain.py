@@ -214,19 +214,37 @@ def _record(ds: Dataset, module: PixelModule, model: ModelRef, tier: Tier, laten
     )
 
 
+def lossless_stream(coder: StreamCoder, cells: np.ndarray, module: PixelModule,
+                    pixel_sha256: str) -> bytes:
+    """``cells`` coded exactly by ``coder``, its decode checked against ``pixel_sha256``.
+
+    At Bits Stored, or at Bits Allocated when bits above High Bit are set: they are part
+    of the original Pixel Data (PS3.5 8.1.1) and a ``lossless`` retrieval returns them.
+    Used at store time and by recompression (:mod:`latentpacs.recompress`).
+
+    Raises
+    ------
+    PixelChecksumError
+        When the stream does not decode to the original pixels.
+    """
+    exact = not cells.size or int(cells.max()) <= module.max_value
+    stream = coder.encode(cells, module.bits_stored if exact else module.bits_allocated, 0)
+    back = coder.decode(stream)
+    if back.shape != module.shape or cells_sha256(back, module) != pixel_sha256:
+        raise PixelChecksumError(
+            f"the {coder.name} lossless stream does not decode to the original pixels"
+        )
+    return stream
+
+
 def _coded_stream(coder: StreamCoder, cells: np.ndarray, stored: np.ndarray,
                   module: PixelModule, tier: Tier, pixel_sha256: str) -> tuple[bytes, str]:
     """The tier's stream and the SHA-256 of what it decodes to, verified once."""
     if tier.near == 0:
-        exact = stored is cells  # no bit above High Bit is set
-        stream = coder.encode(cells, module.bits_stored if exact else module.bits_allocated, 0)
-        back = coder.decode(stream)
-        returned = cells_sha256(back, module) if back.shape == module.shape else ""
-        if returned != pixel_sha256:
-            raise PixelChecksumError(
-                "the lossless stream does not decode to the original pixels; nothing stored"
-            )
-        return stream, returned
+        try:
+            return lossless_stream(coder, cells, module, pixel_sha256), pixel_sha256
+        except PixelChecksumError as exc:
+            raise PixelChecksumError(f"{exc}; nothing stored") from exc
     stream = coder.encode(stored, module.bits_stored, tier.near)
     back = coder.decode(stream)
     if back.shape != module.shape or int(
