@@ -17,7 +17,9 @@ and a coder that fails verification is printed as FAILED and makes the exit stat
 Printed: the Markdown table (coder, NEAR, mean bpp, ratio against 16 bits allocated, bpp
 relative to JPEG-LS at the same NEAR, bits per breast pixel, median encode and decode
 ms, and the target status of each learned row), then JPEG-LS's lossless ratio beside the
-published FFDM figures. ``--out`` writes the summary as JSON, ``--plot`` the bpp figure.
+published FFDM figures, and the noise floor of :func:`latentpacs.phantom.noise_floor_bpp`
+at every NEAR (no coder within NEAR can go below it) with the share of JPEG-LS's distance to
+it that the learned coder covers. ``--out`` writes the summary as JSON, ``--plot`` the bpp figure.
 Nothing here asserts a target.
 """
 
@@ -74,8 +76,8 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     return args
 
 
-def _images(args: argparse.Namespace) -> list[tuple[str, Any, int, int]]:
-    """(name, stored values, Bits Stored, breast pixels) of each phantom."""
+def _images(args: argparse.Namespace) -> list[tuple[str, Any, int, int, dict[int, float]]]:
+    """(name, stored values, Bits Stored, breast pixels, noise floor bpp by NEAR) of each phantom."""
     import numpy as np
 
     from latentpacs import phantom
@@ -91,22 +93,62 @@ def _images(args: argparse.Namespace) -> list[tuple[str, Any, int, int]]:
         spec = phantom.PhantomSpec(args.size[0], args.size[1], view, laterality, bits, photometric,
                                    "FOR PRESENTATION", masses=int(rng.integers(0, 3)),
                                    calcification_clusters=int(rng.integers(0, 3)), dose=dose)
-        canonical = phantom.render_image(spec, rng)
+        canonical, floor = phantom.render_with_noise_floor(spec, rng)
         name = f"seed{seed}-dose{dose:g}-{bits}bit-{photometric}"
-        images.append((name, phantom._quantise(canonical, spec), bits, int(breast_mask(canonical).sum())))
+        floors = {near: phantom.noise_floor_bpp(floor, near) for near in sorted({0, *args.nears})}
+        images.append((name, phantom._quantise(canonical, spec), bits, int(breast_mask(canonical).sum()), floors))
     return images
 
 
-def _per_image(measures: Sequence[Any]) -> str:
-    """bpp of each image at NEAR = 0: every coder, one column each (Markdown)."""
+def _per_image(measures: Sequence[Any], floors: dict[str, float]) -> str:
+    """bpp of each image at NEAR = 0: every coder, one column each, and the noise floor (Markdown)."""
     names = list(dict.fromkeys(m.coder for m in measures if m.near == 0))
     images = list(dict.fromkeys(m.image for m in measures))
     bpp = {(m.image, m.coder): m.bpp for m in measures if m.near == 0}
-    lines = ["| image (lossless bpp) | " + " | ".join(names) + " |", "|---|" + "---:|" * len(names)]
+    lines = ["| image (lossless bpp) | " + " | ".join(names) + " | noise floor |",
+             "|---|" + "---:|" * (len(names) + 1)]
     for image in images:
         cells = [f"{bpp[image, n]:.3f}" if (image, n) in bpp else "FAILED" for n in names]
+        cells.append(f"{floors[image]:.3f}")
         lines.append(f"| {image} | " + " | ".join(cells) + " |")
     return "\n".join(lines)
+
+
+def _floor_rows(summary: dict[str, Any], images: Sequence[tuple[Any, ...]]) -> list[dict[str, Any]]:
+    """Per NEAR: the mean noise floor over the images, against JPEG-LS and the learned coder.
+
+    ``gap_closed_percent`` is the share of the distance from JPEG-LS down to the floor that
+    the learned coder covers (100 % would be a coder that knows the anatomy exactly).
+    """
+    from latentpacs.evaluate import coders
+
+    mean = {(r["coder"], r["near"]): r["mean_bpp"] for r in summary["rows"]
+            if not r["failed"] and "mean_bpp" in r}
+    rows = []
+    for near in sorted(images[0][4]):
+        floor = sum(image[4][near] for image in images) / len(images)
+        reference, ours = mean.get((coders.REFERENCE, near)), mean.get(("learned", near))
+        rows.append({
+            "near": near, "floor_bpp": floor,
+            "floor_vs_reference_percent": None if not reference else 100.0 * (floor / reference - 1.0),
+            "gap_closed_percent": (None if not reference or ours is None or reference <= floor
+                                   else 100.0 * (reference - ours) / (reference - floor)),
+        })
+    return rows
+
+
+def _floor_table(rows: Sequence[dict[str, Any]]) -> str:
+    """The noise floor rows (Markdown)."""
+    def cell(value: float | None, spec: str) -> str:
+        return "" if value is None else format(value, spec)
+    lines = ["| NEAR | noise floor bpp | floor vs JPEG-LS | JPEG-LS-to-floor gap the learned coder closes |",
+             "|---:|---:|---:|---:|"]
+    for row in rows:
+        lines.append(f"| {row['near']} | {row['floor_bpp']:.3f} | {cell(row['floor_vs_reference_percent'], '+.1f')} % "
+                     f"| {cell(row['gap_closed_percent'], '.0f')} % |")
+    return ("Noise floor: the entropy of the recorded noise given the exact anatomy, less log2(2 NEAR + 1) "
+            "per noisy pixel (phantom.noise_floor_bpp); no coder within NEAR can go below it.\n\n"
+            + "\n".join(lines))
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -124,7 +166,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     measures: list[coders.CoderMeasure] = []
     failures: list[coders.CoderFailure] = []
     with tqdm(total=len(images) * len(chosen.coders), desc="coders", unit="stream", file=sys.stderr) as bar:
-        for name, stored, bits, breast in images:
+        for name, stored, bits, breast, _ in images:
             for coder in chosen.coders:
                 found, failed = coders.measure_image([coder], name, stored, bits, breast)
                 measures += found
@@ -150,7 +192,9 @@ def main(argv: Sequence[str] | None = None) -> int:
               f"allocated, {reference['ratio_stored']:.2f}:1 against Bits Stored "
               f"({reference['mean_bpp']:.3f} bpp, {reference['mean_breast_bpp']:.3f} bits per breast pixel); "
               f"{PUBLISHED_FFDM}.")
-    print("\n" + _per_image(measures))
+    summary["noise_floor"] = _floor_rows(summary, images)
+    print("\n" + _floor_table(summary["noise_floor"]))
+    print("\n" + _per_image(measures, {image[0]: image[4][0] for image in images}))
     for failure in summary["failures"]:
         print(f"FAILED: {failure['coder']} NEAR={failure['near']} on {failure['image']}: {failure['reason']}",
               file=sys.stderr)

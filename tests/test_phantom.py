@@ -20,9 +20,13 @@ from latentpacs.phantom import (
     VENDOR_SIZES,
     VIEWS,
     PhantomSpec,
+    _expose,
+    _noise_bits,
     generate,
     make_dataset,
+    noise_floor_bpp,
     render_image,
+    render_with_noise_floor,
 )
 
 SMALL = (128, 104)
@@ -223,3 +227,43 @@ def test_physical_model_dose_is_checked_and_generate_uses_it(tmp_path: Path) -> 
     plain = generate(tmp_path / "plain", 2, 5, size=(64, 52))
     assert [p.read_bytes() for p in paths] == [p.read_bytes() for p in again]
     assert paths[0].read_bytes() != plain[0].read_bytes()
+
+
+def test_noise_floor_is_the_entropy_of_the_recorded_noise() -> None:
+    """On a uniform slab, the best linear predictor of the recorded values (24 causal
+    neighbours, fitted on the image itself) codes its residual at, and never below, the
+    noise floor: the floor is neither vacuous nor optimistic."""
+    rng = np.random.default_rng(5)
+    for attenuation, dose in ((0.2, 1000.0), (0.6, 300.0)):
+        slab = np.full((384, 384), attenuation)
+        floor = float(_noise_bits(slab, dose, 14).mean())
+        values = np.rint(_expose(slab, np.ones_like(slab), dose, rng).astype(np.float64) * 16383)[8:-8, 8:-8]
+        offsets = [(dy, dx) for dy in range(-3, 1) for dx in range(-3, 4) if (dy, dx) < (0, 0)][:24]
+        target = values[3:, 3:-3].ravel()
+        h, w = values.shape
+        neighbours = np.stack([values[3 + dy:h + dy, 3 + dx:w - 3 + dx].ravel() for dy, dx in offsets]
+                              + [np.ones(target.size)], axis=1)
+        weights, *_ = np.linalg.lstsq(neighbours, target, rcond=None)
+        residual = target - neighbours @ weights
+        gaussian_bits = 0.5 * np.log2(2 * np.pi * np.e * residual.var())
+        assert floor - 0.03 < gaussian_bits < floor + 0.15, (attenuation, dose, floor, gaussian_bits)
+
+
+def test_every_coder_stays_above_the_noise_floor_and_the_floor_follows_near() -> None:
+    """The floor is below what JPEG-LS and the learned coder spend at every NEAR, close
+    enough to them to mean something, and the image is render_image's own."""
+    from latentpacs.codec import charls, learned
+
+    spec = _spec(rows=640, columns=520, view="MLO", bits_stored=14, dose=800.0)
+    image, floor = render_with_noise_floor(spec, np.random.default_rng(31))
+    assert np.array_equal(image, render_image(spec, np.random.default_rng(31)))
+    assert floor.min() == 0.0 and floor[image == 0].max() == 0.0  # air is noiseless
+    values = np.rint(image * 16383).astype(np.uint16)
+    floors = [noise_floor_bpp(floor, near) for near in (0, 1, 2, 4)]
+    assert floors == sorted(floors, reverse=True)
+    for near, bound in zip((0, 1, 2, 4), floors):
+        for coded in (charls.encode(values, 14, near), learned.encode_stream(values, 14, near)):
+            bpp = 8 * len(coded) / values.size
+            assert bound < bpp < 1.15 * bound, (near, bound, bpp)
+    with pytest.raises(ConfigError, match="physical"):
+        render_with_noise_floor(_spec(), np.random.default_rng(1))

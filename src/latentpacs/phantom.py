@@ -358,6 +358,70 @@ def render_image(spec: PhantomSpec, rng: np.random.Generator) -> np.ndarray:
         float32 (rows, columns) in [0, 1]; 0 is the darkest displayed value under
         MONOCHROME2 (PS3.3 C.7.6.3.1.2): air near 0, dense tissue and text bright.
     """
+    return _render(spec, rng, False)[0]
+
+
+def render_with_noise_floor(spec: PhantomSpec, rng: np.random.Generator) -> tuple[np.ndarray, np.ndarray]:
+    """A physical phantom and the entropy of its recorded noise, bits per pixel.
+
+    The second array is, for every pixel, the entropy rate of the noise the acquisition
+    chain of :func:`_expose` adds, given the exact anatomy, in bits of a stored value at
+    ``spec.bits_stored`` (0 in air, on burnt-in text and where the value is clipped: they
+    are deterministic). No coder knows the anatomy, so its mean is below what any lossless
+    coder can reach on the image (a noise floor); and at NEAR = K, no coder that keeps every
+    value within K can spend less than that less ``log2(2K + 1)`` per noisy pixel (the
+    Shannon lower bound for the maximum-error criterion): see :func:`noise_floor_bpp`.
+
+    The noise is treated as Gaussian with the local variance of the photon counts (the
+    Poisson counts at the doses used here are large), linearised through the log transform,
+    with the spectrum of the detector blur plus white electronic noise; for a Gaussian
+    field, the entropy rate is ``1/2 log2(2 pi e) + 1/2`` times the mean of ``log2`` of the
+    spectrum over frequency, whatever order a coder visits the pixels in. The image is
+    exactly :func:`render_image`'s for the same generator state.
+
+    Raises
+    ------
+    ConfigError
+        For a phantom without a dose (white noise has no physical floor).
+    """
+    image, floor = _render(spec, rng, True)
+    if floor is None:  # pragma: no cover - _render raises first
+        raise ConfigError("a noise floor needs the physical model (a phantom dose)")
+    return image, floor
+
+
+def noise_floor_bpp(floor: np.ndarray, near: int = 0) -> float:
+    """Mean bits per pixel below which no coder within ``near`` of every value can go.
+
+    ``floor`` is the second array of :func:`render_with_noise_floor`. Whatever a coder
+    sends describes the noisy pixels (``floor > 0``) within K; even given the anatomy that
+    takes at least their noise entropy less ``log2(2K + 1)`` bits each (the values within
+    K of a pixel), the Shannon lower bound for the maximum-error criterion.
+    """
+    noisy = floor[floor > 0]
+    total = float(noisy.sum()) - noisy.size * math.log2(2 * near + 1)
+    return max(total, 0.0) / max(floor.size, 1)
+
+
+def _noise_bits(anatomy: np.ndarray, dose: float, bits: int) -> np.ndarray:
+    """Entropy rate (bits per stored value) of :func:`_expose`'s noise at each pixel."""
+    grid = 128
+    delta = np.zeros((grid, grid))
+    delta[0, 0] = 1.0
+    blur_power = np.abs(np.fft.fft2(gaussian_filter(delta, DETECTOR_BLUR_PX, mode="wrap"))) ** 2
+    photons = dose * np.exp(-np.clip(anatomy.astype(np.float64), 0.0, 1.0) * ATTENUATION_NATS)
+    # the rate depends on the photon count only: tabulate it on a log grid, interpolate
+    knots = np.geomspace(max(float(photons.min()), 1e-3), max(float(photons.max()), 1e-3) * 1.001, 256)
+    top = (1 << bits) - 1
+    gain = (top / ATTENUATION_NATS / knots) ** 2  # (stored units per photon)^2 through the log
+    spectrum = gain[:, None, None] * (knots[:, None, None] * blur_power + ELECTRONIC_NOISE ** 2)
+    rate = 0.5 * math.log2(2 * math.pi * math.e) + 0.5 * np.log2(spectrum).mean(axis=(1, 2))
+    return np.interp(np.log(photons), np.log(knots), rate)
+
+
+def _render(spec: PhantomSpec, rng: np.random.Generator,
+            with_floor: bool) -> tuple[np.ndarray, np.ndarray | None]:
+    """:func:`render_image`, and with ``with_floor`` the noise floor of :func:`render_with_noise_floor`."""
     tone = _TONES[spec.presentation]
     breast = _draw_breast(spec, rng)
     radius, tissue = _smooth_fields(spec, breast, tone, rng)
@@ -373,16 +437,26 @@ def render_image(spec: PhantomSpec, rng: np.random.Generator) -> np.ndarray:
         _draw_mass(image, spec, breast, tone, rng)
     for _ in range(spec.calcification_clusters):
         _draw_calcifications(image, spec, breast, tone, rng)
+    floor = None
     if spec.dose is None:
         noise = rng.standard_normal((spec.rows, spec.columns), dtype=np.float32)
         image += 0.01 + noise * np.float32(tone.noise * 0.5) * (1.0 + inside)
+        if with_floor:
+            raise ConfigError("a noise floor needs the physical model (a phantom dose)")
     else:
+        if with_floor:
+            floor = np.where(inside >= 0.5, _noise_bits(image, spec.dose, spec.bits_stored), 0.0)
         image = _expose(image, inside, spec.dose, rng)
     chest_wall_left = spec.laterality == "L"
     if not chest_wall_left:
         image = np.ascontiguousarray(image[:, ::-1])
+        floor = None if floor is None else np.ascontiguousarray(floor[:, ::-1])
+    exposed = image.copy() if floor is not None else None
     _burn_in_text(image, f"{spec.laterality} {spec.view}", chest_wall_left)
-    return np.clip(image, 0.0, 1.0).astype(np.float32)
+    if floor is not None:
+        # burnt-in text and clipped values are deterministic: no noise entropy there
+        floor[(image != exposed) | (image <= 0.0) | (image >= 1.0)] = 0.0
+    return np.clip(image, 0.0, 1.0).astype(np.float32), floor
 
 
 def _code_item(value: str, meaning: str) -> pydicom.Dataset:
