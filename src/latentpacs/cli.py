@@ -797,7 +797,7 @@ def _add_model_commands(sub: _Commands) -> None:
 
     p = _command(sub, "train", "train a model on DICOM folders or CBIS-DDSM", cmd_train)
     _add_data_options(p)
-    p.add_argument("--arch", required=True, help="ae | vae | paper-ae | paper-vae")
+    p.add_argument("--arch", required=True, help="ae | vae | paper-ae | paper-vae | pca (principal components, fitted in closed form; --epochs, --lr and --batch-size do not apply)")
     p.add_argument("--epochs", type=int, default=10)
     p.add_argument("--batch-size", type=int, default=8)
     p.add_argument("--image-size", type=int, default=1024)

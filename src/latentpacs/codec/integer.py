@@ -40,7 +40,8 @@ summed without a col2im scatter; on the CPU one latent at a time, in place):
   2**SLOPE_BITS) (0.2 -> 13107 / 65536);
 - the last layer's output is the logit at scale 2**-LOGIT_FRAC_BITS, clamped to
   +-LOGIT_LIMIT and mapped through a sigmoid lookup table computed with :mod:`decimal`
-  (software arithmetic, the same everywhere) to 16-bit values 0 to 65535.
+  (software arithmetic, the same everywhere) to 16-bit values 0 to 65535 (for a model
+  whose output is the value itself, ``pca``, an integer identity table clipped to [0, 1]).
 
 Exactness bound (checked for every layer at build time, :class:`ModelError` otherwise):
 for each output channel, ``B_in * sum |Wq| + |Bq| + 2**(k - 1) < 2**53``, where B_in is
@@ -518,8 +519,10 @@ def build_integer_decoder(
         in_frac, in_bound = out_frac, clamp
     if out_shape[1:] != (1, model.image_size, model.image_size):
         raise ModelError(f"{model.arch}: decoder output {out_shape[1:]} is not one image")
+    table = (identity_table(LOGIT_FRAC_BITS, LOGIT_LIMIT) if model.output == "identity"
+             else sigmoid_table(LOGIT_FRAC_BITS, LOGIT_LIMIT))
     plan = IntegerPlan(
-        tuple(layers), sigmoid_table(LOGIT_FRAC_BITS, LOGIT_LIMIT), model.latent_dim, levels,
+        tuple(layers), table, model.latent_dim, levels,
         model.channels, model.side, model.image_size,
     )
     logger.info(
@@ -697,6 +700,20 @@ def sigmoid_table(frac_bits: int = LOGIT_FRAC_BITS, limit: int = LOGIT_LIMIT) ->
         )
         power = ctx.multiply(power, base)
     table = np.asarray(negative[:0:-1] + positive, dtype=np.uint16)
+    table.setflags(write=False)
+    return table
+
+
+def identity_table(frac_bits: int = LOGIT_FRAC_BITS, limit: int = LOGIT_LIMIT) -> np.ndarray:
+    """The output table of a model whose head gives the value itself (``output = "identity"``).
+
+    Entry ``i + limit 2**frac_bits`` is ``65535 i / 2**frac_bits`` rounded half up and
+    clipped to [0, 65535], in integer arithmetic: values below 0 and above 1 clip, and the
+    output has ``frac_bits`` bits of precision.
+    """
+    index = np.arange(-(limit << frac_bits), (limit << frac_bits) + 1, dtype=np.int64)
+    values = (index * OUTPUT_MAX + (1 << (frac_bits - 1))) >> frac_bits
+    table = np.clip(values, 0, OUTPUT_MAX).astype(np.uint16)
     table.setflags(write=False)
     return table
 

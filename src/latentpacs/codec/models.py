@@ -1,6 +1,6 @@
 """Autoencoder architectures with a dense latent bottleneck, and their registry.
 
-Four architectures share one contract (:class:`LatentAutoencoder`):
+Five architectures share one contract (:class:`LatentAutoencoder`):
 
 ``paper-ae`` / ``paper-vae``
     The networks of "Learning Representations for High-Fidelity Image Compression":
@@ -11,6 +11,13 @@ Four architectures share one contract (:class:`LatentAutoencoder`):
     The compact defaults: a stride-4 stem and four stride-2 blocks bring S = 1024 down
     to 16 x 16 x 64 before the same dense bottleneck, so the whole model stays under
     2M parameters and runs in tens of milliseconds on a CPU.
+``pca``
+    The linear baseline every learned latent must beat: principal component analysis
+    of the training images at the input size (``--image-size 128`` is plenty: 16
+    components carry no detail finer than that), fitted in closed form rather than
+    trained. The encoder projects onto the first D components, the decoder adds them
+    back to the mean image, and the output is the value itself, clipped to [0, 1], not a
+    sigmoid.
 
 The AE loss is the mean squared error (paper Eq. 1); the VAE loss is binary cross-entropy
 summed over pixels plus the KL divergence summed over latent dimensions, averaged over
@@ -103,6 +110,10 @@ class LatentAutoencoder(nn.Module, ABC):
 
     arch: str = ""
     variational: bool = False
+    #: ``"sigmoid"``: the head produces logits; ``"identity"``: the value itself.
+    output: str = "sigmoid"
+    #: Fitted in closed form by :meth:`PrincipalComponents.fit` instead of trained.
+    closed_form: bool = False
     latent_low: Tensor
     latent_high: Tensor
     channels: int = 64
@@ -251,8 +262,80 @@ class CompactVAE(_CompactFamily):
     variational = True
 
 
+class PrincipalComponents(LatentAutoencoder):
+    """PCA with D components as an autoencoder: the best linear code of the training set.
+
+    ``encode`` is ``C (x - m)`` and ``decode`` is ``m + C^T z`` clipped to [0, 1], with
+    ``m`` the mean training image and ``C`` (D, S*S) the first D right singular vectors of
+    the centred training images (:meth:`fit`). The head is a fixed 1x1 identity
+    convolution, so the integer decoder of :mod:`latentpacs.codec.integer` runs it like
+    any other model, with an identity output table instead of the sigmoid.
+    """
+
+    arch = "pca"
+    output = "identity"
+    closed_form = True
+    channels = 1
+    reduction = 1
+    size_multiple = 1
+
+    def _build_features(self) -> nn.Module:
+        return nn.Identity()
+
+    def _build_head(self) -> nn.Module:
+        identity = nn.Conv2d(1, 1, 1, bias=False)
+        with torch.no_grad():
+            identity.weight.fill_(1.0)
+        identity.weight.requires_grad_(False)
+        return nn.Sequential(identity)
+
+    def decode(self, z: Tensor) -> Tensor:
+        """Decode latents (B, D) to images (B, 1, S, S): the mean plus the components, clipped."""
+        return self.decode_logits(z).clamp(0.0, 1.0)
+
+    def forward(self, x: Tensor) -> ModelOutput:
+        """The projection and its reconstruction (nothing is sampled, nothing trained)."""
+        z = self.encode(x)
+        return ModelOutput(self.decode(z), z)
+
+    @torch.no_grad()
+    def fit(self, images: Tensor) -> Tensor:
+        """Fit the mean and components to ``images`` (N, 1, S, S); returns all singular values.
+
+        Computed in float64 from the N x N Gram matrix of the centred images (N is small
+        next to S*S), so memory is N * S * S values.
+
+        Raises
+        ------
+        ModelError
+            With fewer images than components plus one.
+        """
+        if images.dim() != 4 or images.shape[1:] != (1, self.image_size, self.image_size):
+            raise ModelError(f"pca: fit expects (N, 1, {self.image_size}, {self.image_size}), "
+                             f"got {tuple(images.shape)}")
+        count = images.shape[0]
+        if count < self.latent_dim + 1:
+            raise ModelError(f"pca: {self.latent_dim} components need at least {self.latent_dim + 1} "
+                             f"training images, got {count}")
+        flat = images.reshape(count, -1).to(torch.float64)
+        mean = flat.mean(dim=0)
+        centred = flat - mean
+        eigenvalues, vectors = torch.linalg.eigh(centred @ centred.T)  # ascending
+        order = torch.argsort(eigenvalues, descending=True)[: self.latent_dim]
+        singular = eigenvalues[order].clamp_min(0.0).sqrt()
+        components = (vectors[:, order].T @ centred) / singular.clamp_min(1e-12)[:, None]
+        # a deterministic sign: the largest entry of each component is positive
+        peak = components.gather(1, components.abs().argmax(dim=1, keepdim=True))
+        components = components * torch.where(peak < 0, -1.0, 1.0)
+        self.to_mu.weight.copy_(components)
+        self.to_mu.bias.copy_(-(components @ mean))
+        self.from_latent.weight.copy_(components.T)
+        self.from_latent.bias.copy_(mean)
+        return torch.sort(eigenvalues.clamp_min(0.0).sqrt(), descending=True).values
+
+
 ARCHITECTURES: dict[str, type[LatentAutoencoder]] = {
-    cls.arch: cls for cls in (PaperAE, PaperVAE, CompactAE, CompactVAE)
+    cls.arch: cls for cls in (PaperAE, PaperVAE, CompactAE, CompactVAE, PrincipalComponents)
 }
 
 

@@ -43,8 +43,8 @@ from tqdm import tqdm
 
 from latentpacs.codec.latent import calibrate
 from latentpacs.codec.modelfile import CARD_SUFFIX, ModelCard, save_model
-from latentpacs.codec.models import LatentAutoencoder, ModelOutput, build_model
-from latentpacs.errors import ConfigError
+from latentpacs.codec.models import LatentAutoencoder, ModelOutput, PrincipalComponents, build_model
+from latentpacs.errors import ConfigError, ModelError
 from latentpacs.train import distributed
 from latentpacs.train.checkpoint import (
     Checkpoint,
@@ -351,6 +351,8 @@ def _train(config: TrainConfig, ctx: DistContext, progress: bool) -> TrainResult
     train_ds, val_ds, split, n_skipped = _datasets(config, progress)
     if shared_cache and ctx.is_main:
         distributed.barrier(ctx)
+    if model.closed_form:
+        return _fit_closed_form(config, ctx, model, (train_ds, val_ds, split), n_skipped, started, progress)
     forward: torch.nn.Module = model
     if ctx.distributed:
         forward = DistributedDataParallel(model, device_ids=[ctx.local_rank] if ctx.backend == "nccl" else None)
@@ -415,6 +417,46 @@ def _train(config: TrainConfig, ctx: DistContext, progress: bool) -> TrainResult
     return TrainResult(
         card, best_epoch, best_loss, state.epoch, tuple(dict(h) for h in history), used, ctx.rank, ctx.world_size
     )
+
+
+def _fit_closed_form(
+    config: TrainConfig,
+    ctx: DistContext,
+    model: LatentAutoencoder,
+    data: tuple[CachedImageDataset, CachedImageDataset, PatientSplit],
+    n_skipped: int,
+    started: float,
+    progress: bool,
+) -> TrainResult:
+    """Fit a closed-form model (``pca``) on the training images: one "epoch", no optimiser.
+
+    The fit is recorded as epoch 1 of the history, with the model's loss (MSE) on the
+    training and validation images, and exported like a trained model.
+    """
+    if not isinstance(model, PrincipalComponents):
+        raise ModelError(f"{config.arch}: no closed-form fit is known")
+    if ctx.distributed:
+        raise ConfigError(f"{config.arch} is fitted in closed form on one process; run it without torchrun")
+    train_ds, val_ds, split = data
+    images = torch.stack([train_ds[i] for i in tqdm(range(len(train_ds)), desc="fitting pca", unit="image",
+                                                    disable=not progress)])
+    model.fit(images.to(ctx.device))
+    model.eval()
+    with torch.no_grad():
+        train_loss = _run_epoch(model, model, DataLoader(train_ds, batch_size=config.batch_size), None,
+                                ctx.device, None)
+        val_loss = (_run_epoch(model, model, DataLoader(val_ds, batch_size=config.batch_size), None,
+                               ctx.device, None) if len(val_ds) else train_loss)
+    train_mse = train_loss[0] / max(train_loss[1], 1)
+    val_mse = val_loss[0] / max(val_loss[1], 1)
+    history = ({"epoch": 1, "train_loss": train_mse, "val_loss": val_mse},)
+    fingerprint = _fingerprint(config, train_ds, val_ds, split.test)
+    state = Checkpoint(1, 1, val_mse, model.state_dict(), {}, {}, history, fingerprint,
+                       time.monotonic() - started)
+    card = _export(config, model, state, history, (train_ds, val_ds, split.test), n_skipped, ctx,
+                   state.duration_s, progress)
+    used = PatientSplit(train_ds.records, val_ds.records, split.test)
+    return TrainResult(card, 1, val_mse, 1, tuple(dict(h) for h in history), used, ctx.rank, ctx.world_size)
 
 
 def _test_set_note(config: TrainConfig, test_ds: CachedImageDataset) -> str:
@@ -515,6 +557,17 @@ def _export(
         f"at {config.latent_bits} bits, trained {config.epochs} epochs on {len(train_ds)} images "
         f"of {len(train_ds.patients)} patients"
     )
+    if model.closed_form:
+        description = (
+            f"{config.arch}: principal components, {config.image_size}x{config.image_size} input, "
+            f"{config.latent_dim}-dim latent at {config.latent_bits} bits, fitted in closed form on "
+            f"{len(train_ds)} images of {len(train_ds.patients)} patients"
+        )
+        training.update({
+            "epochs": 0, "optimizer": "none: fitted in closed form (eigendecomposition of the Gram matrix "
+            "of the centred training images, float64)", "learning_rate": None,
+            "loss": "MSE (the best linear code of the training images for it)", "mixed_precision": "none",
+        })
     model.to("cpu")
     card = save_model(
         model, config.out.parent, config.out.name, description=description, training=training, metrics=metrics
