@@ -38,7 +38,7 @@ def test_shipped_models_are_listed_with_verified_hashes() -> None:
         assert "latentpacs train" in str(card.training["command"])
 
 
-@pytest.mark.parametrize(("name", "fraction"), [("ae", 0.25), ("vae", 0.25)])
+@pytest.mark.parametrize(("name", "fraction"), [("ae", 0.25), ("vae", 0.25), ("pca", 0.25)])
 def test_reconstruction_error_is_well_below_image_variance(name: str, fraction: float, fresh_images) -> None:
     with Engine(load_model(name)) as engine:
         latents = engine.encode(fresh_images)
@@ -51,6 +51,17 @@ def test_reconstruction_error_is_well_below_image_variance(name: str, fraction: 
     metrics = load_model(name).card.metrics
     assert metrics["test_images"] == len(fresh_images)
     assert median(errors) == pytest.approx(metrics["test_mse_median"], rel=1e-4)
+
+
+def test_the_shipped_pca_baseline_was_fitted_on_the_training_images_of_ae_and_vae() -> None:
+    """PCA-16, the linear baseline of every report, saw exactly the data the models trained on."""
+    cards = {card.name: card for card in list_models()}
+    pca = cards["pca"]
+    assert pca.arch == "pca" and pca.latent_dim == 16 and pca.latent_bytes == 16
+    assert str(pca.training["optimizer"]).startswith("none: fitted in closed form")
+    for name in ("ae", "vae"):
+        for key in ("data_note", "seed", "train_images", "train_patients", "val_images", "val_patients"):
+            assert pca.training.get(key) == cards[name].training.get(key), (name, key)
 
 
 def test_a_tampered_shipped_model_is_refused(tmp_path: Path) -> None:
