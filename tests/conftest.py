@@ -30,6 +30,7 @@ os.environ["LATENTPACS_WEB_PORT"] = "0"
 PG_BIN = Path("/usr/lib/postgresql/15/bin")
 PG_USER = "postgres"
 START_TIMEOUT_S = 60.0
+BIND_ATTEMPTS = 3
 
 
 def _as_postgres(*command: str | Path) -> list[str]:
@@ -45,6 +46,25 @@ def _free_port() -> int:
 def _admin(port: int) -> psycopg.Connection:
     return psycopg.connect(host="127.0.0.1", port=port, user=PG_USER, dbname="postgres",
                            autocommit=True, connect_timeout=5)
+
+
+def _wait_until_answering(server: subprocess.Popen[bytes], port: int, log: Path, since: int) -> bool:
+    """Poll ``port`` until the server answers (True), or until it exits because its port
+    is taken (False, read from ``log`` past byte ``since``); fail on any other exit or
+    after ``START_TIMEOUT_S``."""
+    deadline = time.monotonic() + START_TIMEOUT_S
+    while True:
+        try:
+            _admin(port).close()
+            return True
+        except psycopg.OperationalError:
+            if server.poll() is not None:
+                if b"could not bind" in log.read_bytes()[since:]:
+                    return False
+                pytest.fail(f"PostgreSQL did not start: {log.read_text()}")
+            if time.monotonic() > deadline:
+                pytest.fail(f"PostgreSQL did not start within {START_TIMEOUT_S:.0f} s: {log.read_text()}")
+            time.sleep(0.2)
 
 
 @dataclass(frozen=True)
@@ -75,33 +95,38 @@ def postgres_cluster(prefix: str, settings: Sequence[str],
                      "--encoding=UTF8", "--locale=C", "--no-sync"),
         check=True, capture_output=True, timeout=120,
     )
-    port = _free_port()
     options = [item for setting in settings for item in ("-c", setting)]
     log = (root / "server.log").open("wb")
-    server = subprocess.Popen(
-        wrap(_as_postgres(PG_BIN / "postgres", "-D", data, "-h", "127.0.0.1", "-p", str(port),
-                          "-k", root, *options)),
-        stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
-    )
+    server: subprocess.Popen[bytes] | None = None
     try:
-        deadline = time.monotonic() + START_TIMEOUT_S
-        while True:
-            try:
-                _admin(port).close()
+        # The port is the OS's pick, probed and closed before postgres binds it: another
+        # process (a second pytest worker, an outgoing connection) may take it in between.
+        # A postgres that exits because the port is in use is started again on a new one.
+        for attempt in range(BIND_ATTEMPTS):
+            port = _free_port()
+            since = (root / "server.log").stat().st_size
+            server = subprocess.Popen(
+                wrap(_as_postgres(PG_BIN / "postgres", "-D", data, "-h", "127.0.0.1", "-p", str(port),
+                                  "-k", root, *options)),
+                stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
+            )
+            if _wait_until_answering(server, port, root / "server.log", since):
                 break
-            except psycopg.OperationalError:
-                if server.poll() is not None or time.monotonic() > deadline:
-                    pytest.fail(f"PostgreSQL did not start: {(root / 'server.log').read_text()}")
-                time.sleep(0.2)
+            server.wait(timeout=30)
+            if attempt + 1 == BIND_ATTEMPTS:
+                pytest.fail(f"PostgreSQL found no free port in {BIND_ATTEMPTS} attempts: "
+                            f"{(root / 'server.log').read_text()}")
+        assert server is not None
         yield PostgresCluster(port=port, root=root, proc=server)
     finally:
         subprocess.run(_as_postgres(PG_BIN / "pg_ctl", "stop", "-D", data, "-m", "fast", "-w"),
                        capture_output=True, timeout=60)
-        try:
-            server.wait(timeout=30)
-        except subprocess.TimeoutExpired:
-            server.kill()
-            server.wait(timeout=30)
+        if server is not None:
+            try:
+                server.wait(timeout=30)
+            except subprocess.TimeoutExpired:
+                server.kill()
+                server.wait(timeout=30)
         log.close()
         shutil.rmtree(root, ignore_errors=True)
 
