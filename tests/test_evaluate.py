@@ -31,7 +31,7 @@ from latentpacs.evaluate.metrics import paper_mse, ssim
 from latentpacs.evaluate.run import EvaluationConfig, EvaluationResult, evaluate
 from latentpacs.image.pixels import read_file, to_canonical
 
-CODECS = {"ae", "vae", "jpeg-q85", "jpeg-q85-native", "ae+near-lossless:2", "ae+lossless", "jpeg-ls", "jpeg2000-lossless",
+CODECS = {"ae", "vae", "pca", "jpeg-q85", "jpeg-q85-native", "ae+near-lossless:2", "ae+lossless", "jpeg-ls", "jpeg2000-lossless",
           "jpeg-xl-lossless"}
 
 
@@ -53,7 +53,7 @@ def bogus(tmp_path_factory: pytest.TempPathFactory) -> Path:
 def result(data: list[Path], bogus: Path, tmp_path_factory: pytest.TempPathFactory) -> EvaluationResult:
     out = tmp_path_factory.mktemp("eval-out")
     images = (data[0], bogus, *data[1:])  # the unreadable one between readable ones
-    return evaluate(EvaluationConfig(images=images, out=out, models=("ae", "vae"), previews=3), progress=False)
+    return evaluate(EvaluationConfig(images=images, out=out, previews=3), progress=False)  # default models
 
 
 @pytest.fixture(scope="module")
@@ -63,7 +63,7 @@ def table(result: EvaluationResult) -> list[dict[str, str]]:
 
 
 def test_metrics_csv_has_one_row_per_image_and_codec(table: list[dict[str, str]], data: list[Path]) -> None:
-    assert {"image", "codec", "mse", "psnr", "ssim", "bits", "efficiency"} <= set(table[0])
+    assert {"image", "codec", "mse", "mse_over_variance", "psnr", "ssim", "bits", "efficiency"} <= set(table[0])
     pairs = [(row["image"], row["codec"]) for row in table]
     assert len(pairs) == len(set(pairs)) == len(data) * len(CODECS)
     assert {row["codec"] for row in table} == CODECS
@@ -120,9 +120,20 @@ def test_jpeg_q85_native_codes_the_native_matrix(table: list[dict[str, str]], da
         assert float(row["psnr"]) == pytest.approx(-10 * math.log10(float(row["mse"])), rel=1e-9)
 
 
+def test_pca_baseline_is_a_row_and_mse_over_variance_normalises_by_the_image(
+        table: list[dict[str, str]], data: list[Path]) -> None:
+    for path in data[:2]:
+        paper = resize_bilinear(to_canonical(read_file(path))[0], (1024, 1024))
+        for codec in ("ae", "pca", "jpeg-q85"):
+            row = next(r for r in table if r["image"] == str(path) and r["codec"] == codec)
+            assert float(row["mse_over_variance"]) == pytest.approx(float(row["mse"]) / float(paper.var()), rel=1e-4)
+        pca = next(r for r in table if r["image"] == str(path) and r["codec"] == "pca")
+        assert pca["kind"] == "learned" and 0 < float(pca["mse_over_variance"]) < 1
+
+
 def test_latent_and_tier_bits_are_the_stored_bytes(table: list[dict[str, str]]) -> None:
     rows = {(r["image"], r["codec"]): r for r in table}
-    for name in ("ae", "vae"):
+    for name in ("ae", "vae", "pca"):
         latent_bits = 8 * load_model(name).card.latent_bytes
         assert {int(r["bits"]) for r in table if r["codec"] == name} == {latent_bits}
     for image in {r["image"] for r in table}:

@@ -837,8 +837,9 @@ def _add_train_coder_command(sub: _Commands) -> None:
 def _add_evaluate_command(sub: _Commands) -> None:
     p = _command(sub, "evaluate", "measure the models against JPEG and lossless codecs", cmd_evaluate)
     _add_data_options(p)
-    p.add_argument("--model", dest="models", nargs="+", action=_Accumulate, default=["ae", "vae"],
-                   metavar="NAME", help="models to evaluate, repeat or list several (default: ae vae)")
+    p.add_argument("--model", dest="models", nargs="+", action=_Accumulate, default=["ae", "vae", "pca"],
+                   metavar="NAME", help="models to evaluate, repeat or list several (default: ae vae pca, "
+                   "pca being the linear baseline)")
     p.add_argument("--jpeg-quality", type=int, default=85, help="JPEG baseline quality (default: 85)")
     p.add_argument("--tiers", nargs="*", action=_Accumulate, default=["near-lossless:2", "lossless"],
                    metavar="TIER", help="fidelity tiers to cost with the first model; none: --tiers alone "

@@ -5,7 +5,9 @@ The evaluator writes; :mod:`~latentpacs.evaluate.plots` and
 from a finished evaluation without touching images or models.
 
 Units: ``mse``, ``psnr`` and ``ssim`` are the paper's scale (canonical [0, 1] images
-resized bilinearly to 1024 x 1024); ``bits`` is 8 x the stored encoding's bytes (for
+resized bilinearly to 1024 x 1024); ``mse_over_variance`` is that MSE over the variance of
+the resized original (0 is perfect, 1 is the image's mean grey level: images of different
+contrast weigh alike, the figure PCA-16 is compared by); ``bits`` is 8 x the stored encoding's bytes (for
 ``jpeg-qQ`` the 1024 x 1024 JPEG file, as the paper codes it);
 ``efficiency`` is (1 - mse) / ln(bits) (paper Eq. 3); ``bpp`` is bits over the native
 pixel count, for every codec (what storing this image costs per detector pixel); ``psnr_native`` and ``psnr_breast`` are at native resolution and bit depth
@@ -29,7 +31,8 @@ RATE_DISTORTION_CSV = "rate_distortion.csv"
 SUMMARY_JSON = "summary.json"
 PREVIEWS_NPZ = "previews.npz"
 #: The per-image measures summarised per codec, in table order.
-MEASURES = ("mse", "psnr", "ssim", "bits", "bpp", "efficiency", "psnr_native", "psnr_breast", "max_abs_error")
+MEASURES = ("mse", "mse_over_variance", "psnr", "ssim", "bits", "bpp", "efficiency", "psnr_native", "psnr_breast",
+            "max_abs_error")
 
 
 @dataclass(frozen=True)
@@ -49,6 +52,7 @@ class MetricRow:
     columns: int
     bits_stored: int
     mse: float
+    mse_over_variance: float
     psnr: float
     ssim: float
     bits: int

@@ -159,8 +159,10 @@ def render(summary: dict[str, Any], figures_dir: Path) -> str:
         "<p>MSE, PSNR and SSIM on images scaled to [0, 1] and resized bilinearly to 1024 x 1024; "
         "bits = 8 x the stored encoding's bytes; efficiency = (1 - MSE) / ln(bits) (Eq. 3). "
         "jpeg-qQ is the paper's baseline: the image resized to 1024 x 1024, then JPEG (bits of that file); "
-        "jpeg-qQ-native codes the native matrix (bits of the native-size file).</p>",
-        _codec_table(codecs, ("mse", "psnr", "ssim", "bits", "efficiency")),
+        "jpeg-qQ-native codes the native matrix (bits of the native-size file). mse_over_variance is the MSE "
+        "over the variance of the resized original; pca, principal components fitted on the models' training "
+        "images, is the linear baseline a learned latent must beat.</p>",
+        _codec_table(codecs, ("mse", "mse_over_variance", "psnr", "ssim", "bits", "efficiency")),
         "<h2>At native resolution and bit depth: what each option costs</h2>",
         "<p>Bits per pixel, PSNR over the whole image and over the breast region, and the largest "
         "error in stored values. Tiers are a model's latent plus a JPEG-LS stream.</p>",

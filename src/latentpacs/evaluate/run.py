@@ -80,7 +80,9 @@ class EvaluationConfig:
     out:
         Output folder, created if missing.
     models:
-        Model names or weights paths; the first also archives the ``tiers``.
+        Model names or weights paths; the first also archives the ``tiers``. The default
+        includes ``pca``, the linear baseline (PCA-16 fitted on the same training images),
+        so every report shows what the learned latents add to it.
     jpeg_quality:
         The JPEG baseline's quality (the paper's 85).
     tiers:
@@ -105,7 +107,7 @@ class EvaluationConfig:
 
     images: tuple[Path, ...]
     out: Path
-    models: tuple[str, ...] = ("ae", "vae")
+    models: tuple[str, ...] = ("ae", "vae", "pca")
     jpeg_quality: int = baselines.PAPER_JPEG_QUALITY
     tiers: tuple[str, ...] = ("near-lossless:2", "lossless")
     jpeg_qualities: tuple[int, ...] = (5, 15, 30, 50, 70, 85, 95)
@@ -178,7 +180,9 @@ def _measure(
     diff = np.abs(original.canonical.astype(np.float64) - recon.astype(np.float64))
     return records.MetricRow(
         image=original.name, codec=codec, kind=kind, rows=rows, columns=cols,
-        bits_stored=original.module.bits_stored, mse=error, psnr=metrics.psnr_from_mse(error),
+        bits_stored=original.module.bits_stored, mse=error,
+        mse_over_variance=error / max(float(np.var(original.paper, dtype=np.float64)), 1e-12),
+        psnr=metrics.psnr_from_mse(error),
         ssim=metrics.ssim(original.paper, paper_recon), bits=bits, bpp=bits / (rows * cols),
         efficiency=metrics.efficiency(error, bits),
         psnr_native=metrics.psnr(original.canonical, recon),
@@ -193,7 +197,8 @@ def _exact(original: _Original, codec: str, nbytes: int) -> records.MetricRow:
     bits = 8 * nbytes
     return records.MetricRow(
         image=original.name, codec=codec, kind="lossless", rows=rows, columns=cols,
-        bits_stored=original.module.bits_stored, mse=0.0, psnr=float("inf"), ssim=1.0, bits=bits,
+        bits_stored=original.module.bits_stored, mse=0.0, mse_over_variance=0.0, psnr=float("inf"), ssim=1.0,
+        bits=bits,
         bpp=bits / (rows * cols), efficiency=metrics.efficiency(0.0, bits),
         psnr_native=float("inf"), psnr_breast=float("inf"), max_abs_error=0,
     )
