@@ -384,10 +384,10 @@ def render_with_noise_floor(spec: PhantomSpec, rng: np.random.Generator) -> tupl
     ConfigError
         For a phantom without a dose (white noise has no physical floor).
     """
-    image, floor = _render(spec, rng, True)
-    if floor is None:  # pragma: no cover - _render raises first
+    if spec.dose is None:
         raise ConfigError("a noise floor needs the physical model (a phantom dose)")
-    return image, floor
+    image, floor = _render(spec, rng, True)
+    return image, floor if floor is not None else np.zeros(image.shape)
 
 
 def noise_floor_bpp(floor: np.ndarray, near: int = 0) -> float:
@@ -441,8 +441,6 @@ def _render(spec: PhantomSpec, rng: np.random.Generator,
     if spec.dose is None:
         noise = rng.standard_normal((spec.rows, spec.columns), dtype=np.float32)
         image += 0.01 + noise * np.float32(tone.noise * 0.5) * (1.0 + inside)
-        if with_floor:
-            raise ConfigError("a noise floor needs the physical model (a phantom dose)")
     else:
         if with_floor:
             floor = np.where(inside >= 0.5, _noise_bits(image, spec.dose, spec.bits_stored), 0.0)
