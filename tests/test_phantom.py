@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import itertools
+import math
+from dataclasses import replace
 import subprocess
 from collections import defaultdict
 from pathlib import Path
@@ -17,6 +19,8 @@ from latentpacs.phantom import (
     BITS_STORED,
     PHOTOMETRICS,
     PRESENTATIONS,
+    TEST_OBJECT_CONTRASTS,
+    TEST_OBJECT_DIAMETERS_MM,
     VENDOR_SIZES,
     VIEWS,
     PhantomSpec,
@@ -27,6 +31,8 @@ from latentpacs.phantom import (
     noise_floor_bpp,
     render_image,
     render_with_noise_floor,
+    TestObject,
+    render_with_test_objects,
 )
 
 SMALL = (128, 104)
@@ -267,3 +273,58 @@ def test_every_coder_stays_above_the_noise_floor_and_the_floor_follows_near() ->
             assert bound < bpp < 1.15 * bound, (near, bound, bpp)
     with pytest.raises(ConfigError, match="physical"):
         render_with_noise_floor(_spec(), np.random.default_rng(1))
+
+
+def test_test_objects_are_known_discs_that_a_lossy_codec_loses_first() -> None:
+    """The discs sit inside the breast where render_with_test_objects says, with the
+    contrast asked for, and nothing else changes; JPEG at quality 20 keeps less of the
+    smallest discs than of the largest, and quality 95 keeps most of every one."""
+    import io
+
+    from PIL import Image
+
+    from latentpacs.evaluate.metrics import breast_mask, object_visibility
+
+    spec = _spec(rows=1024, columns=832, view="MLO", laterality="R", masses=0, calcification_clusters=0,
+                 test_objects=True)
+    image, objects = render_with_test_objects(spec, np.random.default_rng(8))
+    plain = render_image(replace(spec, test_objects=False), np.random.default_rng(8))
+    assert len(objects) == len(TEST_OBJECT_DIAMETERS_MM) * len(TEST_OBJECT_CONTRASTS) == 9
+    inside = breast_mask(plain)
+    changed = np.argwhere(image != plain)
+    for obj in objects:
+        assert inside[round(obj.row), round(obj.column)]
+        assert obj.radius == pytest.approx(max(0.75, obj.radius), abs=1e-9)
+        near = np.hypot(changed[:, 0] + 0.5 - obj.row, changed[:, 1] + 0.5 - obj.column) <= obj.radius + 1.5
+        assert near.any()
+        # the drawn contrast, measured against the same image without the disc: the disc's
+        # anti-aliased coverage clip(r + 1/2 - d, 0, 1) times the contrast asked for
+        dy, dx = np.mgrid[-6:7, -6:7] + np.array([math.floor(obj.row), math.floor(obj.column)])[:, None, None]
+        d = np.hypot(dy + 0.5 - obj.row, dx + 0.5 - obj.column)
+        coverage = float(np.clip(obj.radius + 0.5 - d, 0, 1)[d <= obj.radius].mean())
+        assert object_visibility(image, obj.row, obj.column, obj.radius)[0] - object_visibility(
+            plain, obj.row, obj.column, obj.radius)[0] == pytest.approx(obj.contrast * coverage, abs=2e-4)
+    assert all(any(np.hypot(r + 0.5 - o.row, c + 0.5 - o.column) <= o.radius + 1.5 for o in objects)
+               for r, c in changed)
+    def jpeg(values: np.ndarray, quality: int) -> np.ndarray:
+        buffer = io.BytesIO()
+        Image.fromarray(np.rint(values * 255).astype(np.uint8)).save(buffer, format="JPEG", quality=quality)
+        return np.asarray(Image.open(io.BytesIO(buffer.getvalue())), dtype=np.float32) / 255
+
+    def drawn(with_objects: np.ndarray, without: np.ndarray, o: TestObject) -> float:
+        """The disc's own contrast: the same measure on the image without it subtracted."""
+        return (object_visibility(with_objects, o.row, o.column, o.radius)[0]
+                - object_visibility(without, o.row, o.column, o.radius)[0])
+
+    kept = {}
+    for quality in (20, 95):
+        coded, coded_plain = jpeg(image, quality), jpeg(plain, quality)
+        kept[quality] = {(o.radius, o.contrast): drawn(coded, coded_plain, o) / drawn(image, plain, o)
+                         for o in objects}
+    smallest, largest = min(kept[20])[0], max(kept[20])[0]
+    small = np.mean([v for (r, _), v in kept[20].items() if r == smallest])
+    large = np.mean([v for (r, _), v in kept[20].items() if r == largest])
+    assert small < large, kept[20]  # at quality 20 the smallest discs go first
+    assert np.mean(list(kept[95].values())) > max(0.8, np.mean(list(kept[20].values()))), kept
+    with pytest.raises(ConfigError, match="test objects"):
+        render_with_test_objects(_spec(), np.random.default_rng(1))

@@ -17,6 +17,7 @@ left edge, right breasts at the right edge (Patient Orientation "A\\R", "P\\L", 
 
 from __future__ import annotations
 
+import dataclasses
 import datetime
 import logging
 import math
@@ -71,7 +72,23 @@ ELECTRONIC_NOISE = 4.0
 #: Photons per pixel of the unattenuated beam: the default and the accepted range.
 DEFAULT_DOSE = 1000.0
 MIN_DOSE, MAX_DOSE = 10.0, 1.0e6
+#: Test objects (``PhantomSpec.test_objects``): disc diameters (mm, one per grid column,
+#: smallest nearest the chest wall) and contrasts (added to the anatomy, one per grid row).
+TEST_OBJECT_DIAMETERS_MM = (0.2, 0.35, 0.5)
+TEST_OBJECT_CONTRASTS = (0.03, 0.06, 0.12)
 _UID_NAMESPACE = uuid.uuid5(uuid.NAMESPACE_URL, "latentpacs:phantom")
+
+
+@dataclass(frozen=True)
+class TestObject:
+    """One calcification-like test disc: centre (image row, column), radius in pixels, contrast."""
+
+    __test__ = False  # not a pytest class
+
+    row: float
+    column: float
+    radius: float
+    contrast: float
 
 
 def _derived_uid(*parts: object) -> str:
@@ -104,6 +121,10 @@ class PhantomSpec:
         None for the plain model (anatomy plus white noise), or the mean photon count per
         pixel of the unattenuated beam for the physical model of :func:`render_image`:
         Poisson quantum noise, detector blur, electronic noise, log transform, air at 0.
+    test_objects:
+        Also draw :data:`TEST_OBJECT_DIAMETERS_MM` x :data:`TEST_OBJECT_CONTRASTS`
+        calcification-like discs of known size and contrast on a grid inside the breast
+        (:func:`render_with_test_objects` says where), to score what a lossy codec keeps.
     """
 
     rows: int
@@ -116,6 +137,7 @@ class PhantomSpec:
     masses: int = 1
     calcification_clusters: int = 1
     dose: float | None = None
+    test_objects: bool = False
 
     def __post_init__(self) -> None:
         if self.rows < 32 or self.columns < 32:
@@ -302,6 +324,29 @@ def _draw_calcifications(image: np.ndarray, spec: PhantomSpec, breast: _Breast, 
         _add_patch(image, top, left, amplitude * np.exp(-dist2 / (2 * sigma * sigma)))
 
 
+def _draw_test_objects(image: np.ndarray, spec: PhantomSpec, breast: _Breast) -> list[TestObject]:
+    """The test discs on a grid well inside the breast (chest wall at the left), no randomness.
+
+    Columns sit at 22, 36 and 50 % of the breast depth, rows at 0 and +-20 % of the
+    breast's half-height around the nipple axis; each disc is anti-aliased and adds its
+    contrast to the anatomy (attenuation, under the physical model).
+    """
+    objects = []
+    for column_share, diameter in zip((0.22, 0.36, 0.50), TEST_OBJECT_DIAMETERS_MM):
+        for row_share, contrast in zip((-0.2, 0.0, 0.2), TEST_OBJECT_CONTRASTS):
+            half = breast.half_up if row_share < 0 else breast.half_down
+            row = (breast.centre + row_share * half) * spec.rows
+            col = column_share * breast.depth * spec.columns
+            radius = max(0.75, diameter / 2.0 / spec.pixel_spacing_mm)
+            reach = int(math.ceil(radius)) + 1
+            top, left = math.floor(row) - reach, math.floor(col) - reach
+            dy, dx = np.mgrid[0:2 * reach + 2, 0:2 * reach + 2].astype(np.float32)
+            distance = np.sqrt((dy + top + 0.5 - row) ** 2 + (dx + left + 0.5 - col) ** 2)
+            _add_patch(image, top, left, contrast * np.clip(radius + 0.5 - distance, 0.0, 1.0))
+            objects.append(TestObject(row, col, radius, contrast))
+    return objects
+
+
 def _burn_in_text(image: np.ndarray, label: str, chest_wall_left: bool) -> None:
     """Write ``label`` bright in the top corner away from the chest wall."""
     rows, cols = image.shape
@@ -361,6 +406,23 @@ def render_image(spec: PhantomSpec, rng: np.random.Generator) -> np.ndarray:
     return _render(spec, rng, False)[0]
 
 
+def render_with_test_objects(spec: PhantomSpec, rng: np.random.Generator) -> tuple[np.ndarray, list[TestObject]]:
+    """:func:`render_image` of a spec with ``test_objects``, and where each test disc is.
+
+    The image is exactly :func:`render_image`'s for the same generator state; the discs
+    draw no random numbers, so the rest of the image is the one without them.
+
+    Raises
+    ------
+    ConfigError
+        For a spec without ``test_objects``.
+    """
+    if not spec.test_objects:
+        raise ConfigError("the phantom spec draws no test objects (test_objects=False)")
+    image, _, objects = _render(spec, rng, False)
+    return image, objects
+
+
 def render_with_noise_floor(spec: PhantomSpec, rng: np.random.Generator) -> tuple[np.ndarray, np.ndarray]:
     """A physical phantom and the entropy of its recorded noise, bits per pixel.
 
@@ -386,7 +448,7 @@ def render_with_noise_floor(spec: PhantomSpec, rng: np.random.Generator) -> tupl
     """
     if spec.dose is None:
         raise ConfigError("a noise floor needs the physical model (a phantom dose)")
-    image, floor = _render(spec, rng, True)
+    image, floor, _ = _render(spec, rng, True)
     return image, floor if floor is not None else np.zeros(image.shape)
 
 
@@ -420,8 +482,9 @@ def _noise_bits(anatomy: np.ndarray, dose: float, bits: int) -> np.ndarray:
 
 
 def _render(spec: PhantomSpec, rng: np.random.Generator,
-            with_floor: bool) -> tuple[np.ndarray, np.ndarray | None]:
-    """:func:`render_image`, and with ``with_floor`` the noise floor of :func:`render_with_noise_floor`."""
+            with_floor: bool) -> tuple[np.ndarray, np.ndarray | None, list[TestObject]]:
+    """:func:`render_image`, with ``with_floor`` the noise floor of :func:`render_with_noise_floor`,
+    and the test objects drawn (image coordinates)."""
     tone = _TONES[spec.presentation]
     breast = _draw_breast(spec, rng)
     radius, tissue = _smooth_fields(spec, breast, tone, rng)
@@ -437,6 +500,7 @@ def _render(spec: PhantomSpec, rng: np.random.Generator,
         _draw_mass(image, spec, breast, tone, rng)
     for _ in range(spec.calcification_clusters):
         _draw_calcifications(image, spec, breast, tone, rng)
+    objects = _draw_test_objects(image, spec, breast) if spec.test_objects else []
     floor = None
     if spec.dose is None:
         noise = rng.standard_normal((spec.rows, spec.columns), dtype=np.float32)
@@ -449,12 +513,13 @@ def _render(spec: PhantomSpec, rng: np.random.Generator,
     if not chest_wall_left:
         image = np.ascontiguousarray(image[:, ::-1])
         floor = None if floor is None else np.ascontiguousarray(floor[:, ::-1])
+        objects = [dataclasses.replace(o, column=spec.columns - o.column) for o in objects]  # pixel j+1/2 -> W-(j+1/2)
     exposed = image.copy() if floor is not None else None
     _burn_in_text(image, f"{spec.laterality} {spec.view}", chest_wall_left)
     if floor is not None:
         # burnt-in text and clipped values are deterministic: no noise entropy there
         floor[(image != exposed) | (image <= 0.0) | (image >= 1.0)] = 0.0
-    return np.clip(image, 0.0, 1.0).astype(np.float32), floor
+    return np.clip(image, 0.0, 1.0).astype(np.float32), floor, objects
 
 
 def _code_item(value: str, meaning: str) -> pydicom.Dataset:
