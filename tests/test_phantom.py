@@ -325,6 +325,6 @@ def test_test_objects_are_known_discs_that_a_lossy_codec_loses_first() -> None:
     small = np.mean([v for (r, _), v in kept[20].items() if r == smallest])
     large = np.mean([v for (r, _), v in kept[20].items() if r == largest])
     assert small < large, kept[20]  # at quality 20 the smallest discs go first
-    assert np.mean(list(kept[95].values())) > max(0.8, np.mean(list(kept[20].values()))), kept
+    assert float(np.mean(list(kept[95].values()))) > max(0.8, float(np.mean(list(kept[20].values())))), kept
     with pytest.raises(ConfigError, match="test objects"):
         render_with_test_objects(_spec(), np.random.default_rng(1))
