@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import hashlib
 import subprocess
+import time
 from pathlib import Path
 
 import numpy as np
@@ -24,12 +25,15 @@ from sqlalchemy import create_engine, text
 from dicomtools import require
 from latentpacs import phantom
 from latentpacs.archive.blobs import BLOB_NAME, INLINE_LIMIT
+from latentpacs.codec.tiers import RECEIVED
 from latentpacs.errors import Status
 from netpeers import HOST, SCU_TIMEOUT_S, dimse_responses, findscu, getscu, start_node, storescu
 from test_node import write_config
 
 COUNT = 8
 SIZE = (512, 416)
+#: Failure bound for the background coders to finish (never a timing assertion).
+SETTLE_S = 120.0
 
 
 @pytest.fixture(scope="module")
@@ -38,14 +42,35 @@ def phantoms(tmp_path_factory: pytest.TempPathFactory) -> list[Path]:
                             images_per_study=2)
 
 
-def _check_blobs(url: str, blob_dir: Path, count: int) -> None:
-    """Every instance's stream is a blob on disk, intact; no other blob is there."""
+def _settled_rows(url: str, blob_dir: Path) -> list[tuple[str | None, str]]:
+    """The rows' (stream_path, stream_sha256) once the background coders are done.
+
+    The lossless tier codes deferred: each node acknowledges an image as received, and its
+    background coder then writes the JPEG-LS blob, swaps it into the row and removes the
+    blob as received. Until then a row is pending and the directory holds one blob more;
+    under load that can outlast the C-STORE. Polled until no row is pending and the
+    directory holds the rows' blobs alone (or ``SETTLE_S`` passes; the checks then fail).
+    """
     engine = create_engine(url)
+    deadline = time.monotonic() + SETTLE_S
     try:
-        with engine.connect() as connection:
-            rows = connection.execute(text("SELECT stream_path, stream_sha256 FROM latents")).all()
+        while True:
+            with engine.connect() as connection:
+                rows = connection.execute(text("SELECT stream_path, stream_sha256, stream_coder "
+                                               "FROM latents")).all()
+            on_disk = sorted(p.name for p in blob_dir.iterdir())
+            pending = any(coder == RECEIVED for _, _, coder in rows)
+            if (not pending and on_disk == sorted(str(path) for path, _, _ in rows)
+                    or time.monotonic() > deadline):
+                return [(path, digest) for path, digest, _ in rows]
+            time.sleep(0.1)
     finally:
         engine.dispose()
+
+
+def _check_blobs(url: str, blob_dir: Path, count: int) -> None:
+    """Every instance's stream is a blob on disk, intact; no other blob is there."""
+    rows = _settled_rows(url, blob_dir)
     assert len(rows) == count
     for path, digest in rows:
         assert path is not None and BLOB_NAME.fullmatch(path), "a stream was stored inline"
