@@ -55,7 +55,7 @@ def test_compact_models_stay_under_two_million_parameters_at_1024(arch: str) -> 
 
 
 def test_unknown_arch_and_bad_sizes_raise_model_error() -> None:
-    with pytest.raises(ModelError, match="known: ae, paper-ae, paper-vae, vae"):
+    with pytest.raises(ModelError, match="known: ae, paper-ae, paper-vae, pca, vae"):
         build_model("resnet")
     with pytest.raises(ModelError, match="multiple of 64"):
         build_model("ae", image_size=100)
