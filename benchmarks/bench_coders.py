@@ -34,6 +34,8 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
+from latentpacs.cli import parse_size  # light: no numpy, torch or BLAS loaded
+
 #: Seeds and doses of the learned coder's training set; never used for figures here.
 TRAINING_SEED_LIMIT = 9000
 TRAINING_DOSES = (300.0, 1000.0, 3000.0)
@@ -42,19 +44,11 @@ TRAINING_DOSES = (300.0, 1000.0, 3000.0)
 PUBLISHED_FFDM = "Clunie 2000: JPEG-LS about 2.6:1 over mammograms (MG 2.62), 2.2 to 4:1 by vendor"
 
 
-def _size(text: str) -> tuple[int, int]:
-    try:
-        rows, cols = (int(v) for v in text.lower().split("x"))
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"size must be ROWSxCOLS, got {text!r}") from None
-    return rows, cols
-
-
 def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     """The benchmark's options."""
     p = argparse.ArgumentParser(description=(__doc__ or "").split("\n")[0])
     p.add_argument("--count", type=int, default=3, help="images (default 3)")
-    p.add_argument("--size", type=_size, default=(2294, 1914), metavar="ROWSxCOLS", help="default 2294x1914")
+    p.add_argument("--size", type=parse_size, default=(2294, 1914), metavar="ROWSxCOLS", help="default 2294x1914")
     p.add_argument("--doses", type=float, nargs="+", default=[500.0, 1500.0, 5000.0],
                    help="photons per pixel, cycled over the images (default 500 1500 5000)")
     p.add_argument("--bits", type=int, nargs="+", default=[12, 14, 16], choices=(12, 14, 16),

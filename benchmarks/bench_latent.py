@@ -34,15 +34,9 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
+from latentpacs.cli import parse_size  # light: no numpy, torch or BLAS loaded
+
 FRESH_SEED = 424242
-
-
-def _size(text: str) -> tuple[int, int]:
-    try:
-        rows, cols = (int(v) for v in text.lower().split("x"))
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"size must be ROWSxCOLS, got {text!r}") from None
-    return rows, cols
 
 
 def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
@@ -51,7 +45,7 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     p.add_argument("--models", nargs="+", default=["ae", "vae", "pca"], help="default: ae vae pca")
     p.add_argument("--count", type=int, default=8, help="fresh phantoms (default 8, as the cards)")
     p.add_argument("--seed", type=int, default=FRESH_SEED, help=f"their seed (default {FRESH_SEED})")
-    p.add_argument("--size", type=_size, default=(1024, 832), metavar="ROWSxCOLS", help="default 1024x832")
+    p.add_argument("--size", type=parse_size, default=(1024, 832), metavar="ROWSxCOLS", help="default 1024x832")
     p.add_argument("--models-dir", type=Path, help="default: the shipped models/")
     p.add_argument("--record", action="store_true", help="write the figures into the cards (metrics.test_*)")
     p.add_argument("--out", type=Path, help="write the figures as JSON here")

@@ -39,7 +39,7 @@ EXIT_PARTIAL = 1
 EXIT_ERROR = 2
 
 
-def _size(text: str) -> tuple[int, int]:
+def parse_size(text: str) -> tuple[int, int]:
     """Parse ``ROWSxCOLS``."""
     try:
         rows, cols = (int(v) for v in text.lower().split("x"))
@@ -750,7 +750,7 @@ def _add_demo_commands(sub: _Commands) -> None:
     p.add_argument("--out", type=Path, required=True)
     p.add_argument("--count", type=int, default=8)
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--size", type=_size, help="ROWSxCOLS for every image (default: vendor sizes)")
+    p.add_argument("--size", type=parse_size, help="ROWSxCOLS for every image (default: vendor sizes)")
     p.add_argument("--physical", action="store_true",
                    help="physical noise model (Poisson quanta, detector blur, electronic noise, "
                         "log transform, air at 0) at the default dose")
@@ -761,7 +761,7 @@ def _add_demo_commands(sub: _Commands) -> None:
     p.add_argument("--out", type=Path, default=Path("demo-out"))
     p.add_argument("--count", type=int, default=4)
     p.add_argument("--seed", type=int, default=2026)
-    p.add_argument("--size", type=_size, default=(2294, 1914))
+    p.add_argument("--size", type=parse_size, default=(2294, 1914))
     p.add_argument("--dose", type=float, default=1000.0,
                    help="photons per pixel of the physical phantom (default: 1000)")
     p.add_argument("--white-noise", action="store_true",
