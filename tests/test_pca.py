@@ -6,6 +6,7 @@ decodes through the product like any model (16-byte latent, integer decoding).
 
 from __future__ import annotations
 
+import json
 from dataclasses import replace
 from pathlib import Path
 
@@ -73,12 +74,14 @@ def test_pca_archives_16_bytes_and_decodes_through_the_integer_engine(fitted: tu
 
 
 def test_pca_card_says_it_was_fitted_not_trained(fitted: tuple[TrainResult, Path]) -> None:
-    result, _ = fitted
+    result, out = fitted
+    split = json.loads((out.parent / f"{out.name}.checkpoints" / "split.json").read_text())
+    assert len(split["train"]) == result.card.training["train_images"]  # which images it saw
     card = result.card
     assert card.arch == "pca" and card.latent_bytes == 16
     assert str(card.training["optimizer"]).startswith("none: fitted in closed form")
     assert card.training["epochs"] == 0 and "fitted in closed form" in card.description
-    assert card.metrics["test_images"] > 0 and 0 < float(card.metrics["test_mse"]) < 0.05
+    assert int(str(card.metrics["test_images"])) > 0 and 0 < float(str(card.metrics["test_mse"])) < 0.05
     assert result.history[0]["train_loss"] <= result.history[0]["val_loss"] + 0.05
 
 

@@ -299,8 +299,8 @@ class PrincipalComponents(LatentAutoencoder):
         return ModelOutput(self.decode(z), z)
 
     @torch.no_grad()
-    def fit(self, images: Tensor) -> Tensor:
-        """Fit the mean and components to ``images`` (N, 1, S, S); returns all singular values.
+    def fit(self, images: Tensor) -> None:
+        """Fit the mean and components to ``images`` (N, 1, S, S).
 
         Computed in float64 from the N x N Gram matrix of the centred images (N is small
         next to S*S), so memory is N * S * S values.
@@ -331,7 +331,6 @@ class PrincipalComponents(LatentAutoencoder):
         self.to_mu.bias.copy_(-(components @ mean))
         self.from_latent.weight.copy_(components.T)
         self.from_latent.bias.copy_(mean)
-        return torch.sort(eigenvalues.clamp_min(0.0).sqrt(), descending=True).values
 
 
 ARCHITECTURES: dict[str, type[LatentAutoencoder]] = {

@@ -438,6 +438,7 @@ def _fit_closed_form(
     if ctx.distributed:
         raise ConfigError(f"{config.arch} is fitted in closed form on one process; run it without torchrun")
     train_ds, val_ds, split = data
+    _write_manifest(config.checkpoint_dir / "split.json", train_ds, val_ds, split.test)
     images = torch.stack([train_ds[i] for i in tqdm(range(len(train_ds)), desc="fitting pca", unit="image",
                                                     disable=not progress)])
     model.fit(images.to(ctx.device))
