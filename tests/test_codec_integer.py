@@ -352,7 +352,7 @@ def test_the_canonical_image_is_the_16_bit_image_over_65535(tmp_path: Path) -> N
         np.testing.assert_array_equal(c, v.astype(np.float32) / np.float32(65535))
 
 
-@pytest.mark.parametrize("arch", ["ae", "vae", "paper-ae", "paper-vae"])
+@pytest.mark.parametrize("arch", ["ae", "vae", "ae-r16", "vae-r16", "paper-ae", "paper-vae"])
 def test_every_architecture_decodes_within_one_logit_step_of_float(arch: str) -> None:
     """Error bound: half a logit step (2**-11) times the sigmoid's slope 1/4, plus 16-bit rounding."""
     torch.manual_seed(1)

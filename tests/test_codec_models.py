@@ -25,7 +25,7 @@ def test_every_arch_maps_images_to_16_numbers_and_back(arch: str) -> None:
     assert recon.shape == (3, 1, 64, 64)
     assert float(recon.min()) >= 0.0 and float(recon.max()) <= 1.0
     assert out.recon.shape == x.shape and out.z.shape == (3, 16)
-    assert (out.mu is None) == (not arch.endswith("vae"))
+    assert (out.mu is None) == ("vae" not in arch)
 
 
 def test_latent_dim_and_image_size_are_configurable() -> None:
@@ -54,8 +54,20 @@ def test_compact_models_stay_under_two_million_parameters_at_1024(arch: str) -> 
     assert count_parameters(model) <= 2_000_000
 
 
+@pytest.mark.parametrize("arch", ["ae-r16", "vae-r16"])
+def test_fine_grid_models_keep_an_8x8_grid_at_128(arch: str) -> None:
+    model = build_model(arch, image_size=128).eval()
+    assert model.to_mu.in_features == 8 * 8 * 64
+    assert count_parameters(model) < 400_000
+    # the last layer overlaps (kernel 4, stride 2), unlike the compact family's 4x4 blocks
+    last = list(model.head)[-1]
+    assert isinstance(last, torch.nn.ConvTranspose2d) and last.stride == (2, 2) and last.kernel_size == (4, 4)
+    with pytest.raises(ModelError, match="multiple of 16"):
+        build_model(arch, image_size=120)
+
+
 def test_unknown_arch_and_bad_sizes_raise_model_error() -> None:
-    with pytest.raises(ModelError, match="known: ae, paper-ae, paper-vae, pca, vae"):
+    with pytest.raises(ModelError, match="known: ae, ae-r16, paper-ae, paper-vae, pca, vae, vae-r16"):
         build_model("resnet")
     with pytest.raises(ModelError, match="multiple of 64"):
         build_model("ae", image_size=100)

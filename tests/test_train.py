@@ -291,6 +291,22 @@ def test_resume_reaches_the_uninterrupted_result(phantom_dir: Path, short: Train
     assert not (tmp_path / "never.checkpoints").exists()
 
 
+def test_cosine_schedule_falls_to_zero_and_resumes_exactly(phantom_dir: Path, tmp_path: Path) -> None:
+    whole = train(_config(phantom_dir, tmp_path / "cosine", epochs=4, lr_schedule="cosine"), progress=False)
+    rates = [h["learning_rate"] for h in whole.history]
+    assert rates == pytest.approx([1e-2, 1e-2 * (2 + 2**0.5) / 4, 1e-2 / 2, 1e-2 * (2 - 2**0.5) / 4])
+    assert whole.card.training["lr_schedule"] == "cosine"
+    out = tmp_path / "cosine-resumed"
+    train(_config(phantom_dir, out, epochs=2, lr_schedule="cosine"), progress=False)
+    # the schedule depends on the total: a run begun for 2 epochs cannot be stretched to 4
+    with pytest.raises(ConfigError, match="lr_schedule"):
+        train(_config(phantom_dir, out, epochs=4, resume=True, lr_schedule="cosine"), progress=False)
+    with pytest.raises(ConfigError, match="schedule"):
+        _config(phantom_dir, out, lr_schedule="step")
+    constant = train(_config(phantom_dir, tmp_path / "constant", epochs=2), progress=False)
+    assert [h["learning_rate"] for h in constant.history] == [1e-2, 1e-2]
+
+
 def test_vae_trains_and_exports(phantom_dir: Path, tmp_path: Path) -> None:
     result = train(_config(phantom_dir, tmp_path / "tiny-vae", arch="vae", epochs=2), progress=False)
     assert all(math.isfinite(h["train_loss"]) and math.isfinite(h["val_loss"]) for h in result.history)

@@ -273,6 +273,7 @@ def cmd_train(args: argparse.Namespace) -> int:
         latent_dim=args.latent_dim,
         latent_bits=args.latent_bits,
         learning_rate=args.lr,
+        lr_schedule=args.lr_schedule,
         seed=args.seed,
         val_fraction=args.val_fraction,
         test_fraction=args.test_fraction,
@@ -797,13 +798,15 @@ def _add_model_commands(sub: _Commands) -> None:
 
     p = _command(sub, "train", "train a model on DICOM folders or CBIS-DDSM", cmd_train)
     _add_data_options(p)
-    p.add_argument("--arch", required=True, help="ae | vae | paper-ae | paper-vae | pca (principal components, fitted in closed form; --epochs, --lr and --batch-size do not apply)")
+    p.add_argument("--arch", required=True, help="ae | vae | ae-r16 | vae-r16 (an 8x8 grid at --image-size 128) | paper-ae | paper-vae | pca (principal components, fitted in closed form; --epochs, --lr and --batch-size do not apply)")
     p.add_argument("--epochs", type=int, default=10)
     p.add_argument("--batch-size", type=int, default=8)
     p.add_argument("--image-size", type=int, default=1024)
     p.add_argument("--latent-dim", type=int, default=16)
     p.add_argument("--latent-bits", type=int, default=8)
     p.add_argument("--lr", type=float, default=1e-3)
+    p.add_argument("--lr-schedule", choices=("constant", "cosine"), default="constant",
+                   help="cosine: the rate falls from --lr to 0 over --epochs (default: constant)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--val-fraction", type=float, default=0.2,
                    help="share of the training patients that validate (choose the best epoch)")

@@ -236,6 +236,27 @@ class _CompactFamily(LatentAutoencoder):
         return nn.Sequential(*blocks)
 
 
+class _FineGridFamily(LatentAutoencoder):
+    """A stride-4 stem and two stride-2 blocks: S/16 x S/16 x 64 before the dense layer.
+
+    At the 128 x 128 input a 16-number latent can carry, the compact family's S/64 grid
+    is 2 x 2 and its last layer paints each 4 x 4 output block from one feature vector;
+    this one keeps an 8 x 8 grid (4096 features into the dense bottleneck) and decodes
+    with overlapping stride-2 transposed convolutions down to the last pixel.
+    """
+
+    reduction = 16
+    size_multiple = 16
+
+    def _build_features(self) -> nn.Module:
+        return nn.Sequential(_down(1, 16, 4, 4, 0), _down(16, 32, 3, 2, 1), _down(32, 64, 3, 2, 1))
+
+    def _build_head(self) -> nn.Module:
+        return nn.Sequential(
+            _up(64, 64), _up(64, 32), _up(32, 16), nn.ConvTranspose2d(16, 1, 4, 2, 1)
+        )
+
+
 class PaperAE(_PaperFamily):
     """The paper's convolutional autoencoder (MSE loss)."""
 
@@ -259,6 +280,19 @@ class CompactVAE(_CompactFamily):
     """Compact variational autoencoder: same bottleneck and loss as ``paper-vae``."""
 
     arch = "vae"
+    variational = True
+
+
+class FineGridAE(_FineGridFamily):
+    """Autoencoder on an S/16 grid (MSE loss); meant for ``--image-size 128``."""
+
+    arch = "ae-r16"
+
+
+class FineGridVAE(_FineGridFamily):
+    """Variational autoencoder on an S/16 grid (BCE + KL loss); meant for ``--image-size 128``."""
+
+    arch = "vae-r16"
     variational = True
 
 
@@ -334,7 +368,8 @@ class PrincipalComponents(LatentAutoencoder):
 
 
 ARCHITECTURES: dict[str, type[LatentAutoencoder]] = {
-    cls.arch: cls for cls in (PaperAE, PaperVAE, CompactAE, CompactVAE, PrincipalComponents)
+    cls.arch: cls
+    for cls in (PaperAE, PaperVAE, CompactAE, CompactVAE, FineGridAE, FineGridVAE, PrincipalComponents)
 }
 
 

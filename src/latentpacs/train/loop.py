@@ -62,6 +62,17 @@ from latentpacs.train.split import PatientSplit, split_train_val_test
 logger = logging.getLogger(__name__)
 
 
+#: Learning-rate schedules of :class:`TrainConfig`.
+LR_SCHEDULES = ("constant", "cosine")
+
+
+def epoch_learning_rate(config: TrainConfig, epoch: int) -> float:
+    """The learning rate of ``epoch`` (1-based): a function of the epoch alone, so resuming needs no state."""
+    if config.lr_schedule == "cosine":
+        return config.learning_rate * 0.5 * (1.0 + math.cos(math.pi * (epoch - 1) / config.epochs))
+    return config.learning_rate
+
+
 @dataclass(frozen=True)
 class TrainConfig:
     """Everything one training run depends on; ``command`` is recorded in the card."""
@@ -75,6 +86,8 @@ class TrainConfig:
     latent_dim: int = 16
     latent_bits: int = 8
     learning_rate: float = 1e-3
+    #: ``"constant"``, or ``"cosine"``: the rate of epoch e of E is lr * (1 + cos(pi (e-1) / E)) / 2.
+    lr_schedule: str = "constant"
     seed: int = 0
     val_fraction: float = 0.2
     test_fraction: float = 0.1  # share of patients held out as the test set (unused with test_records)
@@ -95,6 +108,8 @@ class TrainConfig:
                 raise ConfigError(f"{name} must be at least 1, got {getattr(self, name)}")
         if not self.learning_rate > 0.0:
             raise ConfigError(f"learning rate must be positive, got {self.learning_rate}")
+        if self.lr_schedule not in LR_SCHEDULES:
+            raise ConfigError(f"unknown learning-rate schedule {self.lr_schedule!r}; known: {', '.join(LR_SCHEDULES)}")
         if not self.data_dirs and self.records is None:
             raise ConfigError("no training data folder given")
         for what, value in (("validation", self.val_fraction), ("test", self.test_fraction)):
@@ -198,6 +213,8 @@ def _fingerprint(
         "latent_bits": config.latent_bits,
         "batch_size": config.batch_size,
         "learning_rate": config.learning_rate,
+        "lr_schedule": config.lr_schedule if config.lr_schedule == "constant"
+        else f"{config.lr_schedule} over {config.epochs} epochs",
         "seed": config.seed,
         "val_fraction": config.val_fraction,
         "test_fraction": None if config.test_records is not None else config.test_fraction,
@@ -377,6 +394,8 @@ def _train(config: TrainConfig, ctx: DistContext, progress: bool) -> TrainResult
     for epoch in range(state.epoch + 1, config.epochs + 1):
         if sampler is not None:
             sampler.set_epoch(epoch)
+        for group in optimizer.param_groups:
+            group["lr"] = epoch_learning_rate(config, epoch)
         with tqdm(total=len(train_loader), desc=f"epoch {epoch}/{config.epochs}", unit="batch",
                   disable=not progress) as bar:
             train_sum, train_count = _run_epoch(model, forward, train_loader, optimizer, device, bar)
@@ -390,7 +409,8 @@ def _train(config: TrainConfig, ctx: DistContext, progress: bool) -> TrainResult
             bar.set_postfix(loss=f"{train_loss:.5g}", val_loss=f"{val_loss:.5g}")
         if not (math.isfinite(train_loss) and math.isfinite(val_loss)):
             raise ConfigError(f"training diverged at epoch {epoch} (loss {train_loss}); lower the learning rate")
-        history.append({"epoch": epoch, "train_loss": train_loss, "val_loss": val_loss})
+        history.append({"epoch": epoch, "train_loss": train_loss, "val_loss": val_loss,
+                        "learning_rate": epoch_learning_rate(config, epoch)})
         logger.info("epoch %d/%d: train loss %.6g, validation loss %.6g", epoch, config.epochs, train_loss, val_loss)
         improved = val_loss < best_loss
         if improved:
@@ -544,6 +564,7 @@ def _export(
         "distributed": f"DistributedDataParallel ({ctx.backend}), batch size per rank, per-rank BatchNorm"
         if ctx.distributed else "none",
         "learning_rate": config.learning_rate,
+        "lr_schedule": config.lr_schedule,
         "optimizer": "Adam",
         "loss": "model loss (paper: AE MSE Eq. 1, VAE BCE + KL Eq. 2)",
         "seed": config.seed,
