@@ -92,3 +92,50 @@ def test_bad_config_is_named(tmp_path: Path, body: str, message: str) -> None:
 def test_bad_environment_value_is_named() -> None:
     with pytest.raises(ConfigError, match="LATENTPACS_NODE_PORT"):
         load_config(None, environ={"LATENTPACS_NODE_PORT": "eleven"})
+
+
+@pytest.mark.parametrize(
+    ("tier", "allowed", "refused"),
+    [
+        ("latent", ["lossless"], True),
+        ("near-lossless:2", ["lossless"], True),
+        ("lossless", ["lossless"], False),
+        ("near-lossless:2", ["lossless", "near-lossless:1"], True),
+        ("near-lossless:1", ["lossless", "near-lossless:1"], False),
+        ("near-lossless:4", ["lossless", "near-lossless"], False),  # a kind admits every K
+    ],
+)
+def test_an_archive_of_record_refuses_tiers_it_may_not_keep(tier: str, allowed: list[str], refused: bool) -> None:
+    overrides = {"codec.tier": tier, "archive.of_record": "true", "archive.of_record_tiers": ",".join(allowed)}
+    if refused:
+        with pytest.raises(ConfigError, match=f"codec.tier {tier} is not kept as of record"):
+            load_config(None, environ={}, overrides=overrides)
+    else:
+        assert str(load_config(None, environ={}, overrides=overrides).tier) == tier
+    # the same tier is accepted where the archive is not the archive of record
+    assert str(load_config(None, environ={}, overrides={**overrides, "archive.of_record": "false"}).tier) == tier
+
+
+def test_of_record_is_off_by_default_and_its_tiers_must_be_tiers() -> None:
+    config = load_config(None, environ={})
+    assert config["archive.of_record"] is False and config["archive.of_record_tiers"] == ["lossless"]
+    assert config.tier == Tier("latent")
+    with pytest.raises(ConfigError, match="archive.of_record_tiers: unknown tier 'jpeg'"):
+        load_config(None, environ={"LATENTPACS_ARCHIVE_OF_RECORD_TIERS": "lossless,jpeg"})
+
+
+def test_import_into_an_archive_of_record_at_a_lossy_tier_stores_nothing(tmp_path: Path, capsys) -> None:
+    from latentpacs import phantom as generator
+    from latentpacs.cli import main
+
+    sources = generator.generate(tmp_path / "dicom", 1, seed=33, size=(128, 104), images_per_study=1)
+    flags = ["--database", f"sqlite:///{tmp_path / 'a.db'}", "--data-dir", str(tmp_path / "data")]
+    environ = {"LATENTPACS_ARCHIVE_OF_RECORD": "true"}
+    with pytest.MonkeyPatch.context() as patch:
+        for key, value in environ.items():
+            patch.setenv(key, value)
+        assert main(["archive", "import", str(sources[0]), "--tier", "latent", *flags]) == 2
+        err = capsys.readouterr().err.strip().splitlines()
+        assert len(err) == 1 and "not kept as of record" in err[0]
+        assert not (tmp_path / "a.db").exists()
+        assert main(["archive", "import", str(sources[0]), "--tier", "lossless", *flags]) == 0

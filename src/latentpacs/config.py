@@ -16,8 +16,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from latentpacs.codec.tiers import Tier
-from latentpacs.errors import ConfigError
+from latentpacs.codec.tiers import Tier, TierKind
+from latentpacs.errors import ConfigError, TierError
 
 
 @dataclass(frozen=True)
@@ -57,6 +57,10 @@ SETTINGS: tuple[Setting, ...] = (
             "(AWS_ACCESS_KEY_ID, ~/.aws/credentials, instance role)"),
     Setting("archive.s3_secret_access_key", "", str, "S3 secret key; empty: boto3's standard "
             "chain (AWS_SECRET_ACCESS_KEY...)"),
+    Setting("archive.of_record", False, bool, "this archive is the archive of record (US MQSA, 21 CFR "
+            "900.12(c)(4)): codec.tier must be one of archive.of_record_tiers"),
+    Setting("archive.of_record_tiers", ["lossless"], list, "tiers that count as of record: a tier "
+            "(lossless, near-lossless:K) or a kind (near-lossless: any K)"),
     Setting("codec.model", "ae", str, "model name (in models_dir) used for new images"),
     Setting("codec.tier", "latent", str, "fidelity tier: latent | lossless | near-lossless:K"),
     Setting("codec.coder", "jpeg-ls", str, "stream coder of the lossless and near-lossless tiers"),
@@ -108,6 +112,36 @@ SERVICES = ("echo", "store", "find", "get", "move")
 _TRUE = ("1", "true", "yes", "on")
 _FALSE = ("0", "false", "no", "off")
 _BY_NAME = {s.name: s for s in SETTINGS}
+
+
+def _check_of_record(tier: Tier, of_record: bool, allowed: list[str]) -> None:
+    """Refuse a storage tier that an archive of record may not keep.
+
+    US rules (MQSA, 21 CFR 900.12(c)(4)) allow only lossless mammograms as the archive of
+    record; a lossy tier there would silently discard what the record must keep.
+
+    Raises
+    ------
+    ConfigError
+        When an entry of ``archive.of_record_tiers`` names no tier, or the archive is of
+        record and ``tier`` is not among them.
+    """
+    kinds = {kind.value for kind in TierKind}
+    for entry in allowed:
+        if entry.strip().lower() not in kinds:
+            try:
+                Tier.parse(entry)
+            except TierError as exc:
+                raise ConfigError(f"archive.of_record_tiers: {exc}") from None
+    if not of_record:
+        return
+    named = {entry.strip().lower() for entry in allowed}
+    if str(tier) in named or tier.name.value in named:
+        return
+    raise ConfigError(
+        f"codec.tier {tier} is not kept as of record here: archive.of_record is on and "
+        f"archive.of_record_tiers allows only {', '.join(allowed) or 'nothing'}"
+    )
 
 
 @dataclass(frozen=True)
@@ -280,7 +314,8 @@ def load_config(
         if name not in _BY_NAME:
             raise ConfigError(f"unknown setting {name}")
         values[name] = _coerce(_BY_NAME[name], value, "command line")
-    Tier.parse(values["codec.tier"])  # fail early, with the tier's own message
+    tier = Tier.parse(values["codec.tier"])  # fail early, with the tier's own message
+    _check_of_record(tier, values["archive.of_record"], values["archive.of_record_tiers"])
     if values["archive.duplicates"] not in ("keep", "replace", "reject"):
         raise ConfigError(
             f"archive.duplicates must be keep, replace or reject, not {values['archive.duplicates']!r}"
