@@ -58,7 +58,7 @@ def test_compact_models_stay_under_two_million_parameters_at_1024(arch: str) -> 
 def test_fine_grid_models_keep_an_8x8_grid_at_128(arch: str) -> None:
     model = build_model(arch, image_size=128).eval()
     assert model.to_mu.in_features == 8 * 8 * 64
-    assert count_parameters(model) < 400_000
+    assert count_parameters(model) < 500_000
     # the last layer overlaps (kernel 4, stride 2), unlike the compact family's 4x4 blocks
     last = list(model.head)[-1]
     assert isinstance(last, torch.nn.ConvTranspose2d) and last.stride == (2, 2) and last.kernel_size == (4, 4)

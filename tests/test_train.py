@@ -307,6 +307,17 @@ def test_cosine_schedule_falls_to_zero_and_resumes_exactly(phantom_dir: Path, tm
     assert [h["learning_rate"] for h in constant.history] == [1e-2, 1e-2]
 
 
+def test_left_right_mirroring_is_seeded_and_recorded(phantom_dir: Path, short: TrainResult, tmp_path: Path) -> None:
+    first = train(_config(phantom_dir, tmp_path / "flip-a", epochs=3, hflip=True), progress=False)
+    again = train(_config(phantom_dir, tmp_path / "flip-b", epochs=3, hflip=True), progress=False)
+    assert first.history == again.history and first.card.sha256 == again.card.sha256
+    assert first.history != short.history  # the same run without mirroring learns otherwise
+    assert first.card.training["augmentation"] == "left-right mirror, probability 1/2"
+    assert short.card.training["augmentation"] == "none"
+    with pytest.raises(ConfigError, match="hflip"):
+        train(_config(phantom_dir, tmp_path / "flip-a", epochs=4, resume=True), progress=False)
+
+
 def test_vae_trains_and_exports(phantom_dir: Path, tmp_path: Path) -> None:
     result = train(_config(phantom_dir, tmp_path / "tiny-vae", arch="vae", epochs=2), progress=False)
     assert all(math.isfinite(h["train_loss"]) and math.isfinite(h["val_loss"]) for h in result.history)

@@ -274,6 +274,7 @@ def cmd_train(args: argparse.Namespace) -> int:
         latent_bits=args.latent_bits,
         learning_rate=args.lr,
         lr_schedule=args.lr_schedule,
+        hflip=args.hflip,
         seed=args.seed,
         val_fraction=args.val_fraction,
         test_fraction=args.test_fraction,
@@ -807,6 +808,8 @@ def _add_model_commands(sub: _Commands) -> None:
     p.add_argument("--lr", type=float, default=1e-3)
     p.add_argument("--lr-schedule", choices=("constant", "cosine"), default="constant",
                    help="cosine: the rate falls from --lr to 0 over --epochs (default: constant)")
+    p.add_argument("--hflip", action="store_true",
+                   help="mirror each training image left-right with probability 1/2 (seeded)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--val-fraction", type=float, default=0.2,
                    help="share of the training patients that validate (choose the best epoch)")

@@ -242,7 +242,8 @@ class _FineGridFamily(LatentAutoencoder):
     At the 128 x 128 input a 16-number latent can carry, the compact family's S/64 grid
     is 2 x 2 and its last layer paints each 4 x 4 output block from one feature vector;
     this one keeps an 8 x 8 grid (4096 features into the dense bottleneck) and decodes
-    with overlapping stride-2 transposed convolutions down to the last pixel.
+    with a 3x3 convolution at S/16 and S/8 (depth where it is cheap) and overlapping
+    stride-2 transposed convolutions down to the last pixel.
     """
 
     reduction = 16
@@ -253,7 +254,8 @@ class _FineGridFamily(LatentAutoencoder):
 
     def _build_head(self) -> nn.Module:
         return nn.Sequential(
-            _up(64, 64), _up(64, 32), _up(32, 16), nn.ConvTranspose2d(16, 1, 4, 2, 1)
+            _down(64, 64, 3, 1, 1), _up(64, 64), _down(64, 64, 3, 1, 1),
+            _up(64, 32), _up(32, 16), nn.ConvTranspose2d(16, 1, 4, 2, 1),
         )
 
 

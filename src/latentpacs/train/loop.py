@@ -88,6 +88,8 @@ class TrainConfig:
     learning_rate: float = 1e-3
     #: ``"constant"``, or ``"cosine"``: the rate of epoch e of E is lr * (1 + cos(pi (e-1) / E)) / 2.
     lr_schedule: str = "constant"
+    #: Mirror each training image left-right with probability 1/2 (seeded by ``seed`` and the epoch).
+    hflip: bool = False
     seed: int = 0
     val_fraction: float = 0.2
     test_fraction: float = 0.1  # share of patients held out as the test set (unused with test_records)
@@ -178,12 +180,20 @@ def _run_epoch(
     optimizer: torch.optim.Optimizer | None,
     device: str,
     bar: tqdm[Any] | None,
+    flips: torch.Generator | None = None,
 ) -> tuple[float, int]:
-    """One pass; trains when ``optimizer`` is given, else evaluates. Returns (loss sum, image count)."""
+    """One pass; trains when ``optimizer`` is given, else evaluates. Returns (loss sum, image count).
+
+    With ``flips``, each training image is mirrored left-right with probability 1/2 (a
+    left breast becomes a plausible right one), drawn from that generator.
+    """
     total, count = 0.0, 0
     model.train(optimizer is not None)
     with torch.set_grad_enabled(optimizer is not None):
         for x in loader:
+            if flips is not None:
+                mirror = torch.rand(x.shape[0], generator=flips) < 0.5
+                x = torch.where(mirror[:, None, None, None], x.flip(-1), x)
             x = x.to(device, non_blocking=True)
             loss = _batch_loss(model, forward, x, device)
             if optimizer is not None:
@@ -216,6 +226,7 @@ def _fingerprint(
         "lr_schedule": config.lr_schedule if config.lr_schedule == "constant"
         else f"{config.lr_schedule} over {config.epochs} epochs",
         "seed": config.seed,
+        "hflip": config.hflip,
         "val_fraction": config.val_fraction,
         "test_fraction": None if config.test_records is not None else config.test_fraction,
         "data_sha256": digest.hexdigest(),
@@ -398,7 +409,8 @@ def _train(config: TrainConfig, ctx: DistContext, progress: bool) -> TrainResult
             group["lr"] = epoch_learning_rate(config, epoch)
         with tqdm(total=len(train_loader), desc=f"epoch {epoch}/{config.epochs}", unit="batch",
                   disable=not progress) as bar:
-            train_sum, train_count = _run_epoch(model, forward, train_loader, optimizer, device, bar)
+            flips = torch.Generator().manual_seed(config.seed * 1_000_003 + epoch) if config.hflip else None
+            train_sum, train_count = _run_epoch(model, forward, train_loader, optimizer, device, bar, flips)
             distributed.broadcast_buffers(ctx, model)  # validate with rank 0's BatchNorm statistics
             val_sum, val_count = _run_epoch(model, model, val_loader, None, device, None) if len(val_ds) else (0.0, 0)
             train_total, train_n, val_total, val_n = distributed.all_reduce_sums(
@@ -565,6 +577,7 @@ def _export(
         if ctx.distributed else "none",
         "learning_rate": config.learning_rate,
         "lr_schedule": config.lr_schedule,
+        "augmentation": "left-right mirror, probability 1/2" if config.hflip else "none",
         "optimizer": "Adam",
         "loss": "model loss (paper: AE MSE Eq. 1, VAE BCE + KL Eq. 2)",
         "seed": config.seed,
