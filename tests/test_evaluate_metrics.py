@@ -19,6 +19,7 @@ from latentpacs.evaluate.metrics import (
     psnr,
     psnr_from_mse,
     psnr_region,
+    ms_ssim,
     ssim,
 )
 
@@ -63,6 +64,24 @@ def test_ssim_falls_as_noise_grows_and_is_symmetric() -> None:
     heavy = np.clip(image + rng.normal(0, 0.2, image.shape), 0, 1)
     assert 1.0 > ssim(image, light) > ssim(image, heavy) > 0.0
     assert ssim(image, heavy) == pytest.approx(ssim(heavy, image))
+
+
+def test_ms_ssim_is_one_for_identical_images_and_weighs_the_scales() -> None:
+    rng = np.random.default_rng(5)
+    image = rng.random((192, 176))
+    assert ms_ssim(image, image) == pytest.approx(1.0)
+    noisy = np.clip(image + rng.normal(0, 0.1, image.shape), 0, 1)
+    # one scale: SSIM itself, raised to the weight
+    assert ms_ssim(image, noisy, weights=(1.0,)) == pytest.approx(ssim(image, noisy))
+    assert ms_ssim(image, noisy, weights=(0.5,)) == pytest.approx(ssim(image, noisy) ** 0.5)
+    # constant images: every contrast-structure term is 1, only the coarsest luminance counts
+    c1 = (0.01 * 1.0) ** 2
+    luminance = (2 * 0.2 * 0.6 + c1) / (0.2**2 + 0.6**2 + c1)
+    assert ms_ssim(np.full((176, 176), 0.2), np.full((176, 176), 0.6)) == pytest.approx(luminance**0.1333)
+    # white noise lives at the finest scale, which MS-SSIM weighs least
+    assert ms_ssim(image, noisy) > ssim(image, noisy)
+    with pytest.raises(ValueError, match="at least 176"):
+        ms_ssim(image[:100], noisy[:100])
 
 
 def test_breast_mask_keeps_the_largest_bright_region_not_labels() -> None:
