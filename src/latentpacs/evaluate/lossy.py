@@ -24,6 +24,7 @@ from dataclasses import dataclass
 import imagecodecs
 import numpy as np
 
+from latentpacs.evaluate.baselines import jpeg2000_decode, jpeg2000_encode
 from latentpacs.evaluate.metrics import breast_mask, ms_ssim, object_visibility, psnr_region
 
 #: How far below the target size a stream may end (10 %: the issue's tolerance).
@@ -53,22 +54,9 @@ class RatioCodec:
     grows: bool
 
 
-def _native(stored: np.ndarray, bits_stored: int) -> np.ndarray:
-    return np.ascontiguousarray(stored, dtype=np.uint8 if bits_stored <= 8 else np.uint16)
-
-
-def _j2k_encode(stored: np.ndarray, bits_stored: int, psnr_db: float) -> bytes:
-    return bytes(imagecodecs.jpeg2k_encode(
-        _native(stored, bits_stored), level=psnr_db,  # type: ignore[arg-type]  # a float PSNR target
-        bitspersample=bits_stored, codecformat="J2K"))
-
-
 def _htj2k_encode(stored: np.ndarray, bits_stored: int, step: float) -> bytes:
-    return bytes(imagecodecs.htj2k_encode(_native(stored, bits_stored), level=step, reversible=False))
-
-
-def _decode_j2k(stream: bytes) -> np.ndarray:
-    return np.asarray(imagecodecs.jpeg2k_decode(stream)).astype(np.uint16)
+    values = np.ascontiguousarray(stored, dtype=np.uint8 if bits_stored <= 8 else np.uint16)
+    return bytes(imagecodecs.htj2k_encode(values, level=step, reversible=False))
 
 
 def _decode_htj2k(stream: bytes) -> np.ndarray:
@@ -77,7 +65,7 @@ def _decode_htj2k(stream: bytes) -> np.ndarray:
 
 #: OpenJPEG's JPEG 2000 (irreversible 9/7, one quality layer; knob: the target PSNR in dB)
 #: and OpenJPH's HTJ2K (irreversible; knob: the quantisation step, larger is smaller).
-JPEG2000 = RatioCodec("jpeg2000", _j2k_encode, _decode_j2k, 20.0, 120.0, grows=True)
+JPEG2000 = RatioCodec("jpeg2000", jpeg2000_encode, jpeg2000_decode, 20.0, 120.0, grows=True)
 HTJ2K = RatioCodec("htj2k", _htj2k_encode, _decode_htj2k, 1e-6, 1.0, grows=False)
 
 
